@@ -1,0 +1,70 @@
+# Two commands on a fresh machine:  `make book`  (execute every chapter and build the HTML)
+#                                  `make test`  (everything CI checks)
+SHELL := /bin/bash
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+CHAPTERS = $(shell $(PY) tools/chapters.py)
+export PYTHONHASHSEED := 0
+export OMP_NUM_THREADS := 2
+export MPLBACKEND := Agg
+
+.PHONY: book html reproduce test lint unit smoke nbval browser bench clean venv
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: this machine serves the CPU wheel of 2.13.0 (a newer one pulls CUDA).
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (robustreg)" >/dev/null
+	@touch $@
+
+## make book: execute every chapter at its default parameters, then build the HTML.
+book: reproduce html
+	@echo "Open $(CURDIR)/_build/html/index.html"
+
+## make reproduce: re-run every chapter notebook in place with papermill (default profile).
+reproduce: $(VENV_STAMP)
+	@for nb in $(CHAPTERS); do \
+	  echo "== executing $$nb"; \
+	  $(PY) -m papermill "$$nb" "$$nb" --cwd book -k python3 --progress-bar || exit 1; \
+	  $(PY) -m robustreg.notebook strip "$$nb" || exit 1; \
+	done
+
+## make html: build the book from the committed outputs (no execution).
+html: $(VENV_STAMP)
+	$(PY) -m jupyter_book build . -W -n --keep-going
+	@echo "Open $(CURDIR)/_build/html/index.html"
+
+## make test: everything CI checks, with a time per stage.
+test: $(VENV_STAMP)
+	bash tools/test_stages.sh
+
+lint: $(VENV_STAMP)
+	$(PY) -m ruff check src tests tools benchmarks
+	$(PY) -m ruff format --check src tests tools benchmarks
+
+unit: $(VENV_STAMP)
+	$(PY) -m pytest tests -q
+
+smoke: $(VENV_STAMP)
+	@mkdir -p _build/smoke
+	@for nb in $(CHAPTERS); do \
+	  echo "== smoke $$nb"; \
+	  $(PY) -m papermill "$$nb" "_build/smoke/$$(basename $$nb)" -p profile smoke --cwd book -k python3 --no-progress-bar || exit 1; \
+	done
+
+nbval: $(VENV_STAMP)
+	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-kernel-name python3 \
+	  --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -q $(CHAPTERS)
+
+browser: $(VENV_STAMP)
+	$(PY) tools/browser_check.py _build/html _build/screenshots
+
+bench: $(VENV_STAMP)
+	$(PY) benchmarks/regularizer_cost.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,304 @@
+"""The notebook contract: parameters, reproducibility and checks for the book's chapters.
+
+Every chapter notebook starts with a cell tagged ``parameters`` whose assignments carry type
+annotations (papermill injects its overrides after it, without annotations)::
+
+    profile: str = "default"        # "smoke" | "default" | "full"
+    seed: int = 0
+    n_networks: int | None = None   # None: the profile's value
+
+and follows it with::
+
+    P = setup(globals(), profiles={"smoke": dict(n_networks=3), "default": dict(n_networks=40)})
+
+:func:`setup` rejects names that are not declared parameters (papermill only warns on them),
+checks each value against its annotation, fills ``None`` values from the chosen profile, and makes
+the run reproducible (seeds, thread count, deterministic algorithms, float64, fixed figure style).
+
+:func:`verify_identity` and :func:`verify_inequality` turn a mathematical claim into an assertion
+and print one stable line, which nbval compares against the published output.
+
+Run as a module to maintain committed notebooks::
+
+    python -m robustreg.notebook strip book/*.ipynb    # drop volatile metadata
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "default", "full")
+THREADS = 2
+
+# Names IPython and Python put in a notebook's namespace; anything else that is not annotated
+# in the parameters cell when setup() runs was injected by papermill under a wrong name.
+_NAMESPACE_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+def _declared(namespace: Mapping) -> dict[str, object]:
+    return dict(namespace.get("__annotations__", {}))
+
+
+def _type_ok(value, annotation) -> bool:
+    """Whether ``value`` fits ``annotation`` (str, int, float, bool, X | None, list[...] ...)."""
+    if isinstance(annotation, str):  # postponed annotations: evaluate the simple ones
+        try:
+            annotation = eval(annotation, {"typing": typing, "list": list, "tuple": tuple})
+        except Exception:
+            return True
+    if annotation is typing.Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, list | tuple)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def check_parameters(namespace: Mapping) -> dict[str, object]:
+    """Return the declared parameters of a notebook namespace, or raise ``ValueError``.
+
+    A declared parameter is a name annotated in the parameters cell. The error names an undeclared
+    (misspelt) name with the closest declared ones, or a value whose type does not match its
+    annotation.
+    """
+    declared = _declared(namespace)
+    if not declared:
+        raise ValueError(
+            "no parameters declared: the cell tagged 'parameters' must annotate its names, "
+            "e.g. `profile: str = \"default\"`"
+        )
+    unknown = [
+        name
+        for name, value in namespace.items()
+        if not name.startswith("_")
+        and name not in _NAMESPACE_NAMES
+        and name not in declared
+        and not isinstance(value, types.ModuleType)
+        and not callable(value)
+    ]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, declared, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown parameter {name!r}.{hint} Valid parameters: {', '.join(sorted(declared))}."
+        )
+    values = {}
+    for name, annotation in declared.items():
+        if name not in namespace:
+            raise ValueError(f"parameter {name!r} is annotated but has no value")
+        value = namespace[name]
+        if not _type_ok(value, annotation):
+            raise ValueError(
+                f"parameter {name!r} = {value!r} has type {type(value).__name__}; "
+                f"expected {_type_name(annotation)}"
+            )
+        if isinstance(annotation, type) and annotation is float and isinstance(value, int):
+            value = float(value)
+        values[name] = value
+    return values
+
+
+def reproducible(seed: int, threads: int = THREADS, dtype: torch.dtype = torch.float64) -> None:
+    """Seed every generator, fix the thread count, and make torch deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.set_default_dtype(dtype)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def _figure_style() -> None:
+    import matplotlib as mpl
+
+    mpl.rcParams.update(
+        {
+            "figure.dpi": 100,
+            "savefig.dpi": 100,
+            "figure.figsize": (6.4, 4.0),
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "axes.spines.top": False,
+            "axes.spines.right": False,
+            "svg.hashsalt": "robustreg",
+        }
+    )
+
+
+def setup(
+    namespace: Mapping,
+    profiles: Mapping[str, Mapping[str, object]] | None = None,
+    *,
+    threads: int = THREADS,
+    dtype: torch.dtype = torch.float64,
+    show: bool = True,
+) -> types.SimpleNamespace:
+    """Validate a notebook's parameters, resolve its profile and make the run reproducible.
+
+    ``namespace`` is the notebook's ``globals()``. It must declare ``profile: str`` and
+    ``seed: int``. ``profiles`` maps each of ``"smoke"``, ``"default"``, ``"full"`` to the values
+    of the parameters left as ``None``; a value given explicitly (in the cell or by
+    ``papermill -p``) wins over the profile. Returns the resolved parameters as attributes.
+    """
+    values = check_parameters(namespace)
+    for required in ("profile", "seed"):
+        if required not in values:
+            raise ValueError(f"the parameters cell must declare {required!r}")
+    profile = values["profile"]
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    profiles = dict(profiles or {})
+    for name in profiles:
+        if name not in PROFILES:
+            raise ValueError(f"profiles has unknown key {name!r}; valid: {', '.join(PROFILES)}")
+    chosen = dict(profiles.get(profile, {}))
+    for name in chosen:
+        if name not in values:
+            raise ValueError(
+                f"profile {profile!r} sets {name!r}, which the parameters cell does not declare"
+            )
+    resolved = {}
+    for name, value in values.items():
+        if value is None and name in chosen:
+            value = chosen[name]
+        if value is None and any(name in p for p in profiles.values()):
+            raise ValueError(f"parameter {name!r} is None and profile {profile!r} gives no value")
+        resolved[name] = value
+    reproducible(int(resolved["seed"]), threads=threads, dtype=dtype)
+    _figure_style()
+    if show:
+        print("parameters: " + ", ".join(f"{k}={v!r}" for k, v in resolved.items()))
+    return types.SimpleNamespace(**resolved)
+
+
+def _as_cases(t) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=torch.float64).detach()
+    return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+
+
+def relative_error(computed, reference) -> torch.Tensor:
+    """Per case ‖computed − reference‖₂ / ‖reference‖₂ (absolute error where the reference is 0).
+
+    The first dimension indexes the cases; the norm runs over everything else.
+    """
+    a, b = _as_cases(computed), _as_cases(reference)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: computed {tuple(a.shape)} vs reference {tuple(b.shape)}")
+    num = (a - b).norm(dim=1)
+    den = b.norm(dim=1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), num)
+
+
+def verify_identity(name: str, computed, reference, tol: float = 1e-10) -> float:
+    """Assert that ``computed`` equals ``reference`` case by case to relative error ``tol``.
+
+    Prints one stable line (the bound, not the noisy error) and returns the worst error.
+    """
+    err = relative_error(computed, reference)
+    worst = float(err.max())
+    n = err.numel()
+    if not worst <= tol:  # also catches NaN
+        raise AssertionError(
+            f"{name}: fails — worst relative error {worst:.3e} > {tol:.0e} "
+            f"(case {int(err.argmax())} of {n})"
+        )
+    print(f"✔ {name}: relative error ≤ {tol:.0e} on all {n} cases")
+    return worst
+
+
+def verify_inequality(name: str, lhs, rhs, rtol: float = 1e-12) -> float:
+    """Assert ``lhs ≤ rhs`` on every case (up to ``rtol``·|rhs| of rounding).
+
+    Prints one stable line and returns the largest ratio lhs/rhs (how tight the bound gets).
+    """
+    a, b = _as_cases(lhs).flatten(), _as_cases(rhs).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: lhs {tuple(a.shape)} vs rhs {tuple(b.shape)}")
+    bad = ~(a <= b + rtol * b.abs())
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise AssertionError(
+            f"{name}: fails on {int(bad.sum())} of {a.numel()} cases "
+            f"(case {i}: lhs {float(a[i]):.6e} > rhs {float(b[i]):.6e})"
+        )
+    print(f"✔ {name}: holds on all {a.numel()} cases")
+    ratio = torch.where(b != 0, a / torch.where(b != 0, b, 1.0), torch.zeros_like(a))
+    return float(ratio.max())
+
+
+# --- maintenance of committed notebooks -------------------------------------------------------
+
+_VOLATILE_CELL_METADATA = ("execution", "papermill", "collapsed", "scrolled", "ExecuteTime")
+_KEEP_NOTEBOOK_METADATA = ("kernelspec", "language_info")
+
+
+def strip_volatile(nb: dict) -> dict:
+    """Drop per-run metadata (timings, papermill records, execution counts are kept)."""
+    nb["metadata"] = {k: v for k, v in nb.get("metadata", {}).items() if k in _KEEP_NOTEBOOK_METADATA}
+    info = nb["metadata"].get("language_info")
+    if isinstance(info, dict):
+        nb["metadata"]["language_info"] = {"name": info.get("name", "python")}
+    for cell in nb["cells"]:
+        md = cell.get("metadata", {})
+        for key in _VOLATILE_CELL_METADATA:
+            md.pop(key, None)
+        cell["metadata"] = md
+        cell.pop("id", None) if nb.get("nbformat_minor", 0) < 5 else None
+    return nb
+
+
+def volatile_metadata(nb: dict) -> list[str]:
+    """The volatile metadata keys a notebook still carries (empty when clean)."""
+    found = [f"notebook:{k}" for k in nb.get("metadata", {}) if k not in _KEEP_NOTEBOOK_METADATA]
+    for i, cell in enumerate(nb["cells"]):
+        found += [f"cell {i}:{k}" for k in cell.get("metadata", {}) if k in _VOLATILE_CELL_METADATA]
+    return found
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("strip",):
+        print("usage: python -m robustreg.notebook strip NOTEBOOK.ipynb [...]", file=sys.stderr)
+        return 2
+    for name in argv[1:]:
+        path = Path(name)
+        nb = json.loads(path.read_text(encoding="utf-8"))
+        _write_json_atomic(path, strip_volatile(nb))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

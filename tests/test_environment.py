@@ -1,0 +1,39 @@
+"""The two install paths (pip from pyproject.toml, conda from environment.yml) install the same."""
+
+import tomllib
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _normalized(specs):
+    out = {}
+    for spec in specs:
+        req = Requirement(spec)
+        out[req.name.lower().replace("_", "-")] = str(req.specifier)
+    return out
+
+
+def _pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return _normalized(project["dependencies"] + project["optional-dependencies"]["dev"])
+
+
+def _environment():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return _normalized([s for s in pip if not s.startswith("-e")])
+
+
+def test_environment_yml_matches_pyproject():
+    py, env = _pyproject(), _environment()
+    assert set(py) == set(env), f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
+    differing = {name: (py[name], env[name]) for name in py if py[name] != env[name]}
+    assert not differing, f"version specifiers differ (pyproject, environment.yml): {differing}"
+
+
+def test_torch_is_pinned_to_the_cpu_wheel():
+    assert _pyproject()["torch"] == "==2.13.0"

@@ -1,0 +1,149 @@
+"""Open the built book in headless Chromium, screenshot every page, and check what a reader sees.
+
+    python tools/browser_check.py _build/html _build/screenshots
+
+For the index and every chapter of _toc.yml, served from a local HTTP server, it fails if
+- math did not render (a `.math` element without MathJax output, or a MathJax error),
+- an image did not load (`naturalWidth == 0`) or any request of the page failed,
+- an internal link points to a missing page or to a missing anchor.
+Uses Debian's `chromium` through Playwright (no browser download), with a fresh profile.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import sys
+import tempfile
+import threading
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urldefrag, urljoin, urlparse
+
+from chapters import toc_files
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
+
+class _Ids(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        for key, value in attrs:
+            if key in ("id", "name") and value:
+                self.ids.add(value)
+
+
+@functools.cache
+def _anchors(path: Path) -> frozenset[str]:
+    parser = _Ids()
+    parser.feed(path.read_text(encoding="utf-8", errors="replace"))
+    return frozenset(parser.ids)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def _serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+_PAGE_STATE = """
+async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
+    await MathJax.startup.promise;
+  }
+  const math = [...document.querySelectorAll('.math')];
+  return {
+    mathjax: !!(window.MathJax && MathJax.version),
+    math: math.length,
+    unrendered: math.filter(m => !m.querySelector('mjx-container')).map(m => m.textContent.slice(0, 60)),
+    errors: [...document.querySelectorAll('mjx-merror, .MathJax_Error')].map(e => e.textContent.slice(0, 80)),
+    images: [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
+    links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+  };
+}
+"""
+
+
+def check_page(page, base: str, html_root: Path, rel: str) -> tuple[list[str], dict]:
+    """Load one page and return (problems, state)."""
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(urljoin(base, rel), wait_until="networkidle")
+    state = page.evaluate(_PAGE_STATE)
+    problems = [f"request failed: {url}" for url in failed]
+    if state["math"] and not state["mathjax"]:
+        problems.append("MathJax did not load")
+    problems += [f"math not rendered: {t!r}" for t in state["unrendered"]]
+    problems += [f"MathJax error: {t!r}" for t in state["errors"]]
+    problems += [f"image did not load: {i['src']}" for i in state["images"] if not i["ok"]]
+    for href in state["links"]:
+        url, fragment = urldefrag(href)
+        if not url.startswith(base):
+            continue
+        target = html_root / urlparse(url).path.lstrip("/")
+        if target.is_dir():
+            target = target / "index.html"
+        if not target.exists():
+            problems.append(f"broken link: {href}")
+        elif fragment and target.suffix == ".html" and fragment not in _anchors(target):
+            problems.append(f"missing anchor: {href}")
+    return problems, state
+
+
+def main(html_dir: str, shots_dir: str) -> int:
+    html_root = Path(html_dir).resolve()
+    shots = Path(shots_dir)
+    shots.mkdir(parents=True, exist_ok=True)
+    if not (html_root / "index.html").exists():
+        print(f"no {html_root / 'index.html'}: build the book first (make html)")
+        return 1
+    pages = ["index.html"] + [f"{f}.html" for f in toc_files()]
+    server, base = _serve(html_root)
+    passed = failed = 0
+    try:
+        with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+            context = p.chromium.launch_persistent_context(
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=ARGS,
+                viewport={"width": 1280, "height": 900},
+            )
+            for rel in pages:
+                page = context.new_page()
+                problems, state = check_page(page, base, html_root, rel)
+                shot = shots / (rel.replace("/", "_").removesuffix(".html") + ".png")
+                page.screenshot(path=str(shot), full_page=True)
+                page.close()
+                summary = f"{len(state['images'])} images, {state['math']} math, {len(state['links'])} links"
+                if problems:
+                    failed += 1
+                    print(f"FAIL {rel} ({summary})")
+                    for problem in problems[:20]:
+                        print(f"     {problem}")
+                else:
+                    passed += 1
+                    print(f"ok   {rel} ({summary}) -> {shot}")
+            context.close()
+    finally:
+        server.shutdown()
+    print(f"browser: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        print(__doc__)
+        raise SystemExit(2)
+    raise SystemExit(main(sys.argv[1], sys.argv[2]))
