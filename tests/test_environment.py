@@ -30,7 +30,9 @@ def _environment():
 
 def test_environment_yml_matches_pyproject():
     py, env = _pyproject(), _environment()
-    assert set(py) == set(env), f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
+    assert set(py) == set(env), (
+        f"only in pyproject: {set(py) - set(env)}; only in environment.yml: {set(env) - set(py)}"
+    )
     differing = {name: (py[name], env[name]) for name in py if py[name] != env[name]}
     assert not differing, f"version specifiers differ (pyproject, environment.yml): {differing}"
 

@@ -37,30 +37,44 @@ def test_every_book_notebook_is_in_the_toc():
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "book").glob("*.ipynb")}
     assert on_disk <= listed, f"notebooks missing from _toc.yml: {sorted(on_disk - listed)}"
     for f in toc_files():
-        assert any((ROOT / f"{f}{s}").exists() for s in (".ipynb", ".md")), f"_toc.yml lists missing {f}"
+        assert any((ROOT / f"{f}{s}").exists() for s in (".ipynb", ".md")), (
+            f"_toc.yml lists missing {f}"
+        )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_parameters_cell_comes_first_with_typed_defaults(path):
     _, cells = _code_cells(path)
     first = cells[0]
-    assert "parameters" in first["metadata"].get("tags", []), "first code cell must be tagged 'parameters'"
+    assert "parameters" in first["metadata"].get("tags", []), (
+        "first code cell must be tagged 'parameters'"
+    )
     tree = ast.parse(_source(first))
     assigned = [n for n in tree.body if not isinstance(n, ast.Expr)]
-    assert assigned and all(isinstance(n, ast.AnnAssign) and n.value is not None for n in assigned), (
+    assert assigned and all(
+        isinstance(n, ast.AnnAssign) and n.value is not None for n in assigned
+    ), (
         "every statement of the parameters cell must be an annotated assignment `name: type = default`"
     )
     names = {n.target.id for n in assigned}
-    assert {"profile", "seed"} <= names, f"parameters cell must declare profile and seed; has {names}"
-    assert "setup(globals()" in _source(cells[1]).replace(" ", ""), "second code cell must call setup(globals(), ...)"
+    assert {"profile", "seed"} <= names, (
+        f"parameters cell must declare profile and seed; has {names}"
+    )
+    assert "setup(globals()" in _source(cells[1]).replace(" ", ""), (
+        "second code cell must call setup(globals(), ...)"
+    )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_outputs_present_and_no_volatile_metadata(path):
     nb, cells = _code_cells(path)
     assert notebook.volatile_metadata(nb) == [], "run `python -m robustreg.notebook strip` on it"
-    unexecuted = [i for i, c in enumerate(cells) if c.get("execution_count") is None and _source(c).strip()]
-    assert not unexecuted, f"code cells without outputs of a run (indices {unexecuted}): run `make reproduce`"
+    unexecuted = [
+        i for i, c in enumerate(cells) if c.get("execution_count") is None and _source(c).strip()
+    ]
+    assert not unexecuted, (
+        f"code cells without outputs of a run (indices {unexecuted}): run `make reproduce`"
+    )
     errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, "a committed notebook carries an error output"
     checked = [c for c in cells if _source(c).lstrip().startswith("# NBVAL_CHECK_OUTPUT")]
@@ -71,8 +85,21 @@ def test_committed_outputs_present_and_no_volatile_metadata(path):
 def test_misspelt_parameter_fails_the_notebook(tmp_path):
     """papermill only warns on an unknown -p name; setup() must turn it into a failure."""
     path = NOTEBOOKS[0]
-    cmd = [sys.executable, "-m", "papermill", str(path), str(tmp_path / "out.ipynb"), "-p", "profle", "smoke",
-           "--cwd", str(path.parent), "-k", "python3", "--no-progress-bar"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "papermill",
+        str(path),
+        str(tmp_path / "out.ipynb"),
+        "-p",
+        "profle",
+        "smoke",
+        "--cwd",
+        str(path.parent),
+        "-k",
+        "python3",
+        "--no-progress-bar",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0
     assert "unknown parameter 'profle'" in run.stderr + run.stdout
@@ -84,7 +111,9 @@ def test_misspelt_parameter_fails_the_notebook(tmp_path):
 
 def _namespace(**values):
     ns = {"__annotations__": {"profile": str, "seed": int, "n": int | None, "lr": float}}
-    ns.update({"profile": "default", "seed": 0, "n": None, "lr": 0.1, "In": [], "_i1": "", "np": types})
+    ns.update(
+        {"profile": "default", "seed": 0, "n": None, "lr": 0.1, "In": [], "_i1": "", "np": types}
+    )
     ns.update(values)
     return ns
 
@@ -94,7 +123,9 @@ def test_setup_fills_profile_values_and_explicit_values_win():
     try:
         p = notebook.setup(_namespace(), {"smoke": {"n": 2}, "default": {"n": 50}}, show=False)
         assert p.n == 50 and p.lr == 0.1
-        p = notebook.setup(_namespace(profile="smoke"), {"smoke": {"n": 2}, "default": {"n": 50}}, show=False)
+        p = notebook.setup(
+            _namespace(profile="smoke"), {"smoke": {"n": 2}, "default": {"n": 50}}, show=False
+        )
         assert p.n == 2
         p = notebook.setup(_namespace(n=7), {"smoke": {"n": 2}, "default": {"n": 50}}, show=False)
         assert p.n == 7
@@ -136,14 +167,26 @@ def test_verify_identity_and_inequality_fail_loudly(capsys):
         notebook.verify_inequality("le", torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
     with pytest.raises(AssertionError):
         notebook.verify_identity("nan", torch.tensor([float("nan")]), torch.tensor([1.0]))
-    assert notebook.verify_inequality("le", torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0])) == 1.0
+    assert (
+        notebook.verify_inequality("le", torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0])) == 1.0
+    )
 
 
 def test_strip_removes_volatile_metadata():
     nb = {
-        "metadata": {"papermill": {"duration": 1.0}, "kernelspec": {"name": "python3"}, "language_info": {"name": "python", "version": "3.11.7"}},
+        "metadata": {
+            "papermill": {"duration": 1.0},
+            "kernelspec": {"name": "python3"},
+            "language_info": {"name": "python", "version": "3.11.7"},
+        },
         "nbformat_minor": 5,
-        "cells": [{"cell_type": "code", "metadata": {"execution": {"t": 1}, "papermill": {}, "tags": ["x"]}, "source": ""}],
+        "cells": [
+            {
+                "cell_type": "code",
+                "metadata": {"execution": {"t": 1}, "papermill": {}, "tags": ["x"]},
+                "source": "",
+            }
+        ],
     }
     assert notebook.volatile_metadata(nb)
     clean = notebook.strip_volatile(nb)

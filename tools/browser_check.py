@@ -3,7 +3,8 @@
     python tools/browser_check.py _build/html _build/screenshots
 
 For the index and every chapter of _toc.yml, served from a local HTTP server, it fails if
-- math did not render (a `.math` element without MathJax output, or a MathJax error),
+- math did not render (a `.math` element without MathJax output, a MathJax error, or raw `$` /
+  `\\command` TeX left in the page's text),
 - an image did not load (`naturalWidth == 0`) or any request of the page failed,
 - an internal link points to a missing page or to a missing anchor.
 Uses Debian's `chromium` through Playwright (no browser download), with a fresh profile.
@@ -57,7 +58,7 @@ def _serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
-_PAGE_STATE = """
+_PAGE_STATE = r"""
 async () => {
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) {
     await MathJax.startup.promise;
@@ -70,6 +71,19 @@ async () => {
     errors: [...document.querySelectorAll('mjx-merror, .MathJax_Error')].map(e => e.textContent.slice(0, 80)),
     images: [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+    rawTex: (() => {
+      const main = document.querySelector('main, article, body').cloneNode(true);
+      main.querySelectorAll('.math, mjx-container, pre, code, script, style, .highlight, .output, .cell_output')
+        .forEach(e => e.remove());
+      const text = main.textContent;
+      const hits = [];
+      const re = /\$|\\[a-zA-Z]+/g;
+      let m;
+      while ((m = re.exec(text)) && hits.length < 5) {
+        hits.push(text.slice(Math.max(0, m.index - 30), m.index + 30).replace(/\s+/g, ' '));
+      }
+      return hits;
+    })(),
   };
 }
 """
@@ -86,6 +100,7 @@ def check_page(page, base: str, html_root: Path, rel: str) -> tuple[list[str], d
         problems.append("MathJax did not load")
     problems += [f"math not rendered: {t!r}" for t in state["unrendered"]]
     problems += [f"MathJax error: {t!r}" for t in state["errors"]]
+    problems += [f"raw TeX in the text (math not parsed): {t!r}" for t in state["rawTex"]]
     problems += [f"image did not load: {i['src']}" for i in state["images"] if not i["ok"]]
     for href in state["links"]:
         url, fragment = urldefrag(href)

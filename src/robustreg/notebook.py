@@ -90,7 +90,7 @@ def check_parameters(namespace: Mapping) -> dict[str, object]:
     if not declared:
         raise ValueError(
             "no parameters declared: the cell tagged 'parameters' must annotate its names, "
-            "e.g. `profile: str = \"default\"`"
+            'e.g. `profile: str = "default"`'
         )
     unknown = [
         name
@@ -206,8 +206,19 @@ def _as_cases(t) -> torch.Tensor:
 def relative_error(computed, reference) -> torch.Tensor:
     """Per case ‖computed − reference‖₂ / ‖reference‖₂ (absolute error where the reference is 0).
 
-    The first dimension indexes the cases; the norm runs over everything else.
+    The first dimension indexes the cases; the norm runs over everything else. Cases of different
+    shapes (say, networks with different numbers of classes) can be given as two lists of tensors,
+    one tensor per case.
     """
+    if isinstance(computed, list | tuple):
+        if not isinstance(reference, list | tuple) or len(computed) != len(reference):
+            raise ValueError("give computed and reference as lists of the same length")
+        return torch.cat(
+            [
+                relative_error(c.reshape(1, -1), r.reshape(1, -1))
+                for c, r in zip(computed, reference, strict=True)
+            ]
+        )
     a, b = _as_cases(computed), _as_cases(reference)
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: computed {tuple(a.shape)} vs reference {tuple(b.shape)}")
@@ -261,7 +272,9 @@ _KEEP_NOTEBOOK_METADATA = ("kernelspec", "language_info")
 
 def strip_volatile(nb: dict) -> dict:
     """Drop per-run metadata (timings, papermill records, execution counts are kept)."""
-    nb["metadata"] = {k: v for k, v in nb.get("metadata", {}).items() if k in _KEEP_NOTEBOOK_METADATA}
+    nb["metadata"] = {
+        k: v for k, v in nb.get("metadata", {}).items() if k in _KEEP_NOTEBOOK_METADATA
+    }
     info = nb["metadata"].get("language_info")
     if isinstance(info, dict):
         nb["metadata"]["language_info"] = {"name": info.get("name", "python")}

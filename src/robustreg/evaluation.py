@@ -1,0 +1,550 @@
+"""Evaluation of trained models, the cross-check against ART, and the experiment grid.
+
+Metrics on a test set {(x_i, y_i)}_{i=1..n} (NOTATION symbols):
+
+- clean accuracy (1/n) Σ_i 1[argmax f(x_i) = y_i];
+- robust accuracy under an attack A at radius ε: (1/n) Σ_i 1[argmax f(A(x_i)) = y_i] with
+  ‖A(x_i) − x_i‖ ≤ ε (ℓ∞ or ℓ2) and A(x_i) ∈ [0, 1]^d — A is our :func:`robustreg.attacks.pgd`,
+  ART's PGD (:func:`art_pgd`) or ART's AutoAttack (:func:`autoattack`); an upper bound on the
+  true robust accuracy, so the smaller of several attacks is the better estimate;
+- median certified radius: median_i of T12's bound (:func:`robustreg.geometry.certified_radius`);
+- the five regularizers' test-set means (1/n) Σ_i R(x_i, y_i), exact versions.
+
+:func:`evaluate` returns them as tidy rows ``{"metric", "attack", "norm", "eps", "regularizer",
+"value"}`` (:func:`to_frame` makes a pandas DataFrame). The grid of :data:`PROFILES` (plain,
+each regularizer at several λ, PGD adversarial training; several seeds) is defined here once
+and run by :func:`run_grid`, which the notebooks and ``python -m robustreg run-grid`` share;
+every training and evaluation is cached on disk, so a rerun is instant and an interrupted grid
+resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robustreg import attacks, training
+
+__all__ = [
+    "PROFILES",
+    "accuracy",
+    "art_pgd",
+    "autoattack",
+    "certified_radii",
+    "evaluate",
+    "evaluate_cached",
+    "grid",
+    "regularizer_values",
+    "robust_accuracy",
+    "run_grid",
+    "to_frame",
+]
+
+
+def _batches(n: int, batch_size: int) -> Iterable[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(iter(model.parameters()))
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
+    """argmax f(x) in batches, on the model's device; returns labels on x's device."""
+    device, dtype = _device_dtype(model)
+    out = [model(x[s].to(device, dtype)).argmax(1).to(x.device) for s in _batches(len(x), batch_size)]
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Clean accuracy (1/n) Σ 1[argmax f(x_i) = y_i]."""
+    return (predict(model, x, batch_size) == y).double().mean().item()
+
+
+def robust_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: Sequence[float] | float,
+    norm: str = "linf",
+    *,
+    steps: int = 40,
+    restarts: int = 1,
+    step_size: float | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> dict[float, float]:
+    """Robust accuracy under :func:`robustreg.attacks.pgd` at every ε: ``{ε: accuracy}``.
+
+    A sample counts as robust iff it is classified correctly at the PGD point (PGD starts from
+    a random point of the ball and keeps the strongest iterate, so a sample misclassified at x
+    itself almost never counts; ε = 0 gives the clean accuracy). Random starts come from a
+    generator seeded with ``seed`` (per ε, in batch order).
+    """
+    device, dtype = _device_dtype(model)
+    eps_list = [eps] if isinstance(eps, int | float) else list(eps)
+    result = {}
+    for e in eps_list:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        correct = 0
+        for s in _batches(len(x), batch_size):
+            xb, yb = x[s].to(device, dtype), y[s].to(device)
+            if e == 0:
+                x_adv = xb
+            else:
+                x_adv = attacks.pgd(
+                    model, xb, yb, e, norm=norm, steps=steps, step_size=step_size,
+                    restarts=restarts, generator=gen,
+                )
+            with torch.no_grad():
+                correct += (model(x_adv).argmax(1) == yb).sum().item()
+        result[float(e)] = correct / len(x)
+    return result
+
+
+def certified_radii(model: nn.Module, x: Tensor, batch_size: int = 250) -> Tensor:
+    """T12's certified ℓ2 radius of every sample (:func:`robustreg.geometry.certified_radius`)."""
+    from robustreg import geometry
+
+    device, dtype = _device_dtype(model)
+    out = [geometry.certified_radius(model, x[s].to(device, dtype)).detach().cpu()
+           for s in _batches(len(x), batch_size)]
+    return torch.cat(out)
+
+
+def regularizer_values(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    names: Sequence[str] | None = None,
+    *,
+    batch_size: int = 250,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Tensor]:
+    """Per-sample values ``{name: Tensor[n]}`` of the regularizers (default: all five, exact).
+
+    ``options`` maps a name to keyword arguments (e.g. ``{"curvature": {"h": 0.1}}``).
+    """
+    from robustreg import regularizers
+
+    names = regularizers.names() if names is None else tuple(names)
+    options = dict(options or {})
+    device, dtype = _device_dtype(model)
+    out: dict[str, list[Tensor]] = {n: [] for n in names}
+    for s in _batches(len(x), batch_size):
+        xb, yb = x[s].to(device, dtype), y[s].to(device)
+        for name in names:
+            fn = regularizers.get(name)
+            with torch.no_grad():
+                values = fn(model, xb, yb, **options.get(name, {}))
+            out[name].append(values.detach().cpu())
+    return {n: torch.cat(v) for n, v in out.items()}
+
+
+# --- ART cross-check ----------------------------------------------------------------------------
+
+
+class _Float32Interface(nn.Module):
+    """ART feeds float32 arrays; cast them to the model's dtype and the logits back to float32."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x.to(self.dtype)).float()
+
+
+def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: int):
+    """ART's ``PyTorchClassifier`` around ``model`` (cross-entropy loss, inputs clipped to [0, 1])."""
+    from art.estimators.classification import PyTorchClassifier
+
+    device, dtype = _device_dtype(model)
+    return PyTorchClassifier(
+        model=_Float32Interface(model, dtype),
+        loss=nn.CrossEntropyLoss(),
+        input_shape=tuple(input_shape),
+        nb_classes=int(num_classes),
+        clip_values=(0.0, 1.0),
+        device_type="gpu" if device.type == "cuda" else "cpu",
+    )
+
+
+def _art_norm(norm: str):
+    attacks._check_eps_norm(0.0, norm)
+    return math.inf if norm == "linf" else 2
+
+
+def _project_back(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
+    """Project ART's output onto the exact ε-ball ∩ [0, 1] (its own check allows 1e-4 slack)."""
+    eps_t = torch.full((len(x),), float(eps), dtype=x.dtype)
+    return attacks._project(x, x_adv, attacks._per_sample(eps_t, x), norm, box=True)
+
+
+def art_pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "linf",
+    *,
+    steps: int = 40,
+    step_size: float | None = None,
+    restarts: int = 1,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> Tensor:
+    """ART's ``ProjectedGradientDescent`` (Madry et al.) with our PGD's settings; returns x_adv.
+
+    Random start in the ball, ``steps`` iterations of step α (default 2.5ε/steps, as ours),
+    ``restarts`` random initialisations (ART keeps, per sample, a successful one). ART draws
+    its random starts from numpy's global generator, seeded here with ``seed``.
+    """
+    import numpy as np
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    alpha = 2.5 * eps / steps if step_size is None else step_size
+    classifier = art_classifier(model, x.shape[1:], _num_classes(model, x))
+    attack = ProjectedGradientDescent(
+        classifier, norm=_art_norm(norm), eps=float(eps), eps_step=float(alpha), max_iter=steps,
+        num_random_init=restarts, batch_size=batch_size, verbose=False,
+    )
+    np.random.seed(seed)
+    x_np = x.detach().cpu().float().numpy()
+    adv = attack.generate(x=x_np, y=y.cpu().numpy())
+    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
+
+
+AUTOATTACK_VERSIONS = ("light", "standard")
+
+
+def autoattack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "linf",
+    *,
+    version: str = "light",
+    seed: int = 0,
+    batch_size: int = 250,
+) -> Tensor:
+    """ART's ``AutoAttack`` (Croce & Hein's ensemble, untargeted); returns x_adv.
+
+    Each attack runs on the samples the previous ones did not break, and a sample counts as broken
+    only if misclassified within the ε-ball:
+
+    - ``version="standard"``: ART's default list — APGD-CE and APGD-DLR (100 iterations,
+      5 restarts each), DeepFool, Square (5,000 queries, 5 restarts); thorough, minutes per
+      hundred samples on a CPU;
+    - ``version="light"`` (default): APGD-CE and APGD-DLR (100 iterations, 1 restart each) and
+      Square (1,000 queries, 1 restart) — the gradient-free Square attack is kept because it is
+      what exposes gradient masking.
+
+    ``x`` must be image-shaped ``[B, C, H, W]`` (ART's AutoAttack rejects flat inputs; an MLP from
+    :func:`robustreg.models.mlp` flattens internally). APGD-DLR needs K ≥ 3 classes and is dropped
+    for K = 2. Points ART accepts within its 1e-4 relative slack are projected back onto the exact
+    ε-ball ∩ [0, 1]. Numpy's global generator is seeded with ``seed``. Run it on a subset.
+    """
+    import numpy as np
+    from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
+
+    if version not in AUTOATTACK_VERSIONS:
+        raise ValueError(f"unknown version {version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
+    if x.ndim != 4:
+        raise ValueError(
+            f"ART's AutoAttack needs image-shaped inputs [B, C, H, W]; got shape {tuple(x.shape)}"
+        )
+    k = _num_classes(model, x)
+    classifier = art_classifier(model, x.shape[1:], k)
+    art_norm, eps, step = _art_norm(norm), float(eps), float(eps) / 4
+    attack_list = None
+    if version == "light":
+        losses = ["cross_entropy"] + (["difference_logits_ratio"] if k >= 3 else [])
+        attack_list = [
+            AutoProjectedGradientDescent(
+                classifier, norm=art_norm, eps=eps, eps_step=step, max_iter=100,
+                nb_random_init=1, batch_size=batch_size, loss_type=loss, verbose=False,
+            )
+            for loss in losses
+        ]
+        attack_list.append(SquareAttack(
+            classifier, norm=art_norm, eps=eps, max_iter=1000, p_init=0.8, nb_restarts=1,
+            batch_size=batch_size, verbose=False,
+        ))
+    attack = AutoAttack(
+        classifier, norm=art_norm, eps=eps, eps_step=step, attacks=attack_list,
+        batch_size=batch_size,
+    )
+    np.random.seed(seed)
+    x_np = x.detach().cpu().float().numpy()
+    adv = attack.generate(x=x_np, y=y.cpu().numpy())
+    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    device, dtype = _device_dtype(model)
+    with torch.no_grad():
+        return int(model(x[:1].to(device, dtype)).shape[1])
+
+
+# --- the full evaluation ------------------------------------------------------------------------
+
+
+def _row(metric, value, attack=None, norm=None, eps=None, regularizer=None) -> dict[str, Any]:
+    return {"metric": metric, "attack": attack, "norm": norm, "eps": eps,
+            "regularizer": regularizer, "value": float(value)}
+
+
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    linf_eps: Sequence[float] = (0.02, 0.05, 0.1, 0.15),
+    l2_eps: Sequence[float] = (0.5, 1.0, 1.5),
+    steps: int = 40,
+    restarts: int = 1,
+    seed: int = 0,
+    certified: bool = True,
+    regularizers: bool | Sequence[str] = True,
+    autoattack_eps: Mapping[str, float] | None = None,
+    autoattack_n: int = 100,
+) -> list[dict[str, Any]]:
+    """All metrics of the module docstring on (x, y), as tidy rows.
+
+    ``autoattack_eps`` (e.g. ``{"linf": 0.1}``) also runs :func:`autoattack` on the first
+    ``autoattack_n`` samples (``attack="autoattack"``; the matching PGD accuracy on the same
+    subset is reported with ``attack="pgd-subset"`` for comparison).
+    """
+    rows = [_row("clean_accuracy", accuracy(model, x, y))]
+    for norm, eps_list in (("linf", linf_eps), ("l2", l2_eps)):
+        if eps_list:
+            acc = robust_accuracy(model, x, y, eps_list, norm, steps=steps, restarts=restarts,
+                                  seed=seed)
+            rows += [_row("robust_accuracy", a, "pgd", norm, e) for e, a in acc.items()]
+    for norm, e in (autoattack_eps or {}).items():
+        xs, ys = x[:autoattack_n], y[:autoattack_n]
+        x_aa = autoattack(model, xs, ys, e, norm, seed=seed)
+        rows.append(_row("robust_accuracy", accuracy(model, x_aa, ys), "autoattack", norm, e))
+        sub = robust_accuracy(model, xs, ys, [e], norm, steps=steps, restarts=restarts, seed=seed)
+        rows.append(_row("robust_accuracy", sub[float(e)], "pgd-subset", norm, e))
+    if certified:
+        rows.append(_row("median_certified_radius", certified_radii(model, x).median()))
+    if regularizers:
+        names = None if regularizers is True else list(regularizers)
+        for name, v in regularizer_values(model, x, y, names).items():
+            rows.append(_row("regularizer_mean", v.mean(), regularizer=name))
+    return rows
+
+
+def to_frame(rows: Iterable[Mapping[str, Any]]):
+    """A pandas DataFrame of tidy rows (from :func:`evaluate` or :func:`run_grid`)."""
+    import pandas as pd
+
+    return pd.DataFrame(list(rows))
+
+
+# --- the experiment grid --------------------------------------------------------------------------
+
+#: Profiles of the experiment grid (issue 5). ``lambdas`` per regularizer; ``regularizer_options``
+#: select the cheap estimators for training; ``adversarial`` is PGD adversarial training.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": "digits",
+        "model": {"name": "mlp", "hidden": [32, 32]},
+        "epochs": 2,
+        "batch_size": 128,
+        "lr": 3e-3,
+        "seeds": [0],
+        "lambdas": {
+            "input_gradient": [1.0],
+            "jacobian_frobenius": [0.01],
+            "cross_lipschitz": [0.1],
+            "curvature": [1.0],
+            "hessian_trace": [0.1],
+        },
+        "regularizer_options": {
+            "jacobian_frobenius": {"n_proj": 1},
+            "cross_lipschitz": {"n_proj": 1},
+            "hessian_trace": {"n_samples": 1},
+        },
+        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 3},
+        "eval": {"n_test": 100, "linf_eps": [0.05, 0.1], "l2_eps": [0.5], "steps": 10,
+                 "autoattack_eps": None},
+    },
+    "default": {
+        "data": "mnist5k",
+        "model": {"name": "mlp", "hidden": [256, 256]},
+        "epochs": 10,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "seeds": [0, 1, 2],
+        "lambdas": {
+            "input_gradient": [0.3, 1.0, 3.0],
+            "jacobian_frobenius": [0.003, 0.01, 0.03],
+            "cross_lipschitz": [0.03, 0.1, 0.3],
+            "curvature": [0.3, 1.0, 3.0],
+            "hessian_trace": [0.03, 0.1, 0.3],
+        },
+        "regularizer_options": {
+            "jacobian_frobenius": {"n_proj": 1},
+            "cross_lipschitz": {"n_proj": 1},
+            "hessian_trace": {"n_samples": 1},
+        },
+        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 7},
+        "eval": {"n_test": 1000, "linf_eps": [0.02, 0.05, 0.1, 0.15], "l2_eps": [0.5, 1.0, 1.5],
+                 "steps": 40, "autoattack_eps": {"linf": 0.1}},
+    },
+    "full": {
+        "data": "fashion-mnist",
+        "model": {"name": "lenet"},
+        "epochs": 20,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "seeds": [0, 1, 2],
+        "lambdas": {
+            "input_gradient": [0.3, 1.0, 3.0],
+            "jacobian_frobenius": [0.003, 0.01, 0.03],
+            "cross_lipschitz": [0.03, 0.1, 0.3],
+            "curvature": [0.3, 1.0, 3.0],
+            "hessian_trace": [0.03, 0.1, 0.3],
+        },
+        "regularizer_options": {
+            "jacobian_frobenius": {"n_proj": 1},
+            "cross_lipschitz": {"n_proj": 1},
+            "hessian_trace": {"n_samples": 1},
+        },
+        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 7},
+        "eval": {"n_test": 10000, "linf_eps": [0.02, 0.05, 0.1, 0.15], "l2_eps": [0.5, 1.0, 1.5],
+                 "steps": 40, "autoattack_eps": {"linf": 0.1}},
+    },
+}
+
+
+def grid(profile: str = "default", **overrides) -> list[dict[str, Any]]:
+    """The training configurations of a profile (for :func:`robustreg.training.train_cached`).
+
+    Per seed: plain training, every regularizer at every λ of the profile, and PGD adversarial
+    training. ``overrides`` replace profile entries (e.g. ``seeds=[0]``, ``epochs=3``).
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    p = {**PROFILES[profile], **overrides}
+    unknown = sorted(set(overrides) - set(PROFILES[profile]))
+    if unknown:
+        raise ValueError(f"unknown grid settings {unknown}; valid: {sorted(PROFILES[profile])}")
+    base = {k: p[k] for k in ("data", "model", "epochs", "batch_size", "lr")}
+    configs = []
+    for seed in p["seeds"]:
+        configs.append({**base, "seed": seed})
+        for reg, lams in p["lambdas"].items():
+            for lam in lams:
+                configs.append({
+                    **base, "seed": seed, "regularizer": reg, "lam": lam,
+                    "regularizer_options": p["regularizer_options"].get(reg, {}),
+                })
+        if p.get("adversarial"):
+            configs.append({**base, "seed": seed, "adversarial": dict(p["adversarial"])})
+    return configs
+
+
+def label(config: Mapping[str, Any]) -> str:
+    """Short name of a configuration's method: ``plain``, ``adversarial`` or the regularizer."""
+    if config.get("adversarial"):
+        return "adversarial"
+    if config.get("regularizer") and config.get("lam", 0):
+        return str(config["regularizer"])
+    return "plain"
+
+
+def _eval_key(train_key: str, settings: Mapping[str, Any]) -> str:
+    blob = json.dumps({"train": train_key, "eval": settings, "v": training.CACHE_VERSION},
+                      sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def evaluate_cached(
+    model: nn.Module,
+    record: Mapping[str, Any],
+    test: tuple[Tensor, Tensor],
+    settings: Mapping[str, Any],
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate` with ``settings`` (keys of a profile's ``"eval"``), cached on disk under
+    ``<cache>/<key>.eval.json``, the key hashing the training key and the settings."""
+    root = Path(cache_dir) if cache_dir is not None else training.default_cache_dir()
+    settings = json.loads(json.dumps(dict(settings), sort_keys=True))
+    path = root / f"{_eval_key(record['key'], settings)}.eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())["rows"]
+    s = dict(settings)
+    n = s.pop("n_test", None)
+    x, y = test
+    if n is not None:
+        x, y = x[:n], y[:n]
+    t0 = time.perf_counter()
+    rows = evaluate(model, x, y, **s)
+    payload = {"rows": rows, "settings": settings, "seconds": time.perf_counter() - t0}
+    training._atomic_save(payload, path, lambda r, p: Path(p).write_text(json.dumps(r)))
+    return rows
+
+
+def run_grid(
+    profile: str = "default",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    evaluate_models: bool = True,
+    **overrides,
+) -> list[dict[str, Any]]:
+    """Train (or load) and evaluate every configuration of :func:`grid`; return tidy rows.
+
+    Each row of :func:`evaluate` gains the columns ``method``, ``lam``, ``seed``, ``key`` and
+    ``seconds_per_epoch`` (mean wall time of an epoch of that training run). Every run is cached,
+    so an interrupted grid resumes where it stopped and a finished one reloads at once.
+    """
+    from tqdm.auto import tqdm
+
+    from robustreg import data as data_module
+
+    configs = grid(profile, **overrides)
+    p = {**PROFILES[profile], **overrides}
+    dtype = training._dtype(training.normalize_config(configs[0])["dtype"])
+    train_data = data_module.load(p["data"], "train", dtype=dtype)
+    test_data = data_module.load(p["data"], "test", dtype=dtype)
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(configs, desc=f"grid {profile}", disable=not training._show_progress(progress))
+    for config in bar:
+        bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
+        model, record = training.train_cached(
+            config, cache_dir=cache_dir, device=device, progress=progress, data=train_data
+        )
+        times = record["history"]["time"]
+        extra = {
+            "method": label(config),
+            "lam": float(config.get("lam", 0.0)),
+            "seed": config["seed"],
+            "key": record["key"],
+            "seconds_per_epoch": sum(times) / max(len(times), 1),
+        }
+        if evaluate_models:
+            results = evaluate_cached(model, record, test_data, p["eval"], cache_dir=cache_dir)
+            rows += [{**extra, **r} for r in results]
+        else:
+            rows.append({**extra, "metric": "trained", "value": 1.0})
+    return rows

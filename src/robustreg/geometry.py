@@ -1,0 +1,392 @@
+"""Local geometry of piecewise-affine classifiers: Jacobians, linear regions, certified radii.
+
+For a network built from affine layers, rectifiers σ_a and max-pooling (NOTATION.md), the input
+space splits into linear regions, one per *activation pattern*; on the region of x the logits are
+affine, f(x′) = J(x) x′ + b(x) (fact T1). This module computes
+
+- :func:`logit_jacobian`: J(x) = ∂f/∂x, exactly, for any differentiable classifier;
+- :func:`activation_pattern`, :func:`same_region`, :func:`affine_map`: the region of x and the
+  affine map on it;
+- :func:`boundary_distance`: the ℓ2 distance from x to the boundary of its region;
+- :func:`certified_radius`: fact T12, a certified lower bound on the smallest ℓ2 perturbation that
+  changes the predicted class.
+
+Representations (B samples, K classes, d = prod(x.shape[1:]) input dimensions):
+
+- ``logit_jacobian``: ``[B, K, *x.shape[1:]]`` (row k is ∇f_k shaped like one input);
+- ``affine_map``: ``J`` flattened to ``[B, K, d]`` and ``b`` as ``[B, K]``, so that
+  ``f(x′) = J @ x′.flatten() + b``;
+- ``activation_pattern``: one ``LongTensor[B, U]``, the concatenation, in the order the modules
+  run, of one column per rectifier unit (1 if its pre-activation is > 0, else 0) and one column
+  per max-pool output (the flat index, within its channel's input plane, of the window's maximum,
+  as returned by PyTorch's ``return_indices``).
+
+The region functions see rectifiers and max-pools only as modules (``nn.ReLU``, ``nn.LeakyReLU``,
+``nn.PReLU``, ``nn.MaxPool*``, ``nn.AdaptiveMaxPool*``); they reject models that
+:func:`robustreg.models.check_piecewise_linear` rejects, and cannot see rectifiers called as
+functions (``F.relu``) inside a custom ``forward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .models import MAX_POOLS, RECTIFIERS, check_piecewise_linear
+
+__all__ = [
+    "logit_jacobian",
+    "activation_pattern",
+    "same_region",
+    "affine_map",
+    "boundary_distance",
+    "nearest_boundary",
+    "margin_radius",
+    "certified_radius",
+]
+
+
+def _check_batch(x: Tensor, name: str = "x") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"{name} must have a batch dimension, [B, ...] (e.g. x.unsqueeze(0)); "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    if out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"model must map [B, ...] to logits [B, K]; got output shape {tuple(out.shape)} "
+            f"for input shape {tuple(x.shape)}"
+        )
+    return out
+
+
+# --- Jacobian ----------------------------------------------------------------------------------
+
+
+def logit_jacobian(model: nn.Module, x: Tensor, create_graph: bool = False) -> Tensor:
+    """Exact logit Jacobian J(x) = ∂f/∂x, shape ``[B, K, *x.shape[1:]]``; ``J[i, k] = ∇ₓf_k(x_i)``.
+
+    One forward pass and one batched backward pass (``is_grads_batched`` over the K one-hot
+    cotangents e_k, i.e. the rows e_kᵀJ); the samples of a batch are independent, so the
+    gradient of Σ_i f_k(x_i) with respect to x_i is ∇f_k(x_i) (models that mix samples, such as
+    batch norm in training mode, give something else).
+
+    With ``create_graph=True`` the result is differentiable with respect to the parameters (and
+    to ``x`` when ``x`` requires grad), for training with Jacobian penalties. The model's mode and
+    the parameters' ``.grad`` are left untouched.
+    """
+    _check_batch(x)
+    keep = create_graph and x.requires_grad
+    xg = x if keep else x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = _logits(model, xg)
+        k = out.shape[1]
+        eye = torch.eye(k, dtype=out.dtype, device=out.device)
+        cot = eye[:, None, :].expand(k, out.shape[0], k)  # [K, B, K]: e_k for every sample
+        try:
+            (jac,) = torch.autograd.grad(
+                out, xg, cot, retain_graph=True, create_graph=create_graph, is_grads_batched=True
+            )
+        except RuntimeError:  # an op without a batching rule: fall back to K backward passes
+            jac = torch.stack(
+                [
+                    torch.autograd.grad(
+                        out, xg, cot[i], retain_graph=True, create_graph=create_graph
+                    )[0]
+                    for i in range(k)
+                ]
+            )
+    return jac.transpose(0, 1)
+
+
+# --- tracing rectifiers and max-pools ----------------------------------------------------------
+
+_POOL_DIMS = {
+    nn.MaxPool1d: 1,
+    nn.MaxPool2d: 2,
+    nn.MaxPool3d: 3,
+    nn.AdaptiveMaxPool1d: 1,
+    nn.AdaptiveMaxPool2d: 2,
+    nn.AdaptiveMaxPool3d: 3,
+}
+
+
+def _ntuple(v, n: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, tuple | list) else (v,) * n
+
+
+def _pool_indices(pool: nn.Module, v: Tensor) -> Tensor:
+    """PyTorch's argmax indices of a max-pool on ``v`` (flat, within each channel's plane)."""
+    n = next(n for kind, n in _POOL_DIMS.items() if isinstance(pool, kind))
+    if v.dim() != n + 2:
+        raise ValueError(
+            f"{type(pool).__name__} needs a batched input [B, C, *spatial]; got {tuple(v.shape)}"
+        )
+    if isinstance(pool, nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d):
+        fn = getattr(F, f"max_pool{n}d")
+        args = (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        return fn(v, *args, return_indices=True)[1]
+    return getattr(F, f"adaptive_max_pool{n}d")(v, pool.output_size, return_indices=True)[1]
+
+
+def _pool_windows(pool: nn.Module, spatial: tuple[int, ...], out: tuple[int, ...]) -> Tensor:
+    """Flat input indices of every pooling window, ``LongTensor[L, W]`` (−1: padding/absent)."""
+    n = len(spatial)
+    pos, ok = [], []
+    for dim in range(n):
+        size, n_out = spatial[dim], out[dim]
+        i = torch.arange(n_out)
+        if isinstance(pool, nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d):
+            k = _ntuple(pool.kernel_size, n)[dim]
+            s = _ntuple(pool.stride if pool.stride else pool.kernel_size, n)[dim]
+            p = _ntuple(pool.padding, n)[dim]
+            dl = _ntuple(pool.dilation, n)[dim]
+            q = i[:, None] * s - p + torch.arange(k)[None, :] * dl
+            valid = (q >= 0) & (q < size)
+        else:  # adaptive: window i covers [floor(i·n/out), ceil((i+1)·n/out))
+            start = (i * size) // n_out
+            end = -((-(i + 1) * size) // n_out)
+            q = start[:, None] + torch.arange(int((end - start).max()))[None, :]
+            valid = q < end[:, None]
+        shape = [1] * (2 * n)
+        shape[2 * dim], shape[2 * dim + 1] = q.shape
+        pos.append(q.clamp(0, size - 1).reshape(shape) * math.prod(spatial[dim + 1 :]))
+        ok.append(valid.reshape(shape))
+    flat, valid = sum(pos), ok[0]
+    for v in ok[1:]:
+        valid = valid & v
+    flat = torch.where(valid, flat, torch.full_like(flat, -1))
+    order = list(range(0, 2 * n, 2)) + list(range(1, 2 * n, 2))
+    return flat.permute(order).reshape(math.prod(out), -1)
+
+
+def _trace(model: nn.Module, x: Tensor, site: Callable) -> list:
+    """Run ``model(x)`` and collect ``site(module, input, output)`` for every rectifier and
+    max-pool call, in call order."""
+    check_piecewise_linear(model)
+    _check_batch(x)
+    records: list = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: records.append(site(mod, inp[0], out)))
+        for m in model.modules()
+        if isinstance(m, RECTIFIERS + MAX_POOLS)
+    ]
+    try:
+        _logits(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return records
+
+
+def _primal(t: Tensor) -> Tensor:
+    return fwAD.unpack_dual(t).primal
+
+
+def _pattern_site(module: nn.Module, inp: Tensor, out: Tensor) -> Tensor:
+    inp = _primal(inp)
+    if isinstance(module, RECTIFIERS):
+        return (inp > 0).long().flatten(1)
+    return _pool_indices(module, inp).flatten(1)
+
+
+def _constraint_site(module: nn.Module, inp: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """Affine functions c(x) whose signs define the region, and which of them are real.
+
+    Rectifier: c = z (its pre-activation). Max-pool with input v: for every window, its argmax m
+    and every other member j, c = v_m − v_j ≥ 0.
+    """
+    if isinstance(module, RECTIFIERS):
+        c = inp.flatten(1)
+        return c, torch.ones(c.shape, dtype=torch.bool, device=c.device)
+    v = inp.flatten(2)  # [B, C, S]
+    idx = _pool_indices(module, _primal(inp)).flatten(2)  # [B, C, L]
+    win = _pool_windows(module, tuple(inp.shape[2:]), tuple(out.shape[2:])).to(v.device)  # [L, W]
+    members = v[:, :, win.clamp(min=0)]  # [B, C, L, W]
+    c = v.gather(2, idx)[..., None] - members
+    valid = (win >= 0) & (win[None, None] != idx[..., None])
+    return c.flatten(1), valid.flatten(1)
+
+
+# --- regions -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def activation_pattern(model: nn.Module, x: Tensor) -> Tensor:
+    """The activation pattern of every sample, ``LongTensor[B, U]``.
+
+    Columns, in the order the modules run: for each rectifier unit, 1 if its pre-activation
+    z > 0 else 0; for each max-pool output, the flat index (within its channel's input plane) of
+    the window's maximum. Two inputs lie in the same linear region iff their rows are equal; the
+    set of inputs with a given pattern is a convex polytope on which f is affine (fact T1).
+    Ties in a max-pool window (e.g. a window of zeros after ReLU) are resolved by PyTorch's rule;
+    the map on the region does not depend on which tied entry is chosen.
+    """
+    sites = _trace(model, x, _pattern_site)
+    if not sites:
+        return torch.zeros(x.shape[0], 0, dtype=torch.long, device=x.device)
+    return torch.cat(sites, 1)
+
+
+def same_region(model: nn.Module, x1: Tensor, x2: Tensor) -> Tensor:
+    """``BoolTensor[B]``: whether x1[i] and x2[i] have the same activation pattern."""
+    if x1.shape != x2.shape:
+        raise ValueError(
+            f"x1 and x2 must have the same shape; got {tuple(x1.shape)} and {tuple(x2.shape)}"
+        )
+    return (activation_pattern(model, x1) == activation_pattern(model, x2)).all(1)
+
+
+def affine_map(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """The affine map of f on the region of each x (fact T1): ``(J [B, K, d], b [B, K])`` with
+    f(x′) = J x′ + b for every x′ with the activation pattern of x (x′ flattened to d entries);
+    J = J(x) = ∂f/∂x and b = f(x) − J(x) x."""
+    check_piecewise_linear(model)
+    jac = logit_jacobian(model, x).flatten(2)
+    with torch.no_grad():
+        f = _logits(model, x)
+    b = f - torch.einsum("bkd,bd->bk", jac, x.detach().flatten(1))
+    return jac, b
+
+
+@contextlib.contextmanager
+def _quiet_jit():
+    """torch's first ``dual_level()`` scripts its jvp decompositions and warns that
+    ``torch.jit.script`` is deprecated; that warning is torch's business, not the caller's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", DeprecationWarning)
+        yield
+
+
+def _constraints(model: nn.Module, x: Tensor, chunk_elements: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Region constraints c [B, M], which are real (valid [B, M]) and ‖∇ₓc‖₂² [B, M]."""
+    with torch.no_grad():
+        sites = _trace(model, x, _constraint_site)
+    if not sites:
+        empty = torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
+        return empty, empty.bool(), empty
+    c = torch.cat([s[0] for s in sites], 1)
+    valid = torch.cat([s[1] for s in sites], 1)
+    n, d, m = x.shape[0], x[0].numel(), c.shape[1]
+    sq = torch.zeros_like(c)
+    rows = max(1, chunk_elements // max(m, 1))
+    xd = x.detach()
+    for start in range(0, n * d, rows):
+        r = torch.arange(start, min(start + rows, n * d), device=x.device)
+        i, j = r // d, r % d
+        tangent = torch.zeros(len(r), d, dtype=x.dtype, device=x.device)
+        tangent[torch.arange(len(r), device=x.device), j] = 1
+        with _quiet_jit(), fwAD.dual_level(), torch.no_grad():
+            dual = fwAD.make_dual(xd[i], tangent.view(len(r), *x.shape[1:]))
+            parts = _trace(model, dual, _constraint_site)
+            tang = fwAD.unpack_dual(torch.cat([p[0] for p in parts], 1)).tangent
+        if tang is not None:
+            sq.index_add_(0, i, tang.square())
+    return c, valid, sq
+
+
+def _distances(c: Tensor, valid: Tensor, sq: Tensor) -> Tensor:
+    norm = sq.sqrt()
+    inf = torch.full_like(c, math.inf)
+    return torch.where(valid & (norm > 0), c.abs() / norm, inf)
+
+
+def boundary_distance(model: nn.Module, x: Tensor, chunk_elements: int = 2**22) -> Tensor:
+    """ℓ2 distance from each x to the boundary of its linear region, ``Tensor[B]`` (T12's cap).
+
+    On the region R of x every constraint of the activation pattern is an affine function c_u:
+    the pre-activation z_u of every rectifier unit (the sign of z_u is fixed on R) and, for every
+    max-pool window with input v and argmax m, c = v_m − v_j for each other member j (c ≥ 0 on
+    R). R = ∩_u {x′ : sign c_u(x′) = sign c_u(x)} is a convex polytope, and the distance from x
+    to the hyperplane {c_u = 0} is |c_u(x)| / ‖∇ₓc_u‖₂. This function returns
+
+        dist(x, ∂R) = min_u |c_u(x)| / ‖∇ₓc_u(x)‖₂,
+
+    which is *exactly* the distance to the boundary of the polytope R (the ball of that radius
+    lies in every half-space, and the foot point on the nearest hyperplane lies in the closure
+    of R), not merely a bound. Constraints with ∇ₓc_u = 0 are constant on R and never met, so
+    they are skipped; with no constraints left the result is ``inf``. The region is that of the
+    activation pattern; f may remain affine beyond ∂R (e.g. across the hyperplane of a unit no
+    output depends on), so this is a lower bound on the distance to the nearest point where f
+    stops being affine.
+
+    Gradients ∇ₓc_u are computed exactly with forward-mode AD, one tangent per input
+    coordinate (B·d dual evaluations of the model, in chunks of about ``chunk_elements``
+    numbers of constraint tangents), cost ≈ d forward passes per sample.
+    """
+    c, valid, sq = _constraints(model, x, chunk_elements)
+    if c.shape[1] == 0:
+        return torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
+    return _distances(c, valid, sq).min(1).values
+
+
+def nearest_boundary(
+    model: nn.Module, x: Tensor, chunk_elements: int = 2**22
+) -> tuple[Tensor, Tensor]:
+    """:func:`boundary_distance` and the direction to the nearest hyperplane of the region.
+
+    Returns ``(dist [B], u [B, *x.shape[1:]])`` with u = −sign(c_u*)·∇c_u*/‖∇c_u*‖₂ for the
+    constraint u* attaining the minimum, so x + dist·u is the foot point on that hyperplane
+    (x + t·u stays in the region for t < dist and crosses the hyperplane at t = dist). Where no
+    constraint exists (dist = inf) u is 0.
+    """
+    c, valid, sq = _constraints(model, x, chunk_elements)
+    n = x.shape[0]
+    if c.shape[1] == 0:
+        inf = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
+        return inf, torch.zeros_like(x)
+    dist, arg = _distances(c, valid, sq).min(1)
+    xg = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        sites = _trace(model, xg, _constraint_site)
+        cg = torch.cat([s[0] for s in sites], 1)
+        rows = torch.arange(n, device=x.device)
+        (grad,) = torch.autograd.grad(cg[rows, arg].sum(), xg)
+    norm = grad.flatten(1).norm(dim=1)
+    scale = torch.where(torch.isfinite(dist), -c[rows, arg].sign() / norm, torch.zeros_like(norm))
+    return dist, grad * scale.view(-1, *[1] * (x.dim() - 1))
+
+
+def margin_radius(model: nn.Module, x: Tensor) -> Tensor:
+    """In-region part of fact T12, ``Tensor[B]``: min_{k≠c} (f_c − f_k) / ‖∇f_c − ∇f_k‖₂ with
+    c = argmax_k f_k(x); the smallest ℓ2 step that lets some class overtake c *if f were affine*
+    (exact for an affine classifier). Pairs with ∇f_c = ∇f_k are never overtaken: ``inf``."""
+    jac = logit_jacobian(model, x).flatten(2)
+    with torch.no_grad():
+        f = _logits(model, x)
+    if f.shape[1] < 2:
+        raise ValueError(f"a classifier needs K ≥ 2 logits; got K = {f.shape[1]}")
+    c = f.argmax(1)
+    rows = torch.arange(f.shape[0], device=f.device)
+    margin = f[rows, c][:, None] - f  # [B, K], ≥ 0
+    gap = (jac[rows, c][:, None] - jac).norm(dim=2)  # ‖∇f_c − ∇f_k‖₂
+    r = torch.where(gap > 0, margin / gap, torch.full_like(margin, math.inf))
+    r[rows, c] = math.inf
+    return r.min(1).values
+
+
+def certified_radius(model: nn.Module, x: Tensor) -> Tensor:
+    """Fact T12 (Hein & Andriushchenko), ``Tensor[B]``:
+
+        r(x) = min( min_{k≠c} (f_c − f_k) / ‖∇f_c − ∇f_k‖₂ ,  dist(x, ∂R(x)) ),
+
+    c the predicted class, R(x) the linear region of x (:func:`margin_radius`,
+    :func:`boundary_distance`). Every δ with ‖δ‖₂ < r(x) keeps the prediction: x + δ stays in
+    R(x), where f is affine and f_c − f_k ≥ (f_c − f_k)(x) − ‖∇f_c − ∇f_k‖‖δ‖ > 0.
+    Requires a piecewise-linear model.
+    """
+    check_piecewise_linear(model)
+    return torch.minimum(margin_radius(model, x), boundary_distance(model, x))

@@ -1,0 +1,281 @@
+"""Piecewise-affine classifiers: the book's MLP and LeNet, random networks, and a linearity check.
+
+Every network here is built from affine layers (linear, convolution), the general rectifier
+σ_a(t) = max(t, 0) + a·min(t, 0) (``relu``: a = 0, ``leaky_relu``: fixed a, ``prelu``: learned a)
+and max-pooling, so it is piecewise affine: the input space splits into linear regions, one per
+activation pattern (NOTATION.md, fact T1).
+
+- :func:`mlp`, :func:`lenet`: the architectures the chapters train.
+- :func:`random_network`: random weights, biases and PReLU slopes, to check the facts T1–T12 on
+  many architectures (tests and notebooks).
+- :func:`is_piecewise_linear`, :func:`check_piecewise_linear`: whether a module is built only
+  from pieces this package knows to be piecewise affine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS = ("relu", "leaky_relu", "prelu")
+KINDS = ("mlp", "cnn")
+
+
+def _check_activation(activation: str, negative_slope: float) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+    if activation != "relu" and not 0.0 <= negative_slope < 1.0:
+        raise ValueError(
+            f"negative_slope must lie in [0, 1) (σ_a with 0 ≤ a < 1); got {negative_slope!r}"
+        )
+
+
+def make_activation(
+    activation: str = "relu", negative_slope: float = 0.01, num_parameters: int = 1
+) -> nn.Module:
+    """The rectifier σ_a as a module: ``nn.ReLU``, ``nn.LeakyReLU(a)`` or ``nn.PReLU`` (a learned,
+    initialized to ``negative_slope``; ``num_parameters`` slopes, one per channel when > 1)."""
+    _check_activation(activation, negative_slope)
+    if activation == "relu":
+        return nn.ReLU()
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    return nn.PReLU(num_parameters=num_parameters, init=negative_slope)
+
+
+def mlp(
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (256, 256),
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+) -> nn.Sequential:
+    """Multilayer perceptron ``Flatten → (Linear → σ_a)×len(hidden) → Linear``.
+
+    Accepts ``[B, in_features]`` or any ``[B, *shape]`` with ``prod(shape) == in_features``
+    (e.g. images ``[B, C, H, W]``) and returns logits ``[B, num_classes]``.
+    """
+    _check_activation(activation, negative_slope)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), make_activation(activation, negative_slope)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def lenet(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    activation: str = "relu",
+    negative_slope: float = 0.01,
+    input_size: int | Sequence[int] = 28,
+) -> nn.Sequential:
+    """LeNet-5-style CNN for ``[B, in_channels, H, W]`` inputs, ``(H, W) = input_size``.
+
+    ``Conv(5×5, 6, pad 2) → σ_a → MaxPool(2) → Conv(5×5, 16) → σ_a → MaxPool(2) → Flatten →
+    Linear(120) → σ_a → Linear(84) → σ_a → Linear(num_classes)``. On 28×28 (MNIST) the second
+    convolution is unpadded (14 → 10 → 5, the classic 16·5·5 features); on small inputs such as
+    the 8×8 digits it is padded by 2 (4 → 4 → 2).
+    """
+    _check_activation(activation, negative_slope)
+    h, w = _pair(input_size)
+    if min(h, w) < 4:
+        raise ValueError(f"lenet needs inputs of at least 4×4; got input_size={input_size!r}")
+    h, w = h // 2, w // 2
+    pad = 0 if min(h, w) >= 8 else 2
+    h, w = (h + 2 * pad - 4) // 2, (w + 2 * pad - 4) // 2
+
+    def act() -> nn.Module:
+        return make_activation(activation, negative_slope)
+
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5, padding=pad),
+        act(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16 * h * w, 120),
+        act(),
+        nn.Linear(120, 84),
+        act(),
+        nn.Linear(84, num_classes),
+    )
+
+
+def random_network(
+    kind: str = "mlp",
+    in_shape: Sequence[int] = (10,),
+    num_classes: int = 3,
+    depth: int = 2,
+    width: int = 16,
+    activation: str = "relu",
+    negative_slope: float = 0.1,
+    max_pool: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> nn.Sequential:
+    """A random piecewise-affine classifier in eval mode, for checking facts on many architectures.
+
+    - ``kind="mlp"``: ``Flatten → (Linear(width) → σ_a [→ MaxPool1d(2)])×depth → Linear(K)``;
+      ``in_shape`` is any shape (flattened to ``d = prod(in_shape)``).
+    - ``kind="cnn"``: ``(Conv2d(3×3, width channels, pad 1) → σ_a [→ MaxPool2d(2)])×depth →
+      Flatten → Linear(K)``; ``in_shape = (C, H, W)``. Pooling is applied while the feature maps
+      are at least 2×2.
+
+    Weights are N(0, 2/fan_in) (N(0, 1/fan_in) for the last layer), biases N(0, 0.5²) so that
+    inputs x ~ N(0, I) meet many region boundaries; with ``activation="prelu"`` each layer gets
+    per-unit (MLP) or per-channel (CNN) slopes drawn uniformly from [0, 0.5), and
+    ``negative_slope`` is ignored. Deterministic given ``seed``; parameters require grad.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+    _check_activation(activation, negative_slope)
+    if not 1 <= depth:
+        raise ValueError(f"depth must be ≥ 1; got {depth!r}")
+    if width < 1 or num_classes < 1:
+        raise ValueError(f"width and num_classes must be ≥ 1; got {width!r}, {num_classes!r}")
+    in_shape = tuple(int(s) for s in in_shape)
+    gen = torch.Generator().manual_seed(seed)
+
+    def act(n: int) -> nn.Module:
+        return make_activation(activation, negative_slope, num_parameters=n)
+
+    layers: list[nn.Module] = []
+    if kind == "mlp":
+        layers.append(nn.Flatten())
+        n = 1
+        for s in in_shape:
+            n *= s
+        for _ in range(depth):
+            layers += [nn.Linear(n, width), act(width)]
+            n = width
+            if max_pool and n >= 2:
+                layers += [nn.Unflatten(1, (1, n)), nn.MaxPool1d(2), nn.Flatten()]
+                n //= 2
+        layers.append(nn.Linear(n, num_classes))
+    else:
+        if len(in_shape) != 3:
+            raise ValueError(f"kind='cnn' needs in_shape=(C, H, W); got {in_shape!r}")
+        c, h, w = in_shape
+        for _ in range(depth):
+            layers += [nn.Conv2d(c, width, 3, padding=1), act(width)]
+            c = width
+            if max_pool and min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+        layers += [nn.Flatten(), nn.Linear(c * h * w, num_classes)]
+    model = nn.Sequential(*layers).to(dtype)
+
+    affine = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)]
+    with torch.no_grad():
+        for i, m in enumerate(affine):
+            fan_in = m.weight[0].numel()
+            gain = 1.0 if i == len(affine) - 1 else 2.0
+            m.weight.copy_(
+                torch.randn(m.weight.shape, generator=gen, dtype=dtype) * (gain / fan_in) ** 0.5
+            )
+            m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=gen, dtype=dtype))
+        for m in model:
+            if isinstance(m, nn.PReLU):
+                m.weight.copy_(0.5 * torch.rand(m.weight.shape, generator=gen, dtype=dtype))
+    return model.eval()
+
+
+# --- piecewise-linearity check -----------------------------------------------------------------
+
+RECTIFIERS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+MAX_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+AFFINE = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.ZeroPad1d,
+    nn.ZeroPad2d,
+    nn.ZeroPad3d,
+    nn.ConstantPad1d,
+    nn.ConstantPad2d,
+    nn.ConstantPad3d,
+)
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _offence(module: nn.Module) -> str | None:
+    """Why one leaf module is not (known to be) piecewise affine, or None if it is."""
+    kind = type(module).__name__
+    if isinstance(module, RECTIFIERS + MAX_POOLS + AFFINE):
+        return None
+    if isinstance(module, DROPOUTS):
+        return None if not module.training else f"{kind} in training mode (random)"
+    if isinstance(module, BATCH_NORMS):
+        if module.training:
+            return f"{kind} in training mode (normalizes by batch statistics)"
+        if not module.track_running_stats or module.running_mean is None:
+            return f"{kind} without running statistics (normalizes by batch statistics)"
+        return None
+    return f"{kind} (not a known piecewise-affine module)"
+
+
+def _first_offence(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None:
+            continue  # containers and custom modules: their children are checked
+        reason = _offence(module)
+        if reason is not None:
+            return f"{reason} at {name or '<root>'!r}"
+    return None
+
+
+def check_piecewise_linear(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first module that is not known to be piecewise affine.
+
+    Allowed leaves: Linear, Conv*/ConvTranspose*, AvgPool*/AdaptiveAvgPool*, Flatten, Unflatten,
+    Identity, zero/constant padding, Dropout in eval mode, BatchNorm* in eval mode with running
+    statistics, the rectifiers ReLU, LeakyReLU, PReLU (σ_a), and MaxPool*/AdaptiveMaxPool*.
+    Everything else (Softplus, GELU, Sigmoid, Tanh, ELU, LayerNorm, any unknown leaf, BatchNorm or
+    Dropout in training mode) is rejected. Modules with children (Sequential, custom modules) are
+    judged by their children: functions called inside a custom ``forward`` (``F.gelu(...)``) are
+    invisible to this check.
+    """
+    reason = _first_offence(model)
+    if reason is not None:
+        raise ValueError(f"model is not piecewise linear: {reason}")
+
+
+def is_piecewise_linear(model: nn.Module) -> bool:
+    """Whether :func:`check_piecewise_linear` accepts ``model``."""
+    return _first_offence(model) is None

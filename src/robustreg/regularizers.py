@@ -1,0 +1,556 @@
+"""The five regularizers as per-sample values, exact or estimated, for any PyTorch classifier.
+
+Every regularizer has the signature ``(model, x, y, **options) -> Tensor[B]``: ``model`` maps a
+batch ``x`` of shape ``[B, ...]`` to logits ``f(x)`` of shape ``[B, K]``, ``y`` holds int64 labels
+in ``[0, K)``, and the result holds one value per sample with the normalizations of NOTATION.md
+(a training loss averages them: ``loss = ce + lam * R.mean()``). Symbols: ``J = ∂f/∂x`` (row k is
+``∇f_k``), ``p = softmax(f)``, ``ℓ = -log p_y``, ``S = diag(p) - p pᵀ``, ``C = I - 11ᵀ/K``.
+
+================================  ===============================================================
+``input_gradient``                R_IG = ‖∇ₓℓ‖₂²  (``norm="l1"``: ‖∇ₓℓ‖₁)
+``jacobian_frobenius``            R_J = ‖J‖_F²  (or the projection estimate, fact T4)
+``cross_lipschitz``               R_CL = (1/K²) Σ_{l,m} ‖∇f_l − ∇f_m‖² = (2/K)‖CJ‖_F²  (T5)
+``curvature``                     R_CURE = ‖∇ₓℓ(x + hz) − ∇ₓℓ(x)‖², z = sign(∇ₓℓ)/‖sign(∇ₓℓ)‖
+``hessian_trace``                 R_H = tr ∇ₓ²ℓ = Σ_k p_k ‖∇f_k − Jᵀp‖²  (T7, T8; or Fisher, T9)
+================================  ===============================================================
+
+Common behaviour:
+
+- Values are differentiable with respect to the model's parameters (double backpropagation through
+  ``torch.autograd.grad(..., create_graph=True)``), so ``(ce + lam * R.mean()).backward()`` trains.
+  Under ``torch.no_grad()`` the values are computed all the same and returned detached.
+- The model's mode (``train``/``eval``) is never changed and no ``.grad`` is written: gradients are
+  taken with ``torch.autograd.grad``. A model whose forward has side effects (batch norm in training
+  mode updates running statistics; it also couples the samples of a batch) keeps them.
+- ``return_logits=True`` returns ``(values, logits)``, where ``logits`` is the forward pass ``f(x)``
+  used internally, still attached to the graph: a training step computes its data loss from it
+  instead of running the model a second time (``benchmarks/regularizer_cost.py`` does so).
+- Estimators (``n_proj``, ``n_samples``) take ``generator: torch.Generator | None`` for reproducible
+  draws; they are unbiased for the value, and the projection estimators also for its gradient.
+- Inputs are checked: ``x`` needs a batch dimension and a floating dtype, ``y`` must be int64 of
+  shape ``[B]`` with values in ``[0, K)``; errors name the bad value and the valid range.
+
+``get(name)`` returns a regularizer by name and ``names()`` lists them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_H",
+    "cross_lipschitz",
+    "curvature",
+    "get",
+    "hessian_trace",
+    "input_gradient",
+    "jacobian_frobenius",
+    "names",
+]
+
+#: Default finite-difference step of :func:`curvature`: the ℓ2 length of the step ``h z`` in input
+#: units (``z`` has unit ℓ2 norm). See :func:`curvature` for the choice.
+DEFAULT_H = 0.5
+
+_NORMS = ("l2", "l1")
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and the shared forward pass
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [B, ...]; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must have a floating-point dtype (float32 or float64); got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(
+            f"x must have a batch dimension, shape [B, ...]; got shape {tuple(x.shape)} "
+            "(for a single sample pass x.unsqueeze(0))"
+        )
+
+
+def _check_y(y, batch_size: int) -> None:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor of int64 labels; got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise ValueError(f"y must have dtype torch.int64 (class indices); got {y.dtype}")
+    if tuple(y.shape) != (batch_size,):
+        raise ValueError(
+            f"y must have shape ({batch_size},), one label per row of x; got shape {tuple(y.shape)}"
+        )
+
+
+def _check_logits(f, x: Tensor) -> None:
+    if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
+        shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+        raise ValueError(
+            f"model must map x of shape [B, ...] to logits of shape [B, K]; x has shape "
+            f"{tuple(x.shape)} and the model returned {shape} (does x have a batch dimension?)"
+        )
+
+
+def _check_label_values(y: Tensor, num_classes: int) -> None:
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"label {bad} is out of range: labels must lie in [0, {num_classes}) "
+            f"for a model with K = {num_classes} classes"
+        )
+
+
+def _check_count(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be None (exact) or a positive int; got {value!r}")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None; got {type(generator).__name__}"
+        )
+
+
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+_CONV_TRANSPOSE = {
+    nn.Conv1d: F.conv_transpose1d,
+    nn.Conv2d: F.conv_transpose2d,
+    nn.Conv3d: F.conv_transpose3d,
+}
+
+#: Use the fast paths of :class:`_Forward` (tests switch them off to compare with the generic path).
+_FAST_PATHS = True
+
+
+def _first_affine(model: nn.Module) -> int | None:
+    """Index of the leading Linear/Conv layer of a plain ``nn.Sequential`` (only reshapes before)."""
+    if type(model).forward is not nn.Sequential.forward:
+        return None
+    if model._forward_hooks or model._forward_pre_hooks:
+        return None
+    for i, m in enumerate(model):
+        if type(m) in _RESHAPES:
+            continue
+        if type(m) is nn.Linear:
+            return i
+        if (
+            type(m) in _CONV_TRANSPOSE
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+        ):
+            return i
+        return None
+    return None
+
+
+class _Forward:
+    """A forward pass ``f = model(x)`` kept for input-gradient backward passes.
+
+    Generic path: ``x`` requires grad and the backward passes run down to it (``wrt`` is x).
+
+    Fast path, for a plain ``nn.Sequential`` that starts (after reshapes) with a Linear or Conv layer
+    ``z₁ = W h + b`` when the caller's ``x`` does not itself require grad: the backward passes stop
+    at ``wrt = z₁`` and the layer's input-VJP (``a W`` or a transposed convolution) is applied
+    explicitly, which is exact. The training step then no longer computes an unused gradient
+    w.r.t. x. For a Linear first layer and many cotangents (the exact Jacobian), squared norms
+    ‖a W‖² are computed as ``a (W Wᵀ) aᵀ`` when that is cheaper (:meth:`sqnorm`).
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, create_graph: bool):
+        self.create_graph = create_graph
+        self.x_shape = x.shape
+        k = None if (x.requires_grad or not _FAST_PATHS) else _first_affine(model)
+        self.layer = None
+        self._gram = None
+        with torch.enable_grad():
+            if k is None:
+                self.wrt = x if x.requires_grad else x.detach().requires_grad_(True)
+                self.logits = model(self.wrt)
+                self.h_shape = x.shape
+                return
+            modules = list(model)
+            h = x
+            for m in modules[:k]:
+                h = m(h)
+            self.layer, self.h_shape = modules[k], h.shape
+            f = self.wrt = self.layer(h)
+            for m in modules[k + 1 :]:
+                f = m(f)
+            self.logits = f
+
+    def grad(self, outputs: Tensor, grad_outputs: Tensor | None = None, batched=False) -> Tensor:
+        """Gradient w.r.t. ``wrt`` of ``Σ grad_outputs · outputs`` (a stack when ``batched``)."""
+        (a,) = torch.autograd.grad(
+            outputs,
+            self.wrt,
+            grad_outputs=grad_outputs,
+            create_graph=self.create_graph,
+            retain_graph=True,
+            is_grads_batched=batched,
+        )
+        return a
+
+    def _input_vjp(self, a: Tensor) -> Tensor:
+        """Map a gradient w.r.t. ``wrt`` (``[..., *wrt.shape]``) to one w.r.t. h (the layer input)."""
+        layer = self.layer
+        if layer is None:
+            return a
+        if isinstance(layer, nn.Linear):
+            return a @ layer.weight
+        n_sample_dims = len(self.h_shape)
+        lead = a.shape[: a.dim() - n_sample_dims]
+        a = a.reshape(-1, *a.shape[len(lead) + 1 :])
+        expected = [
+            (o - 1) * s - 2 * p + d * (k - 1) + 1
+            for o, s, p, d, k in zip(
+                a.shape[2:],
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                layer.kernel_size,
+                strict=True,
+            )
+        ]
+        spatial = self.h_shape[2:]
+        g = _CONV_TRANSPOSE[type(layer)](
+            a,
+            layer.weight,
+            stride=layer.stride,
+            padding=layer.padding,
+            output_padding=[n - e for n, e in zip(spatial, expected, strict=True)],
+            groups=layer.groups,
+            dilation=layer.dilation,
+        )
+        return g.reshape(*lead, *self.h_shape)
+
+    def to_input(self, a: Tensor) -> Tensor:
+        """Gradient w.r.t. x, shaped ``[..., *x.shape]``, from one w.r.t. ``wrt``."""
+        g = self._input_vjp(a)
+        return g.reshape(*g.shape[: g.dim() - len(self.h_shape)], *self.x_shape)
+
+    def sqnorm(self, a: Tensor) -> Tensor:
+        """‖to_input(a)‖₂² per sample (over the input dimensions), leading dimensions kept."""
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            w, d = layer.weight.shape
+            rows = a.numel() // w
+            if 2 * w * w * d + 3 * rows * w * w < 3 * rows * w * d:  # cheaper via the Gram matrix
+                if self._gram is None:
+                    self._gram = layer.weight @ layer.weight.T
+                return ((a @ self._gram) * a).sum(-1)
+        g = self._input_vjp(a)
+        return g.flatten(g.dim() - len(self.h_shape) + 1).pow(2).sum(-1)
+
+    def loss_grad(self, y: Tensor) -> Tensor:
+        """``a`` with ``to_input(a) = ∇ₓℓ(x, y) = Jᵀ(p − e_y)``: one backward pass of Σ_b ℓ_b."""
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.logits, y, reduction="sum")
+        return self.grad(loss)
+
+    def vjps(self, cotangents: Tensor) -> Tensor:
+        """``a_j`` with ``to_input(a_j) = Jᵀ v_j`` for cotangents ``[n, B, K]``: ``[n, B, ...]``.
+
+        One batched backward pass (``is_grads_batched``, i.e. ``vmap`` over the cotangents); a
+        model whose backward vmap cannot batch falls back to ``n`` ordinary backward passes.
+        """
+        if cotangents.shape[0] == 1:
+            return self.grad(self.logits, cotangents[0]).unsqueeze(0)
+        try:
+            return self.grad(self.logits, cotangents, batched=True)
+        except RuntimeError:  # pragma: no cover - depends on the model's operators
+            return torch.stack([self.grad(self.logits, v) for v in cotangents])
+
+
+def _forward(model: nn.Module, x: Tensor, y: Tensor) -> _Forward:
+    """Validate ``x`` and ``y``, evaluate ``f = model(x)`` (see :class:`_Forward`), validate ``f``."""
+    _check_x(x)
+    _check_y(y, x.shape[0])
+    fw = _Forward(model, x, torch.is_grad_enabled())
+    _check_logits(fw.logits, x)
+    _check_label_values(y, fw.logits.shape[1])
+    return fw
+
+
+def _finish(fw: _Forward, values: Tensor, return_logits: bool):
+    if not fw.create_graph:
+        values = values.detach()
+    return (values, fw.logits) if return_logits else values
+
+
+def _randn(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else like.device
+    v = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
+    return v.to(like.device)
+
+
+def _require_piecewise_linear(model: nn.Module, what: str) -> None:
+    from robustreg.models import check_piecewise_linear
+
+    try:
+        check_piecewise_linear(model)
+    except ValueError as err:
+        raise ValueError(
+            f"{what} needs a piecewise-linear model: it uses ∇ₓ²ℓ = Jᵀ S J (fact T7), which "
+            f"holds only where every ∇²f_k = 0; {err}"
+        ) from err
+
+
+# ----------------------------------------------------------------------------------------------
+# the regularizers
+# ----------------------------------------------------------------------------------------------
+
+
+def input_gradient(
+    model: nn.Module, x: Tensor, y: Tensor, norm: str = "l2", *, return_logits: bool = False
+):
+    """Input-gradient regularizer (double backpropagation), per sample.
+
+    ``norm="l2"``: R_IG = ‖∇ₓℓ(x, y)‖₂²; ``norm="l1"``: ‖∇ₓℓ(x, y)‖₁, the dual norm of ℓ∞, i.e.
+    the first-order loss increase per unit of an ℓ∞ perturbation (fact T3). Here
+    ∇ₓℓ = Jᵀ(p − e_y) (fact T2), obtained by one backward pass of the cross-entropy with
+    ``create_graph=True``.
+    """
+    if norm not in _NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(map(repr, _NORMS))}")
+    fw = _forward(model, x, y)
+    with torch.enable_grad():
+        a = fw.loss_grad(y)
+        values = fw.sqnorm(a) if norm == "l2" else fw.to_input(a).flatten(1).abs().sum(-1)
+    return _finish(fw, values, return_logits)
+
+
+def jacobian_frobenius(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    n_proj: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+):
+    """Jacobian regularizer R_J = ‖J‖_F² = Σ_k ‖∇f_k‖², per sample.
+
+    ``n_proj=None``: exact, from the K vector–Jacobian products ``Jᵀe_k`` in one batched backward
+    pass. ``n_proj=n``: the random-projection estimate (fact T4)
+
+        (1/n) Σ_{j=1}^n ‖Jᵀ v_j‖²,   v_j ~ N(0, I_K) independent per sample,
+
+    unbiased since E[v vᵀ] = I; its variance is (2/n)‖J Jᵀ‖_F². The draws do not depend on the
+    parameters, so the gradient of the estimate is an unbiased estimate of ∇R_J as well. ``y`` is
+    only validated (R_J does not depend on the label).
+    """
+    _check_count("n_proj", n_proj)
+    _check_generator(generator)
+    fw = _forward(model, x, y)
+    B, K = fw.logits.shape
+    with torch.enable_grad():
+        if n_proj is None:
+            eye = torch.eye(K, dtype=fw.logits.dtype, device=fw.logits.device)
+            cot = eye[:, None, :].expand(K, B, K)
+            values = fw.sqnorm(fw.vjps(cot)).sum(0)
+        else:
+            v = _randn((n_proj, B, K), fw.logits, generator)
+            values = fw.sqnorm(fw.vjps(v)).mean(0)
+    return _finish(fw, values, return_logits)
+
+
+def _helmert(K: int, like: Tensor) -> Tensor:
+    """Columns: an orthonormal basis of 1^⊥ in R^K (so Q Qᵀ = C), shape [K, K-1]."""
+    q = torch.zeros(K, K - 1, dtype=like.dtype, device=like.device)
+    for j in range(1, K):
+        q[:j, j - 1] = 1.0 / math.sqrt(j * (j + 1))
+        q[j, j - 1] = -j / math.sqrt(j * (j + 1))
+    return q
+
+
+def cross_lipschitz(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    n_proj: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+):
+    """Cross-Lipschitz regularizer R_CL = (1/K²) Σ_{l,m} ‖∇f_l − ∇f_m‖², per sample.
+
+    Computed as a centered Jacobian (fact T5): R_CL = (2/K)‖CJ‖_F², C = I − 11ᵀ/K.
+
+    ``n_proj=None``: exact. Since C = Q Qᵀ for an orthonormal basis Q ∈ R^{K×(K−1)} of 1^⊥,
+    ‖CJ‖_F² = ‖QᵀJ‖_F², which needs K − 1 vector–Jacobian products instead of K² gradient
+    differences (one batched backward pass).
+
+    ``n_proj=n``: the centered-projection estimate (2/K)(1/n) Σ_j ‖Jᵀ C v_j‖², v_j ~ N(0, I_K),
+    unbiased because E[C v vᵀ C] = C² = C; one backward pass per projection instead of K. The
+    draws do not depend on the parameters, so the gradient is unbiased too. ``y`` is only
+    validated.
+    """
+    _check_count("n_proj", n_proj)
+    _check_generator(generator)
+    fw = _forward(model, x, y)
+    B, K = fw.logits.shape
+    with torch.enable_grad():
+        if K == 1:
+            values = fw.logits.sum(1) * 0
+        elif n_proj is None:
+            q = _helmert(K, fw.logits)  # [K, K-1]
+            cot = q.T[:, None, :].expand(K - 1, B, K)
+            values = (2.0 / K) * fw.sqnorm(fw.vjps(cot)).sum(0)
+        else:
+            v = _randn((n_proj, B, K), fw.logits, generator)
+            v = v - v.mean(-1, keepdim=True)  # C v
+            values = (2.0 / K) * fw.sqnorm(fw.vjps(v)).mean(0)
+    return _finish(fw, values, return_logits)
+
+
+def curvature(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    h: float = DEFAULT_H,
+    *,
+    return_logits: bool = False,
+):
+    """CURE curvature regularizer R_CURE = ‖∇ₓℓ(x + h z) − ∇ₓℓ(x)‖₂², per sample.
+
+    z = sign(∇ₓℓ(x)) / ‖sign(∇ₓℓ(x))‖₂ is computed from the gradient at x and held constant
+    (detached), as in CURE; a sample whose gradient vanishes gets z = 0 and R_CURE = 0. For small h,
+    R_CURE ≈ h² ‖∇ₓ²ℓ z‖² (fact T10), and for σ_a networks the difference splits into a softmax term
+    J(x)ᵀ(p′ − p) and an activation-change term that vanishes while x + hz stays in the region of x.
+
+    The step: z has unit ℓ2 norm, so ``h`` is the ℓ2 length of the step ``h z`` in input units,
+    and each coordinate moves by ±h/√d. The default ``h = 0.5`` (:data:`DEFAULT_H`) is for inputs
+    in [0, 1]. CURE's public code uses h = 3 (after a warm-up schedule 0.1, 0.4, 0.8, 1.8, 3) on
+    CIFAR-10 standardized per channel (std ≈ 0.2), i.e. an ℓ2 step of ≈ 0.6 in [0, 1] units
+    (≈ 2.8/255 per pixel of a 32×32×3 image); we round it to 0.5, which on 28×28 inputs moves
+    each pixel by 0.5/28 ≈ 0.018 ≈ 4.6/255, well inside the ℓ∞ budgets used on MNIST. The finite
+    difference then probes the loss on the scale of small attacks rather than its infinitesimal
+    Hessian; pass a smaller ``h`` to approach h² ‖∇ₓ²ℓ z‖². Our z has no 1e-7 fudge and our norm
+    is squared: see :mod:`robustreg.conventions` for the conversion to the public code.
+
+    Cost: one forward pass at x (shared with the data loss when ``return_logits=True``), one at
+    x + hz, and two double-backpropagated input gradients.
+    """
+    if isinstance(h, bool) or not isinstance(h, int | float) or not math.isfinite(h) or h <= 0:
+        raise ValueError(f"h must be a positive finite number (the ℓ2 step length); got {h!r}")
+    fw = _forward(model, x, y)
+    with torch.enable_grad():
+        a0 = fw.loss_grad(y)
+        with torch.no_grad():
+            s = torch.sign(fw.to_input(a0))
+            count = s.flatten(1).abs().sum(1).clamp_min(1.0)
+            z = s / count.sqrt().view(-1, *([1] * (s.dim() - 1)))
+        # z is a constant: x + hz requires grad only if the caller's x does, so both passes take
+        # the same path and the same linear map to_input, and ∇ℓ(x+hz) − ∇ℓ(x) = to_input(a1 − a0)
+        fw1 = _Forward(model, x + h * z, fw.create_graph)
+        a1 = fw1.loss_grad(y)
+        values = fw.sqnorm(a1 - a0)
+    return _finish(fw, values, return_logits)
+
+
+def hessian_trace(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    n_samples: int | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    score_function: bool = False,
+    return_logits: bool = False,
+):
+    """Trace of the loss Hessian R_H = tr ∇ₓ²ℓ, per sample, for piecewise-linear models.
+
+    For σ_a networks ∇ₓ²ℓ = Jᵀ S J (fact T7), so R_H = tr(S J Jᵀ) = Σ_k p_k ‖∇f_k − Jᵀp‖²
+    (fact T8; it does not depend on y, which is only validated). ``model`` must be piecewise
+    linear (``robustreg.models.check_piecewise_linear``); otherwise a ``ValueError`` says which
+    module breaks it.
+
+    ``n_samples=None``: exact, as Σ_k p_k ‖Jᵀ(e_k − p)‖² = Σ_k p_k ‖∇ₓℓ(x, k)‖² from K
+    vector–Jacobian products in one batched backward pass.
+
+    ``n_samples=n``: the Fisher estimate (fact T9)
+
+        (1/n) Σ_{j=1}^n ‖∇ₓℓ(x, y′_j)‖²,   y′_j ~ p (labels sampled from the model),
+
+    unbiased for the value: E_{y′~p} ‖Jᵀ(p − e_{y′})‖² = Σ_k p_k ‖∇f_k − Jᵀp‖² = R_H. The labels
+    are drawn from ``p`` detached (sampling is not differentiable); p stays attached inside
+    ∇ₓℓ(x, y′) = Jᵀ(p − e_{y′}).
+
+    Gradient with respect to the parameters θ: with the labels held fixed, autograd returns the
+    pathwise gradient E[∇_θ ‖g_{y′}‖²], which misses the score-function term
+    Σ_k ‖g_k‖² ∇_θ p_k of ∇_θ R_H = Σ_k (p_k ∇_θ‖g_k‖² + ‖g_k‖² ∇_θ p_k), g_k = ∇ₓℓ(x, k): it is
+    the exact gradient of the sampled value (so ``gradcheck`` passes for a fixed generator) but a
+    biased estimate of ∇_θ R_H. ``score_function=True`` adds the REINFORCE term
+    (‖g_{y′}‖² − b)·∇_θ log p_{y′} through a surrogate whose value is exactly zero (values are
+    unchanged), which makes the gradient unbiased at the price of variance; the baseline b is the
+    mean of the other n − 1 draws (none when n = 1).
+    """
+    _check_count("n_samples", n_samples)
+    _check_generator(generator)
+    _require_piecewise_linear(model, "hessian_trace")
+    fw = _forward(model, x, y)
+    B, K = fw.logits.shape
+    with torch.enable_grad():
+        p = torch.softmax(fw.logits, dim=1)
+        if n_samples is None:
+            eye = torch.eye(K, dtype=p.dtype, device=p.device)
+            cot = eye[:, None, :] - p[None]  # e_k − p, [K, B, K]
+            sq = fw.sqnorm(fw.vjps(cot))  # ‖∇f_k − Jᵀp‖², [K, B]
+            values = (p.T * sq).sum(0)
+        else:
+            pd = p.detach()
+            gen_device = generator.device if generator is not None else pd.device
+            labels = torch.multinomial(pd.to(gen_device), n_samples, True, generator=generator)
+            labels = labels.to(p.device).T  # [n, B]
+            cot = p[None] - F.one_hot(labels, K).to(p.dtype)  # p − e_{y′}, [n, B, K]
+            sq = fw.sqnorm(fw.vjps(cot))  # [n, B]
+            values = sq.mean(0)
+            if score_function:
+                logp = torch.log_softmax(fw.logits, dim=1).gather(1, labels.T).T  # [n, B]
+                reward = sq.detach()
+                if n_samples > 1:
+                    reward = reward - (reward.sum(0, keepdim=True) - reward) / (n_samples - 1)
+                values = values + (reward * (logp - logp.detach())).mean(0)
+    return _finish(fw, values, return_logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Callable[..., Tensor]] = {
+    "input_gradient": input_gradient,
+    "jacobian_frobenius": jacobian_frobenius,
+    "cross_lipschitz": cross_lipschitz,
+    "curvature": curvature,
+    "hessian_trace": hessian_trace,
+}
+
+
+def names() -> tuple[str, ...]:
+    """The regularizer names accepted by :func:`get`, in the order of NOTATION.md's table."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Callable[..., Tensor]:
+    """The regularizer called ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    if isinstance(name, str) and name in _REGISTRY:
+        return _REGISTRY[name]
+    hint = ""
+    if isinstance(name, str):
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown regularizer {name!r}{hint}; valid: {', '.join(_REGISTRY)}")
