@@ -58,7 +58,7 @@ smoke: $(VENV_STAMP)
 
 nbval: $(VENV_STAMP)
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-kernel-name python3 \
-	  --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -q $(CHAPTERS)
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -q $(CHAPTERS)
 
 browser: $(VENV_STAMP)
 	$(PY) tools/browser_check.py _build/html _build/screenshots

@@ -205,8 +205,15 @@ def test_minimal_perturbation_is_genuine_and_above_certificate(trained):
     cert = geometry.certified_radius(model, x)
     assert (cert <= r * (1 + 1e-9)).all()
     # and it is not a loose bound: PGD-ℓ2 with a slightly smaller ε rarely succeeds
-    x_adv = attacks.pgd(model, x, model(x).argmax(1).detach(), 0.9 * r.min().item(), norm="l2",
-                        steps=40, generator=torch.Generator().manual_seed(0))
+    x_adv = attacks.pgd(
+        model,
+        x,
+        model(x).argmax(1).detach(),
+        0.9 * r.min().item(),
+        norm="l2",
+        steps=40,
+        generator=torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         assert (model(x_adv).argmax(1) == model(x).argmax(1)).all()
 
@@ -253,3 +260,65 @@ def test_minimal_perturbation_with_labels_and_clip(trained):
         assert (model(pts[found]).argmax(1) != model(x[:20][found]).argmax(1)).all()
     # the box only removes candidates, so unclipped is not much larger than clipped
     assert (r20[found] <= rc[found] * 1.05).all()
+
+
+# --- cross-check against adversarial-robustness-toolbox --------------------------------------------
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.05), ("linf", 0.1), ("l2", 0.5), ("l2", 1.0)])
+def test_art_pgd_agrees_with_ours(trained, norm, eps):
+    from robustreg import evaluation
+
+    model, _, _ = trained
+    x, y = data.load("digits", "test", dtype=DT)
+    ours = evaluation.robust_accuracy(model, x, y, [eps], norm, steps=20, seed=0)[eps]
+    x_art = evaluation.art_pgd(model, x, y, eps, norm, steps=20, seed=0)
+    d = (x_art - x).flatten(1)
+    size = d.abs().max(1).values if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps * (1 + 1e-12)).all() and x_art.min() >= 0 and x_art.max() <= 1
+    theirs = accuracy(model, x_art, y)
+    assert 0.05 < ours < accuracy(model, x, y)  # a non-trivial operating point
+    assert abs(ours - theirs) <= 0.02, (ours, theirs)
+
+
+def test_autoattack_runs_and_is_consistent(trained):
+    from robustreg import evaluation
+
+    model, x, y = trained
+    xs, ys = x[:30], y[:30]
+    x_aa = evaluation.autoattack(model, xs, ys, 0.1, "linf", seed=0)
+    assert ((x_aa - xs).abs().flatten(1).max(1).values <= 0.1 + 1e-12).all()
+    aa = accuracy(model, x_aa, ys)
+    pgd_acc = evaluation.robust_accuracy(model, xs, ys, [0.1], steps=40)[0.1]
+    assert aa <= accuracy(model, xs, ys)
+    assert abs(aa - pgd_acc) <= 0.1  # no gradient masking on a plain network
+    with pytest.raises(ValueError, match=r"image-shaped inputs \[B, C, H, W\]"):
+        evaluation.autoattack(model, xs.flatten(1), ys, 0.1)
+    with pytest.raises(ValueError, match="unknown version"):
+        evaluation.autoattack(model, xs, ys, 0.1, version="plus")
+
+
+def test_evaluate_rows(trained):
+    from robustreg import evaluation, regularizers
+
+    model, x, y = trained
+    rows = evaluation.evaluate(
+        model,
+        x[:40],
+        y[:40],
+        linf_eps=[0.05],
+        l2_eps=[0.5],
+        steps=5,
+        n_certified=10,
+        autoattack_eps={"linf": 0.05},
+        autoattack_n=10,
+    )
+    frame = evaluation.to_frame(rows)
+    assert list(frame.columns) == ["metric", "attack", "norm", "eps", "regularizer", "value"]
+    attacks_seen = set(frame[frame.metric == "robust_accuracy"].attack)
+    assert attacks_seen == {"pgd", "autoattack", "pgd-subset", "worst-case"}
+    sub = frame[frame.attack.isin(["autoattack", "pgd-subset", "worst-case"])].set_index("attack")
+    assert sub.value["worst-case"] <= min(sub.value["autoattack"], sub.value["pgd-subset"])
+    assert set(frame[frame.metric == "regularizer_mean"].regularizer) == set(regularizers.names())
+    radius = frame[frame.metric == "median_certified_radius"].value.item()
+    assert radius == geometry.certified_radius(model, x[:10]).median().item()

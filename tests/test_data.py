@@ -16,8 +16,14 @@ from robustreg import data
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode an array in the IDX format (the inverse of read_idx)."""
-    codes = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D,
-             np.float64: 0x0E}
+    codes = {
+        np.uint8: 0x08,
+        np.int8: 0x09,
+        np.int16: 0x0B,
+        np.int32: 0x0C,
+        np.float32: 0x0D,
+        np.float64: 0x0E,
+    }
     code = codes[array.dtype.type]
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
@@ -201,8 +207,10 @@ def test_download_verifies_md5_and_writes_atomically(tmp_path, monkeypatch):
     sums = {}
     for split, n in (("train", 4), ("test", 3)):
         img, lab = data.IDX_FILES[split]
-        for stem, arr in ((img, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
-                          (lab, np.arange(n, dtype=np.uint8))):
+        for stem, arr in (
+            (img, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
+            (lab, np.arange(n, dtype=np.uint8)),
+        ):
             raw = idx_bytes(arr)
             files[stem + ".gz"] = gzip.compress(raw)
             sums[stem] = hashlib.sha256(raw).hexdigest()
@@ -328,4 +336,3 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="floating dtype"):
         data.load("digits", dtype=torch.int64)
     assert data.names() == data.DATASETS
-

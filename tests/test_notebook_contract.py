@@ -60,7 +60,7 @@ def test_parameters_cell_comes_first_with_typed_defaults(path):
     assert {"profile", "seed"} <= names, (
         f"parameters cell must declare profile and seed; has {names}"
     )
-    assert "setup(globals()" in _source(cells[1]).replace(" ", ""), (
+    assert "setup(globals()" in "".join(_source(cells[1]).split()), (
         "second code cell must call setup(globals(), ...)"
     )
 

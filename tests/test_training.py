@@ -69,9 +69,10 @@ def test_history_and_final_state(digits):
 
 def test_regularized_loss_is_ce_plus_lambda_r(digits):
     """The history's loss is mean CE + λ·mean R, and a strong Jacobian penalty lowers R_J."""
-    lam = 0.05
-    model, hist = training.train(fresh_model(), digits, "jacobian_frobenius", lam, epochs=2,
-                                 lr=3e-3, progress=False)
+    lam = 1.0
+    model, hist = training.train(
+        fresh_model(), digits, "jacobian_frobenius", lam, epochs=2, lr=3e-3, progress=False
+    )
     for total, ce, reg in zip(hist.loss, hist.ce, hist.reg, strict=True):
         assert math.isclose(total, ce + lam * reg, rel_tol=1e-5)
     plain, _ = training.train(fresh_model(), digits, epochs=2, lr=3e-3, progress=False)
@@ -104,8 +105,9 @@ def test_non_finite_loss_names_epoch_batch_lambda(digits):
         return v * math.nan if calls["n"] == 9 else v  # batch 2 of epoch 2 (7 batches/epoch)
 
     with pytest.raises(FloatingPointError, match=r"epoch 2/3, batch 2/7.*λ=0\.5.*explodes"):
-        training.train(fresh_model(), digits, explodes, 0.5, epochs=3, batch_size=64,
-                       progress=False)
+        training.train(
+            fresh_model(), digits, explodes, 0.5, epochs=3, batch_size=64, progress=False
+        )
 
 
 def test_train_argument_errors(digits):
@@ -129,13 +131,16 @@ def test_train_argument_errors(digits):
 
 
 def test_sgd_and_adversarial_training(digits):
-    model, hist = training.train(fresh_model(), digits, epochs=1, optimizer="sgd", lr=0.05,
-                                 progress=False)
+    model, hist = training.train(
+        fresh_model(), digits, epochs=1, optimizer="sgd", lr=0.05, progress=False
+    )
     assert len(hist.loss) == 1
-    a1, h1 = training.adversarial_training(fresh_model(), digits, 0.1, steps=2, epochs=1,
-                                           progress=False)
-    a2, _ = training.adversarial_training(fresh_model(), digits, 0.1, steps=2, epochs=1,
-                                          progress=False)
+    a1, h1 = training.adversarial_training(
+        fresh_model(), digits, 0.1, steps=2, epochs=1, progress=False
+    )
+    a2, _ = training.adversarial_training(
+        fresh_model(), digits, 0.1, steps=2, epochs=1, progress=False
+    )
     assert same(params(a1), params(a2)) and not a1.training
     # the adversarial loss is the loss at the attacked points, above the clean loss
     x, y = digits
@@ -230,7 +235,9 @@ def test_adversarial_config_is_kept(tmp_path):
     cfg = {**SMALL, "epochs": 1, "adversarial": {"eps": 0.1, "steps": 1}}
     _, record = training.train_cached(cfg, cache_dir=tmp_path, device="cpu")
     assert record["config"]["adversarial"]["eps"] == 0.1
-    assert json.loads((tmp_path / f"{record['key']}.json").read_text())["config"] == record["config"]
+    assert (
+        json.loads((tmp_path / f"{record['key']}.json").read_text())["config"] == record["config"]
+    )
 
 
 # --- the grid -----------------------------------------------------------------------------------
@@ -274,15 +281,33 @@ def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
 
 def test_run_grid_evaluates_and_cli(tmp_path, capsys):
     out = tmp_path / "rows.csv"
-    code = cli(["run-grid", "--profile", "smoke", "--cache-dir", str(tmp_path), "--device", "cpu",
-                "--epochs", "1", "--quiet", "--out", str(out)])
+    code = cli(
+        [
+            "run-grid",
+            "--profile",
+            "smoke",
+            "--cache-dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     frame = evaluation.to_frame(__import__("pandas").read_csv(out).to_dict("records"))
     n = len(evaluation.grid("smoke"))
     assert frame.key.nunique() == n
     metrics = set(frame.metric)
-    assert {"clean_accuracy", "robust_accuracy", "median_certified_radius",
-            "regularizer_mean"} <= metrics
+    assert {
+        "clean_accuracy",
+        "robust_accuracy",
+        "median_certified_radius",
+        "regularizer_mean",
+    } <= metrics
     assert set(frame[frame.metric == "regularizer_mean"].regularizer) == set(regularizers.names())
     acc = frame[frame.metric.str.endswith("accuracy")].value
     assert ((acc >= 0) & (acc <= 1)).all()

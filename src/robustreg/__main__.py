@@ -33,8 +33,11 @@ def _run_grid(args) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     n = len(evaluation.grid(args.profile, **overrides))
-    print(f"profile {args.profile}: {n} training runs on {device}; cache "
-          f"{args.cache_dir or training.default_cache_dir()}", file=sys.stderr)
+    print(
+        f"profile {args.profile}: {n} training runs on {device}; cache "
+        f"{args.cache_dir or training.default_cache_dir()}",
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
     rows = evaluation.run_grid(
         args.profile,
@@ -49,8 +52,12 @@ def _run_grid(args) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".json":
-            meta = {"profile": args.profile, "device": str(device), "seconds": seconds,
-                    "torch": torch.__version__}
+            meta = {
+                "profile": args.profile,
+                "device": str(device),
+                "seconds": seconds,
+                "torch": torch.__version__,
+            }
             out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         else:
             evaluation.to_frame(rows).to_csv(out, index=False)
@@ -62,8 +69,9 @@ def _run_grid(args) -> int:
             lambda r: "clean" if r.metric == "clean_accuracy" else f"{r.attack}-{r.norm}@{r.eps:g}",
             axis=1,
         )
-        table = acc.pivot_table(index=["method", "lam"], columns="column", values="value",
-                                aggfunc="mean")
+        table = acc.pivot_table(
+            index=["method", "lam"], columns="column", values="value", aggfunc="mean"
+        )
         print(table.round(3).to_string())
     print(f"done in {seconds:.1f} s", file=sys.stderr)
     return 0
@@ -75,8 +83,10 @@ def _data(args) -> int:
     for name in args.names:
         for split in data.SPLITS:
             x, y = data.load(name, split)
-            print(f"{name:14s} {split:5s} x {tuple(x.shape)} in [{x.min():.3g}, {x.max():.3g}], "
-                  f"{int(y.max()) + 1} classes")
+            print(
+                f"{name:14s} {split:5s} x {tuple(x.shape)} in [{x.min():.3g}, {x.max():.3g}], "
+                f"{int(y.max()) + 1} classes"
+            )
     return 0
 
 
@@ -85,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("run-grid", help="train and evaluate the experiment grid of a profile")
     g.add_argument("--profile", choices=["smoke", "default", "full"], default="default")
-    g.add_argument("--cache-dir", default=None, help="cache directory (default: $ROBUSTREG_CACHE "
-                   "or ~/.cache/robustreg/runs)")
+    g.add_argument(
+        "--cache-dir",
+        default=None,
+        help="cache directory (default: $ROBUSTREG_CACHE or ~/.cache/robustreg/runs)",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     g.add_argument("--epochs", type=int, default=None, help="override the number of epochs")

@@ -58,7 +58,11 @@ def _check_xy(x: Tensor, y: Tensor | None, box: bool) -> None:
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating tensor, got {x.dtype}")
     if y is not None:
-        if not torch.is_tensor(y) or y.shape != x.shape[:1] or y.dtype not in (torch.int64, torch.int32):
+        if (
+            not torch.is_tensor(y)
+            or y.shape != x.shape[:1]
+            or y.dtype not in (torch.int64, torch.int32)
+        ):
             raise ValueError(
                 f"y must be integer labels of shape [{x.shape[0]}], got "
                 f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}"
@@ -75,7 +79,9 @@ def _per_sample(eps, x: Tensor) -> Tensor:
     if e.ndim == 0:
         e = e.expand(x.shape[0])
     if e.shape != x.shape[:1]:
-        raise ValueError(f"eps must be a number or a tensor of shape [{x.shape[0]}], got {tuple(e.shape)}")
+        raise ValueError(
+            f"eps must be a number or a tensor of shape [{x.shape[0]}], got {tuple(e.shape)}"
+        )
     return e.reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -356,8 +362,16 @@ def minimal_l2_perturbation(
         e = mid.reshape(shape)
         start = xs + direction * (e / _flat_norm(direction).clamp_min(1e-30))
         cand, _, _ = _pgd_run(
-            model, xs, rs, e, "l2", pgd_steps, e * 2.5 / pgd_steps,
-            start.clamp(0, 1) if clip else start, clip, "margin",
+            model,
+            xs,
+            rs,
+            e,
+            "l2",
+            pgd_steps,
+            e * 2.5 / pgd_steps,
+            start.clamp(0, 1) if clip else start,
+            clip,
+            "margin",
         )
         wrong = _predict(model, cand) != rs
         norms = _flat_norm(cand - xs).flatten()

@@ -255,10 +255,10 @@ class _Forward:
         return g.flatten(g.dim() - len(self.h_shape) + 1).pow(2).sum(-1)
 
     def loss_grad(self, y: Tensor) -> Tensor:
-        """``a`` with ``to_input(a) = ∇ₓℓ(x, y) = Jᵀ(p − e_y)``: one backward pass of Σ_b ℓ_b."""
+        """``a`` with ``to_input(a) = ∇ₓℓ(x, y) = Jᵀ(p − e_y)``: one backward pass (fact T2)."""
         with torch.enable_grad():
-            loss = F.cross_entropy(self.logits, y, reduction="sum")
-        return self.grad(loss)
+            residual = _residual(torch.softmax(self.logits, dim=1), y)
+        return self.grad(self.logits, residual)
 
     def vjps(self, cotangents: Tensor) -> Tensor:
         """``a_j`` with ``to_input(a_j) = Jᵀ v_j`` for cotangents ``[n, B, K]``: ``[n, B, ...]``.
@@ -272,6 +272,19 @@ class _Forward:
             return self.grad(self.logits, cotangents, batched=True)
         except RuntimeError:  # pragma: no cover - depends on the model's operators
             return torch.stack([self.grad(self.logits, v) for v in cotangents])
+
+
+def _residual(p: Tensor, labels: Tensor) -> Tensor:
+    """p − e_y, computed without cancellation: entry y is −Σ_{k≠y} p_k rather than p_y − 1.
+
+    ``p``: [B, K] probabilities; ``labels``: [..., B] (a stack of label vectors gives a stack of
+    residuals [..., B, K]). When the model is confident (p_y → 1), ``p_y − 1`` keeps only the
+    absolute accuracy of p_y (in float32, p_y rounds to 1 once 1 − p_y < 6e-8 and the y-entry
+    vanishes), whereas −Σ_{k≠y} p_k keeps full relative accuracy; so do ∇ₓℓ and the values.
+    """
+    mask = F.one_hot(labels, p.shape[-1]).bool()
+    others = p.expand(mask.shape).masked_fill(mask, 0.0)
+    return others - mask.to(p.dtype) * others.sum(-1, keepdim=True)
 
 
 def _forward(model: nn.Module, x: Tensor, y: Tensor) -> _Forward:
@@ -291,9 +304,10 @@ def _finish(fw: _Forward, values: Tensor, return_logits: bool):
 
 
 def _randn(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """N(0, I) draws on the generator's device, in float64 (the same draws for every dtype)."""
     device = generator.device if generator is not None else like.device
-    v = torch.randn(shape, generator=generator, device=device, dtype=like.dtype)
-    return v.to(like.device)
+    v = torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
+    return v.to(device=like.device, dtype=like.dtype)
 
 
 def _require_piecewise_linear(model: nn.Module, what: str) -> None:
@@ -320,8 +334,9 @@ def input_gradient(
 
     ``norm="l2"``: R_IG = ‖∇ₓℓ(x, y)‖₂²; ``norm="l1"``: ‖∇ₓℓ(x, y)‖₁, the dual norm of ℓ∞, i.e.
     the first-order loss increase per unit of an ℓ∞ perturbation (fact T3). Here
-    ∇ₓℓ = Jᵀ(p − e_y) (fact T2), obtained by one backward pass of the cross-entropy with
-    ``create_graph=True``.
+    ∇ₓℓ = Jᵀ(p − e_y) (fact T2), obtained by one backward pass with ``create_graph=True`` of the
+    cotangent p − e_y, whose y-entry is computed as −Σ_{k≠y} p_k: unlike autograd through the
+    cross-entropy (p_y − 1), this keeps full relative accuracy for confident predictions.
     """
     if norm not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(map(repr, _NORMS))}")
@@ -478,7 +493,7 @@ def hessian_trace(
     linear (``robustreg.models.check_piecewise_linear``); otherwise a ``ValueError`` says which
     module breaks it.
 
-    ``n_samples=None``: exact, as Σ_k p_k ‖Jᵀ(e_k − p)‖² = Σ_k p_k ‖∇ₓℓ(x, k)‖² from K
+    ``n_samples=None``: exact, as Σ_k p_k ‖Jᵀ(p − e_k)‖² = Σ_k p_k ‖∇ₓℓ(x, k)‖² from K
     vector–Jacobian products in one batched backward pass.
 
     ``n_samples=n``: the Fisher estimate (fact T9)
@@ -506,8 +521,8 @@ def hessian_trace(
     with torch.enable_grad():
         p = torch.softmax(fw.logits, dim=1)
         if n_samples is None:
-            eye = torch.eye(K, dtype=p.dtype, device=p.device)
-            cot = eye[:, None, :] - p[None]  # e_k − p, [K, B, K]
+            labels = torch.arange(K, device=p.device)[:, None].expand(K, B)
+            cot = _residual(p, labels)  # p − e_k (the sign does not matter), [K, B, K]
             sq = fw.sqnorm(fw.vjps(cot))  # ‖∇f_k − Jᵀp‖², [K, B]
             values = (p.T * sq).sum(0)
         else:
@@ -515,7 +530,7 @@ def hessian_trace(
             gen_device = generator.device if generator is not None else pd.device
             labels = torch.multinomial(pd.to(gen_device), n_samples, True, generator=generator)
             labels = labels.to(p.device).T  # [n, B]
-            cot = p[None] - F.one_hot(labels, K).to(p.dtype)  # p − e_{y′}, [n, B, K]
+            cot = _residual(p, labels)  # p − e_{y′}, [n, B, K]
             sq = fw.sqnorm(fw.vjps(cot))  # [n, B]
             values = sq.mean(0)
             if score_function:

@@ -16,14 +16,15 @@ the inner maximum approximated by :func:`robustreg.attacks.pgd` (the model in ev
 attacking, gradients of the attack not propagated to θ).
 
 Optimizer: Adam (β = (0.9, 0.999), default lr 1e-3) — robust to the scale changes a large λ
-brings, with no tuning of a schedule; ``optimizer="sgd"`` gives SGD with Nesterov-free momentum
+brings, with no tuning of a schedule; ``optimizer="sgd"`` gives SGD with (heavy-ball) momentum
 0.9. No learning-rate schedule, no data augmentation.
 
-Determinism: minibatch order comes from a ``torch.Generator`` seeded with ``seed``; the
-regularizer's random draws (projection estimators) come from torch's global generator, which
-:func:`train` seeds with ``seed + 1`` inside :func:`torch.random.fork_rng` (the caller's random
-state is left untouched), and from a dedicated generator passed as ``generator=`` when the
-regularizer accepts one. Same seed, data, model initialisation and device → identical weights.
+Determinism: minibatch order comes from a ``torch.Generator`` seeded with ``seed``; the random
+draws of a regularizer's estimator (and of PGD's random starts) come from a dedicated generator
+seeded with ``seed + 2``, passed as ``generator=`` when the callable accepts one, and otherwise
+from torch's global generator, which :func:`train` seeds with ``seed + 1`` inside
+:func:`torch.random.fork_rng` (the caller's random state is left untouched). Same seed, data,
+model initialisation and device → identical weights (on CUDA, up to nondeterministic kernels).
 
 Caching: :func:`train_cached` builds the model and data from a plain configuration dictionary,
 trains, and stores the weights (safetensors) and the history (JSON) under
@@ -214,11 +215,12 @@ def _fit(
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed + 1)
         if checkpoint is not None and Path(checkpoint).is_file():
-            state = torch.load(checkpoint, map_location=device, weights_only=True)
+            # RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             order.set_state(state["order"])
-            estimator.set_state(state["estimator"].to("cpu"))
+            estimator.set_state(state["estimator"])
             torch.set_rng_state(state["rng"])
             if device.type == "cuda" and "cuda_rng" in state:
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -256,8 +258,12 @@ def _fit(
                     with torch.no_grad():
                         correct = (logits.argmax(1) == yb).sum()
                         sums += torch.stack(
-                            [loss.detach() * len(yb), ce.detach() * len(yb), reg.detach() * len(yb),
-                             correct]
+                            [
+                                loss.detach() * len(yb),
+                                ce.detach() * len(yb),
+                                reg.detach() * len(yb),
+                                correct,
+                            ]
                         ).to(sums.dtype)
                     bar.update(1)
                 if device.type == "cuda":
@@ -324,9 +330,13 @@ def train(
     if lam > 0 and fn is None:
         raise ValueError(f"lam={lam} > 0 needs a regularizer (a name or a callable)")
     if regularizer_options and fn is None:
-        raise ValueError(f"regularizer options {sorted(regularizer_options)} given without a regularizer")
+        raise ValueError(
+            f"regularizer options {sorted(regularizer_options)} given without a regularizer"
+        )
     use_reg = fn is not None and lam > 0
-    pass_generator = use_reg and "generator" not in regularizer_options and _accepts(fn, "generator")
+    pass_generator = (
+        use_reg and "generator" not in regularizer_options and _accepts(fn, "generator")
+    )
 
     reuse_logits = use_reg and _accepts(fn, "return_logits")
 
@@ -401,7 +411,14 @@ def adversarial_training(
     def objective(model, xb, yb, generator):
         model.eval()
         x_adv = attacks.pgd(
-            model, xb, yb, eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts,
+            model,
+            xb,
+            yb,
+            eps,
+            norm=norm,
+            steps=steps,
+            step_size=step_size,
+            restarts=restarts,
             generator=generator,
         )
         model.train()

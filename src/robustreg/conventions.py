@@ -1,0 +1,221 @@
+"""Factors between our per-sample regularizer values and the original papers' and code's terms.
+
+Our regularizers (:mod:`robustreg.regularizers`) return per-sample values with the
+normalizations of NOTATION.md, and a training loss adds ``lam * values.mean()``. The papers that
+introduced them add other multiples to their losses. :func:`to_original` turns a batch of our
+values ``R[B]`` into the term the original method adds to its loss for that batch (a scalar, for
+weight ``lam``); :data:`CONVENTIONS` states each conversion with its source. Let B be the batch
+size, K the number of classes and ``mean`` the batch average.
+
+=================  ==================  ========================================================
+``name``           our regularizer     the original term, in our values
+=================  ==================  ========================================================
+``hoffman2019``    jacobian_frobenius  (λ/2)·mean R_J   (in expectation over their projections)
+``jakubovitz2018`` jacobian_frobenius  λ·mean √R_J
+``ross2018``       input_gradient      λ·(1/(2B))·mean R_IG = λ·Σ_b R_IG,b / (2B²)
+``ross2018_l1``    input_gradient l1   λ·mean ‖∇ₓℓ‖₁   (one factor 1/B, cancelled by the sum)
+``hein2017``       cross_lipschitz     λ·mean R_CL   (identical)
+``cure2019``       curvature           λ·mean √R_CURE   (their public code)
+=================  ==================  ========================================================
+
+So a loss ``ce + lam_ours * R.mean()`` matches Hoffman et al. with λ_JR = 2·lam_ours, Ross &
+Doshi-Velez with λ = 2B·lam_ours, and Hein & Andriushchenko with λ = lam_ours. Each entry's
+``relation`` gives the derivation; ``tests/test_conventions.py`` checks every factor against a
+direct transcription of the original formula or code.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["CONVENTIONS", "Convention", "factor", "get", "names", "to_original"]
+
+
+@dataclass(frozen=True)
+class Convention:
+    """One original normalization: where it comes from and how our values map to it.
+
+    ``convert(values, lam)`` takes our per-sample values ``R[B]`` (one batch) and returns the term
+    the original method adds to its loss for that batch, as a 0-dim tensor.
+    """
+
+    name: str  #: key for :func:`get` / :func:`to_original`
+    regularizer: str  #: our regularizer (robustreg.regularizers name, with options)
+    citation: str  #: bibliography key (book/references.bib)
+    source: str  #: paper and code the original formula is taken from
+    original: str  #: the original term, in the original's words and symbols
+    relation: str  #: the conversion, derived
+    convert: Callable[[Tensor, float], Tensor]
+
+    def __call__(self, values: Tensor, lam: float = 1.0) -> Tensor:
+        return self.convert(_check_values(values), lam)
+
+
+def _check_values(values) -> Tensor:
+    if not isinstance(values, Tensor) or values.dim() != 1 or values.numel() == 0:
+        shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        raise ValueError(f"values must be a non-empty 1-D tensor of per-sample values; got {shape}")
+    return values
+
+
+def _batch(values: Tensor) -> int:
+    return values.shape[0]
+
+
+_LIST = [
+    Convention(
+        name="hoffman2019",
+        regularizer="jacobian_frobenius",
+        citation="hoffman2019",
+        source=(
+            "Hoffman, Roberts & Yaida (2019), Robust learning with Jacobian regularization, "
+            "arXiv:1908.02729, Algorithm 1; code: facebookresearch/jacobian_regularizer, "
+            "JacobianReg.forward"
+        ),
+        original=(
+            "loss = L_super + λ_JR · R with R = ½ · Σ_b C‖J_bᵀ v̂_b‖² / (n_proj · B), "
+            "v̂_b uniform on the unit sphere S^{C−1} (C = K classes), one draw per sample "
+            "and projection; n = −1 uses the C basis vectors instead (exact)"
+        ),
+        relation=(
+            "E[v̂ v̂ᵀ] = I/K, so E[K‖Jᵀv̂‖²] = tr(J Jᵀ)·K/K = ‖J‖_F² = R_J: each sample's "
+            "projection term K‖Jᵀv̂‖² is an unbiased estimate of R_J, and with the basis "
+            "vectors it equals R_J exactly. Hence R = ½·mean R_J (in expectation) and the "
+            "added term is (λ_JR/2)·mean R_J; their λ_JR is 2× our λ. Their unit-norm "
+            "projection (scaled by √K) has variance (2K/(K+2))(‖JJᵀ‖_F² − R_J²/K) per draw, "
+            "below the 2‖JJᵀ‖_F² of our Gaussian v; both are unbiased"
+        ),
+        convert=lambda v, lam: 0.5 * lam * v.mean(),
+    ),
+    Convention(
+        name="jakubovitz2018",
+        regularizer="jacobian_frobenius",
+        citation="jakubovitz2018",
+        source=(
+            "Jakubovitz & Giryes (2018), Improving DNN robustness to adversarial attacks using "
+            "Jacobian regularization, ECCV"
+        ),
+        original=(
+            "per training example λ·‖J(x)‖_F, J the Jacobian of the last layer before the "
+            "softmax (our logits), unsquared; averaged over the batch like the data loss"
+        ),
+        relation="‖J‖_F = √R_J per sample, so the term is λ·mean √R_J",
+        convert=lambda v, lam: lam * v.sqrt().mean(),
+    ),
+    Convention(
+        name="ross2018",
+        regularizer="input_gradient",
+        citation="ross2018",
+        source=(
+            "Ross & Doshi-Velez (2018), Improving the adversarial robustness and "
+            "interpretability of deep neural networks by regularizing their input gradients, "
+            "AAAI; code: dtak/adversarial-robustness-public, NeuralNetwork.l2_double_backprop"
+        ),
+        original=(
+            "λ · tf.nn.l2_loss(tf.gradients(reduce_mean(cross-entropy), X)) "
+            "= λ·½‖∇_X (1/B) Σ_b ℓ_b‖²"
+        ),
+        relation=(
+            "the gradient of the batch-mean loss w.r.t. sample b is ∇ℓ_b / B (samples are "
+            "independent), so ½‖·‖² = Σ_b R_IG,b / (2B²) = mean R_IG / (2B): each sample "
+            "carries 1/B² and the term shrinks with the batch size; their λ is 2B× our λ"
+        ),
+        convert=lambda v, lam: lam * v.sum() / (2 * _batch(v) ** 2),
+    ),
+    Convention(
+        name="ross2018_l1",
+        regularizer="input_gradient(norm='l1')",
+        citation="ross2018",
+        source=(
+            "Ross & Doshi-Velez (2018); code: dtak/adversarial-robustness-public, "
+            "NeuralNetwork.l1_double_backprop"
+        ),
+        original="λ · reduce_sum(|tf.gradients(reduce_mean(cross-entropy), X)|)",
+        relation="Σ_b ‖∇ℓ_b / B‖₁ = mean ‖∇ℓ‖₁ (one factor 1/B, the ℓ1 norm is 1-homogeneous)",
+        convert=lambda v, lam: lam * v.mean(),
+    ),
+    Convention(
+        name="hein2017",
+        regularizer="cross_lipschitz",
+        citation="hein2017",
+        source=(
+            "Hein & Andriushchenko (2017), Formal guarantees on the robustness of a classifier "
+            "against adversarial manipulation, NeurIPS (cross-Lipschitz regularization)"
+        ),
+        original="λ · (1/(nK²)) Σ_i Σ_{l,m} ‖∇f_l(x_i) − ∇f_m(x_i)‖₂²",
+        relation="our R_CL is the inner (1/K²) Σ_{l,m}; the average over the n samples is mean",
+        convert=lambda v, lam: lam * v.mean(),
+    ),
+    Convention(
+        name="cure2019",
+        regularizer="curvature",
+        citation="moosavi2019",
+        source=(
+            "Moosavi-Dezfooli, Fawzi, Uesato & Frossard (2019), Robustness via curvature "
+            "regularization, and vice versa, CVPR; code: F-Salehi/CURE_robustness, "
+            "CURE.regularizer (PyTorch 1.0)"
+        ),
+        original=(
+            "λ · Σ_b ‖grad_diff_b‖₂ / B with grad_diff = autograd.grad(mean ℓ(x + z) − "
+            "mean ℓ(x), x, grad_outputs=ones(B)), z = h·(sign(g) + 1e-7)/(‖sign(g)‖₂ + 1e-7), "
+            "g = ∇ₓ of the batch loss; defaults h = 3 (schedule 0.1, 0.4, 0.8, 1.8, 3) and λ = 4"
+        ),
+        relation=(
+            "the norm is unsquared: ‖grad_diff_b‖ = √R_CURE,b, so the term is λ·mean √R_CURE. "
+            "The loss is a batch mean (nn.CrossEntropyLoss()), but grad_outputs=ones(B) for "
+            "that scalar was summed to the cotangent B by the PyTorch 1.0 engine (a scalar "
+            "output is expandable to [B]), which cancels the 1/B of the mean: grad_diff_b = "
+            "∇ℓ(x_b + z_b) − ∇ℓ(x_b). (Current PyTorch rejects that grad_outputs shape.) "
+            "Their h is the same ℓ2 step length as ours; their z differs from ours only by the "
+            "1e-7 terms (coordinates with a zero gradient move by ≈ h·1e-7/‖sign(g)‖)"
+        ),
+        convert=lambda v, lam: lam * v.sqrt().mean(),
+    ),
+]
+
+#: name → :class:`Convention`
+CONVENTIONS: dict[str, Convention] = {c.name: c for c in _LIST}
+
+
+def names() -> tuple[str, ...]:
+    """The convention names accepted by :func:`get` and :func:`to_original`."""
+    return tuple(CONVENTIONS)
+
+
+def get(name: str) -> Convention:
+    """The :class:`Convention` called ``name``; unknown names raise ``ValueError`` listing the valid."""
+    if isinstance(name, str) and name in CONVENTIONS:
+        return CONVENTIONS[name]
+    hint = ""
+    if isinstance(name, str):
+        close = difflib.get_close_matches(name, CONVENTIONS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown convention {name!r}{hint}; valid: {', '.join(CONVENTIONS)}")
+
+
+def to_original(name: str, values: Tensor, lam: float = 1.0) -> Tensor:
+    """The term convention ``name`` adds to its loss for a batch with our per-sample ``values``.
+
+    ``values`` is one batch of our regularizer values (``R[B]``, as returned by
+    :mod:`robustreg.regularizers`); ``lam`` is the original method's weight. Returns a 0-dim
+    tensor, differentiable like ``values``. Example: ``to_original("ross2018", R, lam=10.0)``.
+    """
+    return get(name)(values, lam)
+
+
+def factor(name: str, batch_size: int) -> float:
+    """For the conventions linear in our values: the term per unit of ``lam * values.mean()``.
+
+    ``hoffman2019``: 1/2; ``ross2018``: 1/(2B); ``ross2018_l1`` and ``hein2017``: 1. The
+    square-root conventions (``jakubovitz2018``, ``cure2019``) are not linear and raise.
+    """
+    conv = get(name)
+    if name in ("jakubovitz2018", "cure2019"):
+        raise ValueError(f"convention {name!r} is not linear in our values ({conv.relation})")
+    ones = torch.ones(int(batch_size), dtype=torch.float64)
+    return float(conv(ones, 1.0))
