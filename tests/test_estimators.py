@@ -162,16 +162,23 @@ def chunked_gradients(name: str, model, x, y, chunks: int = 40, per_chunk: int =
     return torch.stack(out)
 
 
-def assert_mean_matches(samples: torch.Tensor, target: torch.Tensor) -> None:
-    """Σ_j ((mean_j − target_j)/SE_j)² over the P coordinates is ≈ χ²_P: require ≤ P + 6√(2P)."""
-    mean = samples.mean(0)
-    se = samples.std(0) / math.sqrt(len(samples))
-    live = se > 1e-12 * target.abs().max().clamp_min(1e-300)
-    # coordinates with no noise must match exactly
-    assert torch.allclose(mean[~live], target[~live], rtol=1e-9, atol=1e-12)
-    stat = float((((mean - target) / se)[live] ** 2).sum())
-    P = int(live.sum())
-    assert stat <= P + 6 * math.sqrt(2 * P), (stat, P)
+def assert_mean_matches(samples: torch.Tensor, target: torch.Tensor, extra=()) -> None:
+    """The mean of the gradient samples matches ``target`` along several directions, each within
+    5 standard errors: the target's direction, 4 random ones and any in ``extra``. (The gradient
+    coordinates are strongly correlated, driven by a few random labels or projections, so a
+    per-coordinate χ² is not a valid test; one-dimensional projections are.)"""
+    gen = torch.Generator().manual_seed(0)
+    dirs = [target, *extra]
+    dirs += [torch.randn(target.shape, dtype=target.dtype, generator=gen) for _ in range(4)]
+    for u in dirs:
+        u = u / u.norm()
+        proj = samples @ u
+        se = proj.std() / math.sqrt(len(proj))
+        assert abs(float(proj.mean() - target @ u)) <= 5 * float(se), (
+            float(proj.mean()),
+            float(target @ u),
+            float(se),
+        )
 
 
 @pytest.mark.parametrize("name", ["jacobian_frobenius", "cross_lipschitz"])
@@ -195,9 +202,15 @@ def test_fisher_gradient_pathwise_and_score_function():
     sq = fw.sqnorm(fw.vjps(cot))
     pathwise = _grad((p.detach().T * sq).sum(0), model)
     assert not torch.allclose(pathwise, exact, rtol=1e-3)  # the score term matters here
-    assert_mean_matches(chunked_gradients("hessian_trace", model, x, y), pathwise)
+    between = [exact - pathwise]
+    plain = chunked_gradients("hessian_trace", model, x, y)
+    assert_mean_matches(plain, pathwise, between)
+    u = between[0] / between[0].norm()  # ... and the pathwise gradient is visibly biased
+    assert float(exact @ u - (plain @ u).mean()) > 5 * float(
+        (plain @ u).std() / math.sqrt(len(plain))
+    )
     scored = chunked_gradients("hessian_trace", model, x, y, score_function=True)
-    assert_mean_matches(scored, exact)
+    assert_mean_matches(scored, exact, between)
     for n in (1, 3):
         a = draws("hessian_trace", model, x, y, n, count=7, seed=9)
         b = draws("hessian_trace", model, x, y, n, count=7, seed=9, score_function=True)

@@ -264,7 +264,6 @@ def _find(name: str, stem: str, root, download: bool) -> Path:
 
 def _download(name: str, stem: str) -> Path:
     target_dir = cache_dir() / name
-    target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / (stem + ".gz")
     errors = []
     for base in DOWNLOAD_URLS[name]:
@@ -279,6 +278,7 @@ def _download(name: str, stem: str) -> Path:
         if md5 != GZ_MD5[name][stem]:
             errors.append(f"{url}: MD5 {md5} differs from the publisher's {GZ_MD5[name][stem]}")
             continue
+        target_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".download-")
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)
