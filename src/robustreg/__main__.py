@@ -4,7 +4,12 @@ Runs the experiment grid of :data:`robustreg.evaluation.PROFILES` outside Jupyte
 GPU machine): every configuration is trained or loaded from the cache, evaluated (also cached),
 and the tidy result rows are written to ``--out`` (``.csv`` or ``.json``). Interrupt it at any
 time; rerunning the same command resumes. The device is CUDA, then MPS, then the CPU unless
-``--device`` says otherwise.
+``--device`` says otherwise. ``--results-dir results/default`` also keeps (and reuses) one small
+JSON file of metrics per run there — the files the book commits; to recompute them from scratch,
+point the cache at an empty directory and add ``--refresh``::
+
+    ROBUSTREG_CACHE=$(mktemp -d) python -m robustreg run-grid --profile default \
+        --results-dir results/default --refresh
 
 ``python -m robustreg data NAME...`` loads data sets (verifying their checksums) and prints
 their shapes — a quick check that the files are where the loader looks.
@@ -42,6 +47,8 @@ def _run_grid(args) -> int:
     rows = evaluation.run_grid(
         args.profile,
         cache_dir=args.cache_dir,
+        results_dir=args.results_dir,
+        refresh=args.refresh,
         device=device,
         progress=not args.quiet,
         evaluate_models=not args.no_eval,
@@ -99,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir",
         default=None,
         help="cache directory (default: $ROBUSTREG_CACHE or ~/.cache/robustreg/runs)",
+    )
+    g.add_argument(
+        "--results-dir",
+        default=None,
+        help="keep one JSON file of metrics per run here and reuse it (e.g. results/default)",
+    )
+    g.add_argument(
+        "--refresh", action="store_true", help="ignore the files of --results-dir and rewrite them"
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")

@@ -16,6 +16,13 @@ each regularizer at several λ, PGD adversarial training; several seeds) is defi
 and run by :func:`run_grid`, which the notebooks and ``python -m robustreg run-grid`` share;
 every training and evaluation is cached on disk, so a rerun is instant and an interrupted grid
 resumes.
+
+Results files: with ``results_dir``, :func:`run_grid` also keeps one small JSON file per run
+(``<method>[_lam<λ>]_seed<s>.json``: configuration, training history, evaluation rows, wall and
+CPU seconds, the machine; no weights) and reads a run back from it when its training key and
+evaluation settings match, without training or evaluating. The book commits these files (e.g.
+``results/default/``), so its chapters reload a finished grid in seconds; :func:`load_results`
+reads them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +51,8 @@ __all__ = [
     "evaluate",
     "evaluate_cached",
     "grid",
+    "load_results",
+    "machine",
     "regularizer_values",
     "robust_accuracy",
     "run_grid",
@@ -494,7 +504,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "l2_eps": [0.5, 1.0, 1.5],
             "steps": 20,
         },
-        "autoattack": {"seeds": [0], "eps": {"linf": 0.1}, "n": 100},
+        # every seed, so that a sign of gradient masking is judged across seeds (≈ 4 s a run)
+        "autoattack": {"seeds": [0, 1, 2], "eps": {"linf": 0.1}, "n": 100},
     },
     "full": {
         "data": "fashion-mnist",
@@ -576,6 +587,34 @@ def _eval_key(train_key: str, settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
+def _canonical(settings: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(settings), sort_keys=True))
+
+
+def _evaluate_payload(model, record, test, settings, cache_dir) -> dict[str, Any]:
+    """The cached evaluation file's content: rows, settings, wall and CPU seconds."""
+    root = Path(cache_dir) if cache_dir is not None else training.default_cache_dir()
+    settings = _canonical(settings)
+    path = root / f"{_eval_key(record['key'], settings)}.eval.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    s = dict(settings)
+    n = s.pop("n_test", None)
+    x, y = test
+    if n is not None:
+        x, y = x[:n], y[:n]
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = evaluate(model, x, y, **s)
+    payload = {
+        "rows": rows,
+        "settings": settings,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
+    training._atomic_save(payload, path, lambda r, p: Path(p).write_text(json.dumps(r)))
+    return payload
+
+
 def evaluate_cached(
     model: nn.Module,
     record: Mapping[str, Any],
@@ -586,27 +625,59 @@ def evaluate_cached(
 ) -> list[dict[str, Any]]:
     """:func:`evaluate` with ``settings`` (keys of a profile's ``"eval"``), cached on disk under
     ``<cache>/<key>.eval.json``, the key hashing the training key and the settings."""
-    root = Path(cache_dir) if cache_dir is not None else training.default_cache_dir()
-    settings = json.loads(json.dumps(dict(settings), sort_keys=True))
-    path = root / f"{_eval_key(record['key'], settings)}.eval.json"
-    if path.is_file():
-        return json.loads(path.read_text())["rows"]
-    s = dict(settings)
-    n = s.pop("n_test", None)
-    x, y = test
-    if n is not None:
-        x, y = x[:n], y[:n]
-    t0 = time.perf_counter()
-    rows = evaluate(model, x, y, **s)
-    payload = {"rows": rows, "settings": settings, "seconds": time.perf_counter() - t0}
-    training._atomic_save(payload, path, lambda r, p: Path(p).write_text(json.dumps(r)))
-    return rows
+    return _evaluate_payload(model, record, test, settings, cache_dir)["rows"]
+
+
+def machine() -> dict[str, Any]:
+    """The computer a run happens on: CPU model, cores, torch threads, versions, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "system": platform.system(),
+        # 1-minute load average when the run ended: > cores means a shared, busy machine
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def result_name(config: Mapping[str, Any]) -> str:
+    """File name of a run in a results directory: ``plain_seed0.json``,
+    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json``."""
+    method = label(config)
+    lam = f"_lam{float(config['lam']):g}" if method not in ("plain", "adversarial") else ""
+    return f"{method}{lam}_seed{config['seed']}.json"
+
+
+def load_results(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every run file of a results directory (written by :func:`run_grid`), sorted by name."""
+    return [json.loads(f.read_text()) for f in sorted(Path(results_dir).glob("*.json"))]
+
+
+def _stored_result(path: Path, key: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored.get("key") != key or stored.get("eval") != settings:
+        return None  # stale: another configuration, evaluation or CACHE_VERSION
+    return stored
 
 
 def run_grid(
     profile: str = "default",
     *,
     cache_dir: str | os.PathLike | None = None,
+    results_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     evaluate_models: bool = True,
@@ -614,11 +685,18 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Train (or load) and evaluate every configuration of :func:`grid`; return tidy rows.
 
-    Each row of :func:`evaluate` gains the columns ``method``, ``lam``, ``seed``, ``key`` and
-    ``seconds_per_epoch`` (mean wall time of an epoch of that training run). Every run is cached,
-    so an interrupted grid resumes where it stopped and a finished one reloads at once.
+    Each row of :func:`evaluate` gains the columns ``method``, ``lam``, ``seed``, ``key``,
+    ``seconds_per_epoch`` (mean wall time of an epoch of that training run) and
+    ``cpu_seconds_per_epoch`` (mean process CPU time of an epoch — on a shared machine the better
+    measure of cost; None for runs trained before it was recorded). Every run is cached, so an interrupted grid resumes where it stopped and
+    a finished one reloads at once.
+
+    ``results_dir``: read each run from its file there (:func:`result_name`) when the file's
+    training key and evaluation settings match — no model is built — and otherwise train (or
+    load from ``cache_dir``), evaluate, and write the file (atomically). ``refresh=True`` ignores
+    the files and rewrites them. Without ``evaluate_models`` the files are neither read nor written.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from robustreg import data as data_module
 
@@ -628,27 +706,64 @@ def run_grid(
     train_data = data_module.load(p["data"], "train", dtype=dtype)
     test_data = data_module.load(p["data"], "test", dtype=dtype)
     rows: list[dict[str, Any]] = []
+    results = Path(results_dir) if results_dir is not None and evaluate_models else None
     bar = tqdm(configs, desc=f"grid {profile}", disable=not training._show_progress(progress))
     for config in bar:
         bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
-        model, record = training.train_cached(
-            config, cache_dir=cache_dir, device=device, progress=progress, data=train_data
-        )
-        times = record["history"]["time"]
+        settings = dict(p["eval"])
+        aa = p.get("autoattack")
+        if aa and config["seed"] in aa["seeds"]:
+            settings.update(autoattack_eps=aa["eps"], autoattack_n=aa["n"])
+        settings = _canonical(settings)
+        stored = None
+        if results is not None and not refresh:
+            stored = _stored_result(
+                results / result_name(config), training.cache_key(config), settings
+            )
+        if stored is None:
+            model, record = training.train_cached(
+                config, cache_dir=cache_dir, device=device, progress=progress, data=train_data
+            )
+        else:
+            record = stored
+        times, cpu = record["history"]["time"], record["history"].get("cpu_time")
         extra = {
             "method": label(config),
             "lam": float(config.get("lam", 0.0)),
             "seed": config["seed"],
             "key": record["key"],
             "seconds_per_epoch": sum(times) / max(len(times), 1),
+            "cpu_seconds_per_epoch": sum(cpu) / len(cpu) if cpu else None,
         }
-        if evaluate_models:
-            settings = dict(p["eval"])
-            aa = p.get("autoattack")
-            if aa and config["seed"] in aa["seeds"]:
-                settings.update(autoattack_eps=aa["eps"], autoattack_n=aa["n"])
-            results = evaluate_cached(model, record, test_data, settings, cache_dir=cache_dir)
-            rows += [{**extra, **r} for r in results]
-        else:
+        if not evaluate_models:
             rows.append({**extra, "metric": "trained", "value": 1.0})
+            continue
+        if stored is None:
+            payload = _evaluate_payload(model, record, test_data, settings, cache_dir)
+            if results is not None:
+                stored = {
+                    "name": result_name(config),
+                    "method": extra["method"],
+                    "lam": extra["lam"],
+                    "seed": extra["seed"],
+                    "key": record["key"],
+                    "config": record["config"],
+                    "eval": settings,
+                    "history": record["history"],
+                    "train_seconds": record["train_seconds"],
+                    "eval_seconds": payload["seconds"],
+                    "eval_cpu_seconds": payload.get("cpu_seconds"),
+                    "device": str(record["device"]),
+                    "machine": machine(),
+                    "rows": payload["rows"],
+                }
+                training._atomic_save(
+                    stored,
+                    results / result_name(config),
+                    lambda r, f: Path(f).write_text(json.dumps(r, indent=1) + "\n"),
+                )
+            eval_rows = payload["rows"]
+        else:
+            eval_rows = stored["rows"]
+        rows += [{**extra, **r} for r in eval_rows]
     return rows

@@ -89,7 +89,7 @@ def scatter_matrix(
     n = len(labels)
     data = [np.asarray(values[k], dtype=float) for k in labels]
     if log:
-        bad = [k for k, v in zip(labels, data) if np.any(v <= 0)]
+        bad = [k for k, v in zip(labels, data, strict=True) if np.any(v <= 0)]
         if bad:
             raise ValueError(f"log scale needs positive values; not positive: {bad}")
     mark = np.zeros(len(data[0]), bool) if highlight is None else np.asarray(highlight, bool)

@@ -29,6 +29,12 @@ Common behaviour:
   draws; they are unbiased for the value, and the projection estimators also for its gradient.
 - Inputs are checked: ``x`` needs a batch dimension and a floating dtype, ``y`` must be int64 of
   shape ``[B]`` with values in ``[0, K)``; errors name the bad value and the valid range.
+- Cost: one forward pass (two for ``curvature``) and one double-backpropagated input gradient per
+  projection, sample or class. For a plain ``nn.Sequential`` whose first layer is Linear or Conv
+  (after reshapes), the backward passes stop at that layer's output and its input-VJP is applied
+  explicitly, which is exact and saves the unused gradient w.r.t. x in the training step; the
+  exact Jacobian-type values use ``‖aW‖² = a(WWᵀ)aᵀ`` for a Linear first layer when cheaper.
+  ``benchmarks/regularizer_cost.py`` measures the training-step cost against plain training.
 
 ``get(name)`` returns a regularizer by name and ``names()`` lists them.
 """
@@ -42,6 +48,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .models import check_piecewise_linear
 
 __all__ = [
     "DEFAULT_H",
@@ -298,9 +306,10 @@ def _forward(model: nn.Module, x: Tensor, y: Tensor) -> _Forward:
 
 
 def _finish(fw: _Forward, values: Tensor, return_logits: bool):
-    if not fw.create_graph:
-        values = values.detach()
-    return (values, fw.logits) if return_logits else values
+    logits = fw.logits
+    if not fw.create_graph:  # called under torch.no_grad()
+        values, logits = values.detach(), logits.detach()
+    return (values, logits) if return_logits else values
 
 
 def _randn(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -310,9 +319,21 @@ def _randn(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
     return v.to(device=like.device, dtype=like.dtype)
 
 
-def _require_piecewise_linear(model: nn.Module, what: str) -> None:
-    from robustreg.models import check_piecewise_linear
+def _sample_labels(p: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """``n`` labels per row of ``p`` [B, K], drawn from p by inverting its CDF: [n, B].
 
+    ``y′ = #{k : c_k < u}`` with ``c = cumsum(p)`` and ``u ~ U[0, 1)`` (float64, on the generator's
+    device), so P(y′ = k) = p_k; the last class absorbs the rounding of c_K. Four times cheaper
+    than ``torch.multinomial`` for a training batch, and the same draws for every dtype.
+    """
+    device = generator.device if generator is not None else p.device
+    u = torch.rand(n, p.shape[0], 1, generator=generator, device=device, dtype=torch.float64)
+    cdf = p.to(dtype=torch.float64).cumsum(-1)
+    labels = (cdf < u.to(p.device)).sum(-1)
+    return labels.clamp_max(p.shape[-1] - 1)
+
+
+def _require_piecewise_linear(model: nn.Module, what: str) -> None:
     try:
         check_piecewise_linear(model)
     except ValueError as err:
@@ -526,10 +547,7 @@ def hessian_trace(
             sq = fw.sqnorm(fw.vjps(cot))  # ‖∇f_k − Jᵀp‖², [K, B]
             values = (p.T * sq).sum(0)
         else:
-            pd = p.detach()
-            gen_device = generator.device if generator is not None else pd.device
-            labels = torch.multinomial(pd.to(gen_device), n_samples, True, generator=generator)
-            labels = labels.to(p.device).T  # [n, B]
+            labels = _sample_labels(p.detach(), n_samples, generator)  # [n, B]
             cot = _residual(p, labels)  # p − e_{y′}, [n, B, K]
             sq = fw.sqnorm(fw.vjps(cot))  # [n, B]
             values = sq.mean(0)

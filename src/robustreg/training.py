@@ -83,6 +83,7 @@ class History:
     reg: list[float] = field(default_factory=list)  # mean regularizer value (0 when λ = 0)
     accuracy: list[float] = field(default_factory=list)  # running training accuracy
     time: list[float] = field(default_factory=list)  # wall seconds per epoch
+    cpu_time: list[float] = field(default_factory=list)  # process CPU seconds per epoch
 
     @property
     def total_time(self) -> float:
@@ -237,7 +238,7 @@ def _fit(
         )
         try:
             for epoch in range(start, epochs):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 model.train()
                 perm = torch.randperm(n, generator=order).to(device)
                 sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -274,6 +275,7 @@ def _fit(
                 history.reg.append(sums[2])
                 history.accuracy.append(sums[3])
                 history.time.append(time.perf_counter() - t0)
+                history.cpu_time.append(time.process_time() - c0)
                 bar.set_postfix(loss=f"{sums[0]:.4f}", acc=f"{sums[3]:.3f}")
                 if checkpoint is not None and epoch + 1 < epochs:
                     state = {
@@ -577,9 +579,16 @@ def train_cached(
     else:
         x, y = data
     num_classes = int(y.max()) + 1
+    # Initialise in the configuration's dtype whatever torch's default dtype is (a float32 draw
+    # and a float64 draw from the same seed differ), so the weights depend on the key only.
+    default_dtype = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(full["seed"])
-        model = build_model(full["model"], tuple(x.shape[1:]), num_classes).to(dtype)
+        torch.set_default_dtype(dtype)
+        try:
+            model = build_model(full["model"], tuple(x.shape[1:]), num_classes).to(dtype)
+        finally:
+            torch.set_default_dtype(default_dtype)
     model = model.to(device)
 
     if meta.is_file() and weights.is_file():
