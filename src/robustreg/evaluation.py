@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ __all__ = [
     "robust_accuracy",
     "run_grid",
     "to_frame",
+    "wide",
 ]
 
 
@@ -437,6 +439,35 @@ def to_frame(rows: Iterable[Mapping[str, Any]]):
     return pd.DataFrame(list(rows))
 
 
+def wide(rows: Iterable[Mapping[str, Any]]):
+    """One row per training run of :func:`run_grid`'s rows (index: method, lam, seed), one column
+    per metric: ``clean``, ``<attack> <norm> <ε>`` (e.g. ``pgd linf 0.1``, ``autoattack linf
+    0.1``), ``certified radius`` (median), ``R <regularizer>`` (test means), ``s/epoch`` and
+    ``cpu s/epoch`` (training cost). Runs keep the grid's order."""
+    import pandas as pd
+
+    frame = to_frame(rows)
+
+    def column(r) -> str:
+        if r.metric == "robust_accuracy":
+            return f"{r.attack} {r.norm} {r.eps:g}"
+        if r.metric == "regularizer_mean":
+            return f"R {r.regularizer}"
+        return {"clean_accuracy": "clean", "median_certified_radius": "certified radius"}.get(
+            r.metric, r.metric
+        )
+
+    frame["column"] = frame.apply(column, axis=1)
+    index = ["method", "lam", "seed"]
+    order = list(dict.fromkeys(map(tuple, frame[index].itertuples(index=False))))
+    table = frame.pivot_table(index=index, columns="column", values="value", sort=False)
+    cost = frame.groupby(index, sort=False)[["seconds_per_epoch", "cpu_seconds_per_epoch"]].first()
+    cost.columns = ["s/epoch", "cpu s/epoch"]
+    table = pd.concat([table, cost], axis=1).loc[order]
+    table.columns.name = None
+    return table
+
+
 # --- the experiment grid --------------------------------------------------------------------------
 
 #: Profiles of the experiment grid (issue 5). ``lambdas`` per regularizer (chosen from a 5-epoch
@@ -687,8 +718,9 @@ def run_grid(
 
     Each row of :func:`evaluate` gains the columns ``method``, ``lam``, ``seed``, ``key``,
     ``seconds_per_epoch`` (mean wall time of an epoch of that training run) and
-    ``cpu_seconds_per_epoch`` (mean process CPU time of an epoch — on a shared machine the better
-    measure of cost; None for runs trained before it was recorded). Every run is cached, so an interrupted grid resumes where it stopped and
+    ``cpu_seconds_per_epoch`` (median process CPU time of an epoch — on a shared machine the
+    better measure of cost, the median skipping a first epoch's warm-up; None for runs trained
+    before it was recorded). Every run is cached, so an interrupted grid resumes where it stopped and
     a finished one reloads at once.
 
     ``results_dir``: read each run from its file there (:func:`result_name`) when the file's
@@ -733,7 +765,7 @@ def run_grid(
             "seed": config["seed"],
             "key": record["key"],
             "seconds_per_epoch": sum(times) / max(len(times), 1),
-            "cpu_seconds_per_epoch": sum(cpu) / len(cpu) if cpu else None,
+            "cpu_seconds_per_epoch": statistics.median(cpu) if cpu else None,
         }
         if not evaluate_models:
             rows.append({**extra, "metric": "trained", "value": 1.0})

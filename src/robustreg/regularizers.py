@@ -212,19 +212,29 @@ class _Forward:
         return a
 
     def _input_vjp(self, a: Tensor) -> Tensor:
-        """Map a gradient w.r.t. ``wrt`` (``[..., *wrt.shape]``) to one w.r.t. h (the layer input)."""
+        """Map a gradient w.r.t. ``wrt`` (``[..., *wrt.shape]``) to one w.r.t. h (the layer input).
+
+        Linear: ``a W``. Conv: the transposed convolution; a stack of n cotangents is folded into
+        the channels of one grouped transposed convolution (n·groups groups), several times
+        faster on CPU than a batch of n·B small-channel images.
+        """
         layer = self.layer
         if layer is None:
             return a
         if isinstance(layer, nn.Linear):
             return a @ layer.weight
-        n_sample_dims = len(self.h_shape)
-        lead = a.shape[: a.dim() - n_sample_dims]
-        a = a.reshape(-1, *a.shape[len(lead) + 1 :])
+        lead = a.shape[: a.dim() - len(self.h_shape)]
+        n, batch, c_out = math.prod(lead), a.shape[len(lead)], a.shape[len(lead) + 1]
+        spatial_out = a.shape[len(lead) + 2 :]
+        a = a.reshape(n, batch, c_out, *spatial_out).transpose(0, 1)
+        a = a.reshape(batch, n * c_out, *spatial_out)
+        weight = layer.weight
+        if n > 1:
+            weight = weight.repeat(n, *[1] * (weight.dim() - 1))
         expected = [
             (o - 1) * s - 2 * p + d * (k - 1) + 1
             for o, s, p, d, k in zip(
-                a.shape[2:],
+                spatial_out,
                 layer.stride,
                 layer.padding,
                 layer.dilation,
@@ -232,16 +242,17 @@ class _Forward:
                 strict=True,
             )
         ]
-        spatial = self.h_shape[2:]
+        spatial_in = self.h_shape[2:]
         g = _CONV_TRANSPOSE[type(layer)](
             a,
-            layer.weight,
+            weight,
             stride=layer.stride,
             padding=layer.padding,
-            output_padding=[n - e for n, e in zip(spatial, expected, strict=True)],
-            groups=layer.groups,
+            output_padding=[i - e for i, e in zip(spatial_in, expected, strict=True)],
+            groups=layer.groups * n,
             dilation=layer.dilation,
         )
+        g = g.reshape(batch, n, *self.h_shape[1:]).transpose(0, 1)
         return g.reshape(*lead, *self.h_shape)
 
     def to_input(self, a: Tensor) -> Tensor:
