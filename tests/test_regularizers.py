@@ -211,6 +211,35 @@ def test_gram_path_matches_generic_path():
                 assert_identity(a.reshape(1, -1), b.reshape(1, -1))
 
 
+FIRST_LAYERS = {
+    "conv-stride2-groups2": (nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2), (2, 8, 8)),
+    "conv-dilation2": (nn.Conv2d(2, 3, 3, dilation=2, padding=2), (2, 7, 7)),
+    "conv1d-stride3": (nn.Conv1d(1, 3, 4, stride=3), (1, 11)),
+    "unflatten-conv": (nn.Sequential(nn.Unflatten(1, (1, 3, 3)), nn.Conv2d(1, 2, 2)), (9,)),
+}
+
+
+@pytest.mark.parametrize("first", list(FIRST_LAYERS))
+def test_fast_path_first_layers(first):
+    """Strides (output padding), groups, dilation, 1-D convolutions, leading reshapes."""
+    layer, shape = FIRST_LAYERS[first]
+    layers = list(layer) if isinstance(layer, nn.Sequential) else [layer]
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers, nn.LeakyReLU(0.1), nn.Flatten(), nn.LazyLinear(4)).double()
+    x = torch.randn(3, *shape, dtype=torch.float64)
+    model(x)  # materialize the lazy layer
+    y = torch.tensor([0, 3, 1])
+    assert R._first_affine(model) == len(layers) - 1
+    for name, opts in VARIANTS:
+        fast = call(name, model, x, y, **opts)
+        R._FAST_PATHS = False
+        try:
+            generic = call(name, model, x, y, **opts)
+        finally:
+            R._FAST_PATHS = True
+        assert_identity(fast, generic)
+
+
 def test_lenet_on_28x28_matches_reference_jacobian():
     """The book's LeNet (convolution first, max-pooling): exact values against autograd."""
     from robustreg.models import lenet
@@ -489,3 +518,18 @@ def test_curvature_zero_gradient_gives_zero():
     x = torch.randn(2, 3, dtype=torch.float64)
     values = R.curvature(model, x, torch.tensor([0, 1]))
     assert torch.equal(values, torch.zeros(2, dtype=torch.float64))
+
+
+def test_model_hooks_still_fire():
+    """A forward hook on the model itself sees every forward pass (no first-layer shortcut)."""
+    model = random_network("mlp", in_shape=(4,), num_classes=3, depth=2, width=5, seed=10)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    y = torch.tensor([0, 2])
+    expected = R.curvature(model, x, y)
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    try:
+        assert_identity(R.curvature(model, x, y), expected)
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # at x and at x + hz

@@ -19,9 +19,13 @@ size, K the number of classes and ``mean`` the batch average.
 =================  ==================  ========================================================
 
 So a loss ``ce + lam_ours * R.mean()`` matches Hoffman et al. with λ_JR = 2·lam_ours, Ross &
-Doshi-Velez with λ = 2B·lam_ours, and Hein & Andriushchenko with λ = lam_ours. Each entry's
-``relation`` gives the derivation; ``tests/test_conventions.py`` checks every factor against a
-direct transcription of the original formula or code.
+Doshi-Velez with λ = 2B·lam_ours (their ℓ1 variant with λ = lam_ours), and Hein &
+Andriushchenko with λ = lam_ours (:func:`factor` gives these factors). Jakubovitz & Giryes and
+the CURE code penalize the unsquared norm, which no constant factor converts: its gradient is
+that of ours divided by 2√R per sample, so samples with a small value weigh relatively more.
+The CURE code's defaults are h = 3 and λ = 4 (:func:`robustreg.regularizers.curvature`
+discusses h). Each entry's ``relation`` gives the derivation; ``tests/test_conventions.py``
+checks every conversion against a direct transcription of the original formula or code.
 """
 
 from __future__ import annotations
@@ -168,9 +172,11 @@ _LIST = [
         relation=(
             "the norm is unsquared: ‖grad_diff_b‖ = √R_CURE,b, so the term is λ·mean √R_CURE. "
             "The loss is a batch mean (nn.CrossEntropyLoss()), but grad_outputs=ones(B) for "
-            "that scalar was summed to the cotangent B by the PyTorch 1.0 engine (a scalar "
-            "output is expandable to [B]), which cancels the 1/B of the mean: grad_diff_b = "
-            "∇ℓ(x_b + z_b) − ∇ℓ(x_b). (Current PyTorch rejects that grad_outputs shape.) "
+            "that scalar was summed to the cotangent B by the engine of PyTorch 1.0, which "
+            "accepted any grad_outputs the output's shape expands to and summed it back "
+            "(pytorch/pytorch#17893; rejected since #25349, PyTorch 1.3). That cancels the 1/B "
+            "of the mean: grad_diff_b = ∇ℓ(x_b + z_b) − ∇ℓ(x_b). Were it read as the cotangent "
+            "1 instead, the term would be (λ/B)·mean √R_CURE. "
             "Their h is the same ℓ2 step length as ours; their z differs from ours only by the "
             "1e-7 terms (coordinates with a zero gradient move by ≈ h·1e-7/‖sign(g)‖)"
         ),

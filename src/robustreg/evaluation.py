@@ -7,7 +7,11 @@ Metrics on a test set {(x_i, y_i)}_{i=1..n} (NOTATION symbols):
   ‖A(x_i) − x_i‖ ≤ ε (ℓ∞ or ℓ2) and A(x_i) ∈ [0, 1]^d — A is our :func:`robustreg.attacks.pgd`,
   ART's PGD (:func:`art_pgd`) or ART's AutoAttack (:func:`autoattack`); an upper bound on the
   true robust accuracy, so the smaller of several attacks is the better estimate;
-- median certified radius: median_i of T12's bound (:func:`robustreg.geometry.certified_radius`);
+- median certified radius: median_i of T12's bound (:func:`robustreg.geometry.certified_radius`),
+  with the medians of its two terms (the margin radius of the local affine classifier and the
+  distance to the linear region's boundary), the share of samples where the boundary term is the
+  smaller, and the median smallest ℓ2 perturbation that
+  :func:`robustreg.attacks.minimal_l2_perturbation` finds (certified ≤ true minimal ≤ found);
 - the five regularizers' test-set means (1/n) Σ_i R(x_i, y_i), exact versions.
 
 :func:`evaluate` returns them as tidy rows ``{"metric", "attack", "norm", "eps", "regularizer",
@@ -49,6 +53,7 @@ __all__ = [
     "art_pgd",
     "autoattack",
     "certified_radii",
+    "radii",
     "evaluate",
     "evaluate_cached",
     "grid",
@@ -132,6 +137,27 @@ def robust_accuracy(
             with torch.no_grad():
                 correct += (model(x_adv).argmax(1) == yb).sum().item()
         result[float(e)] = correct / len(x)
+    return result
+
+
+def radii(model: nn.Module, x: Tensor, batch_size: int = 250) -> dict[str, Tensor]:
+    """Per sample: T12's two terms ``margin`` (:func:`robustreg.geometry.margin_radius`) and
+    ``region`` (:func:`robustreg.geometry.boundary_distance`), ``certified`` = their minimum, and
+    ``minimal``, the ℓ2 norm of the smallest perturbation that
+    :func:`robustreg.attacks.minimal_l2_perturbation` finds to change the predicted class (in
+    R^d, unclipped, the setting of T12), an upper bound on the true minimal one."""
+    from robustreg import geometry
+
+    geometry.check_piecewise_linear(model)
+    device, dtype = _device_dtype(model)
+    out: dict[str, list[Tensor]] = {"margin": [], "region": [], "minimal": []}
+    for s in _batches(len(x), batch_size):
+        xb = x[s].to(device, dtype)
+        out["margin"].append(geometry.margin_radius(model, xb).detach().cpu())
+        out["region"].append(geometry.boundary_distance(model, xb).detach().cpu())
+        out["minimal"].append(attacks.minimal_l2_perturbation(model, xb).detach().cpu())
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["certified"] = torch.minimum(result["margin"], result["region"])
     return result
 
 
@@ -382,9 +408,11 @@ def evaluate(
     """All metrics of the module docstring on (x, y), as tidy rows.
 
     Rows (``metric`` / ``attack``): ``clean_accuracy``; ``robust_accuracy`` / ``pgd`` for every
-    ε of ``linf_eps`` (norm ``linf``) and ``l2_eps`` (``l2``); ``median_certified_radius`` on the
-    first ``n_certified`` samples (all when None; 0 skips it — T12's bound costs one gradient per
-    hidden unit); ``regularizer_mean`` for each regularizer (``regularizers``: True for all five,
+    ε of ``linf_eps`` (norm ``linf``) and ``l2_eps`` (``l2``); on the first ``n_certified``
+    samples (all when None; 0 skips them — T12's bound costs about d forward passes per sample)
+    the medians of :func:`radii` (``median_certified_radius``, ``median_margin_radius``,
+    ``median_region_radius``, ``median_minimal_perturbation``) and ``region_cap_fraction``, the
+    share of samples whose certificate is capped by the region's boundary; ``regularizer_mean`` for each regularizer (``regularizers``: True for all five,
     a list of names, or False). ``autoattack_eps`` (e.g. ``{"linf": 0.1}``) also runs
     :func:`autoattack` on the first ``autoattack_n`` samples, giving ``robust_accuracy`` rows with
     attack ``autoattack``, ``pgd-subset`` (our PGD on the same subset) and ``worst-case`` (a sample
@@ -422,9 +450,11 @@ def evaluate(
         ):
             rows.append(_row("robust_accuracy", ok.double().mean(), name, norm, e))
     if n_certified is None or n_certified > 0:
-        rows.append(
-            _row("median_certified_radius", certified_radii(model, x[:n_certified]).median())
-        )
+        r = radii(model, x[:n_certified])
+        for name in ("certified", "margin", "region", "minimal"):
+            metric = f"median_{name}_radius" if name != "minimal" else "median_minimal_perturbation"
+            rows.append(_row(metric, r[name].median()))
+        rows.append(_row("region_cap_fraction", (r["region"] < r["margin"]).double().mean()))
     if regularizers:
         names = None if regularizers is True else list(regularizers)
         for name, v in regularizer_values(model, x, y, names).items():
@@ -442,7 +472,8 @@ def to_frame(rows: Iterable[Mapping[str, Any]]):
 def wide(rows: Iterable[Mapping[str, Any]]):
     """One row per training run of :func:`run_grid`'s rows (index: method, lam, seed), one column
     per metric: ``clean``, ``<attack> <norm> <ε>`` (e.g. ``pgd linf 0.1``, ``autoattack linf
-    0.1``), ``certified radius`` (median), ``R <regularizer>`` (test means), ``s/epoch`` and
+    0.1``), ``certified radius``, ``margin radius``, ``region radius``, ``minimal perturbation``
+    (medians), ``region cap fraction``, ``R <regularizer>`` (test means), ``s/epoch`` and
     ``cpu s/epoch`` (training cost). Runs keep the grid's order."""
     import pandas as pd
 
@@ -453,9 +484,15 @@ def wide(rows: Iterable[Mapping[str, Any]]):
             return f"{r.attack} {r.norm} {r.eps:g}"
         if r.metric == "regularizer_mean":
             return f"R {r.regularizer}"
-        return {"clean_accuracy": "clean", "median_certified_radius": "certified radius"}.get(
-            r.metric, r.metric
-        )
+        names = {
+            "clean_accuracy": "clean",
+            "median_certified_radius": "certified radius",
+            "median_margin_radius": "margin radius",
+            "median_region_radius": "region radius",
+            "median_minimal_perturbation": "minimal perturbation",
+            "region_cap_fraction": "region cap fraction",
+        }
+        return names.get(r.metric, r.metric)
 
     frame["column"] = frame.apply(column, axis=1)
     index = ["method", "lam", "seed"]

@@ -109,7 +109,7 @@ def _check_logits(f, x: Tensor) -> None:
 def _check_label_values(y: Tensor, num_classes: int) -> None:
     if y.numel() == 0:
         return
-    lo, hi = int(y.min()), int(y.max())
+    lo, hi = (int(v) for v in torch.aminmax(y))
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
         raise ValueError(
@@ -148,6 +148,9 @@ def _first_affine(model: nn.Module) -> int | None:
     if type(model).forward is not nn.Sequential.forward:
         return None
     if model._forward_hooks or model._forward_pre_hooks:
+        return None  # the model's own hooks expect model(x) to be called
+    g = nn.modules.module
+    if getattr(g, "_global_forward_hooks", None) or getattr(g, "_global_forward_pre_hooks", None):
         return None
     for i, m in enumerate(model):
         if type(m) in _RESHAPES:
