@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from strategies import Case, networks
 from test_regularizers import (
+    ATOL,
     TOL,
     assert_identity,
     ref_cure_direction,
@@ -253,21 +254,24 @@ def test_t10_cure_decomposition(case: Case):
             p1 = torch.softmax(model(x1), 1)
         softmax_term = torch.einsum("bkd,bk->bd", J, p1 - p)
         change_term = torch.einsum("bkd,bk->bd", J1 - J, p1 - e)
-        # a difference of gradients: rounding is relative to the gradients, not to their difference
-        scale = g.norm(dim=1) + g1.norm(dim=1)
-        assert_leq((softmax_term + change_term - (g1 - g)).norm(dim=1), TOL * scale)
+        # a difference of gradients: rounding is relative to the gradients, not to their
+        # difference, and the references through the cross-entropy keep only ≈ eps·‖J‖
+        # absolute accuracy when the softmax saturates (see assert_identity)
+        scale = TOL * (g.norm(dim=1) + g1.norm(dim=1))
+        scale = scale + ATOL * (J.norm(dim=(1, 2)) + J1.norm(dim=(1, 2)))
+        assert_leq((softmax_term + change_term - (g1 - g)).norm(dim=1), scale)
         inside = same_region(model, x, x1)
         if isinstance(h, torch.Tensor):
             assert bool(inside.all())
         if bool(inside.any()):
             assert_identity(J1[inside], J[inside])
-            assert_leq(change_term[inside].norm(dim=1), TOL * scale[inside])
+            assert_leq(change_term[inside].norm(dim=1), scale[inside])
         for i in range(len(x)):
             hi = float(hb[i])
             if hi > 0:
                 value = R.curvature(model, x[i : i + 1], y[i : i + 1], h=hi).detach()
                 err = (value.sqrt() - (g1 - g)[i].norm()).abs()
-                assert_leq(err, TOL * scale[i : i + 1])
+                assert_leq(err, scale[i : i + 1])
 
 
 @settings(max_examples=30, deadline=None)

@@ -193,3 +193,32 @@ def test_strip_removes_volatile_metadata():
     assert notebook.volatile_metadata(clean) == []
     assert clean["cells"][0]["metadata"] == {"tags": ["x"]}
     assert clean["metadata"]["language_info"] == {"name": "python"}
+
+
+def _defined_functions(path):
+    """Names a notebook defines as functions: `def name` or `name = lambda` at any level."""
+    _, cells = _code_cells(path)
+    names = set()
+    for cell in cells:
+        try:
+            tree = ast.parse(_source(cell))
+        except SyntaxError:  # IPython magics: not our concern here
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_no_function_is_defined_in_two_notebooks():
+    """Reusable code belongs in src/robustreg: a helper two chapters need is defined once, there."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in NOTEBOOKS:
+        for name in sorted(_defined_functions(path)):
+            if name in seen:
+                clashes.append(f"{name!r} in {seen[name]} and {path.stem}")
+            seen.setdefault(name, path.stem)
+    assert not clashes, "move these into src/robustreg: " + "; ".join(clashes)
