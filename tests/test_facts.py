@@ -194,8 +194,9 @@ def test_t7_loss_hessian_is_gauss_newton(case: Case):
     S = softmax_jacobian(probs(case))
     assert_identity(J.transpose(1, 2) @ S @ J, H, scale=J.norm(dim=(1, 2)) ** 2)
     eig = torch.linalg.eigvalsh(H)
-    scale = eig.abs().amax(1, keepdim=True)
-    assert bool((eig >= -1e-12 * scale).all())
+    # rounding: relative to ‖H‖, and ≈ eps·‖J‖² for the saturated-softmax reference
+    slack = 1e-12 * eig.abs().amax(1, keepdim=True) + ATOL * J.norm(dim=(1, 2))[:, None] ** 2
+    assert bool((eig >= -slack).all()), eig.min(1).values
 
 
 @settings(max_examples=30, deadline=None)
