@@ -17,6 +17,8 @@ def test_cat_cases_by_key_callable_and_whole_dicts():
     joined = cat_cases(results)
     assert joined["v"].tolist() == [1.0, 2.0, 3.0]
     assert [t.shape for t in joined["J"]] == [(3, 4), (3, 4), (5, 4)]
+    again = cat_cases([joined, joined])
+    assert again["v"].tolist() == [1.0, 2.0, 3.0] * 2 and len(again["J"]) == 6
     with pytest.raises(ValueError, match="no results"):
         cat_cases([])
 
@@ -25,7 +27,11 @@ def test_pad_cat_and_pad_stack_keep_norms():
     a, b = torch.randn(2, 3, 3), torch.randn(1, 5, 5)
     out = pad_cat([a, b])
     assert out.shape == (3, 5, 5)
-    assert torch.equal(out[:2, :3, :3], a) and out[:2, 3:].abs().sum() == 0 and torch.equal(out[2], b[0])
+    assert (
+        torch.equal(out[:2, :3, :3], a)
+        and out[:2, 3:].abs().sum() == 0
+        and torch.equal(out[2], b[0])
+    )
     ref = pad_cat([a + 1, b])
     direct = torch.cat([relative_error(a, a + 1), relative_error(b, b)])
     assert torch.allclose(relative_error(out, ref), direct)

@@ -75,11 +75,13 @@ def test_loss_increase():
     model, x, y, p, W = linear_case()
     delta = 1e-3 * torch.randn_like(x)
     with torch.no_grad():
-        naive = F.cross_entropy(model(x + delta), y, reduction="none") - F.cross_entropy(model(x), y, reduction="none")
+        naive = F.cross_entropy(model(x + delta), y, reduction="none") - F.cross_entropy(
+            model(x), y, reduction="none"
+        )
     close(reference.loss_increase(model, x, y, delta), naive, tol=1e-9)
-    tiny = 1e-12 * torch.randn_like(x)  # first order: ⟨∇ℓ, δ⟩
+    tiny = 1e-7 * torch.randn_like(x)  # first order: ⟨∇ℓ, δ⟩, relative error O(‖δ‖)
     first = (reference.loss_gradient(model, x, y) * tiny).sum(1)
-    close(reference.loss_increase(model, x, y, tiny), first, tol=1e-8)
+    close(reference.loss_increase(model, x, y, tiny), first, tol=1e-5)
 
 
 def test_linear_maximizer_attains_the_dual_norm():
@@ -115,9 +117,17 @@ def test_against_the_library_on_random_networks():
         close(reference.logit_jacobian(case.model, case.x), J, tol=1e-10)
         S = reference.softmax_jacobian(p)
         close(reference.loss_hessian(case.model, case.x, case.y), J.mT @ S @ J, tol=1e-10)
-        close(reference.loss_gradient(case.model, case.x, case.y).pow(2).sum(1),
-              regularizers.input_gradient(case.model, case.x, case.y), tol=1e-10)
+        close(
+            reference.loss_gradient(case.model, case.x, case.y).pow(2).sum(1),
+            regularizers.input_gradient(case.model, case.x, case.y),
+            tol=1e-10,
+        )
         params = [q for _, q in case.model.named_parameters()]
-        lib = torch.autograd.grad(regularizers.input_gradient(case.model, case.x, case.y).sum(), params)
-        close(reference.input_gradient_parameter_gradient(case.model, case.x, case.y),
-              torch.cat([t.flatten() for t in lib]), tol=1e-10)
+        lib = torch.autograd.grad(
+            regularizers.input_gradient(case.model, case.x, case.y).sum(), params
+        )
+        close(
+            reference.input_gradient_parameter_gradient(case.model, case.x, case.y),
+            torch.cat([t.flatten() for t in lib]),
+            tol=1e-10,
+        )

@@ -276,7 +276,7 @@ def cat_cases(results: list, key=None):
     ``torch.cat([key(r) for r in results])``; ``None`` (results are dicts): a dict with, for each
     key, the concatenation when the values are 1-D (one number per sample), else the list of
     per-sample tensors (their shapes may differ between cases; :func:`verify_identity` accepts
-    such lists).
+    such lists). Values that are already such lists are concatenated, so joined results join again.
     """
     if not results:
         raise ValueError("no results to join")
@@ -284,12 +284,13 @@ def cat_cases(results: list, key=None):
         return torch.cat([key(r) for r in results])
     if key is not None:
         return torch.cat([r[key] for r in results])
-    return {
-        k: torch.cat([r[k] for r in results])
-        if results[0][k].dim() == 1
-        else [row for r in results for row in r[k]]
-        for k in results[0]
-    }
+
+    def join(values):
+        if all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in values):
+            return torch.cat(values)
+        return [row for v in values for row in v]
+
+    return {k: join([r[k] for r in results]) for k in results[0]}
 
 
 def pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -71,7 +71,10 @@ def label_gradients(model: nn.Module, x: Tensor) -> Tensor:
     """
     logits = _per_sample(model, x)
     return torch.stack(
-        [jacobian(lambda v: stable_cross_entropy(logits(v)), xi.flatten(), vectorize=True) for xi in x]
+        [
+            jacobian(lambda v: stable_cross_entropy(logits(v)), xi.flatten(), vectorize=True)
+            for xi in x
+        ]
     )
 
 
@@ -84,7 +87,9 @@ def loss_hessian(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     logits = _per_sample(model, x)
     return torch.stack(
         [
-            hessian(lambda v, yi=yi: stable_cross_entropy(logits(v), yi), xi.flatten(), vectorize=True)
+            hessian(
+                lambda v, yi=yi: stable_cross_entropy(logits(v), yi), xi.flatten(), vectorize=True
+            )
             for xi, yi in zip(x, y, strict=True)
         ]
     )
@@ -153,7 +158,9 @@ def quadratic_form_moments(A: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
     out = {}
     for name, (x1, w1) in rules.items():
         nodes = torch.cartesian_prod(*[torch.tensor(x1, dtype=A.dtype)] * K).reshape(-1, K)
-        weights = torch.cartesian_prod(*[torch.tensor(w1, dtype=A.dtype)] * K).reshape(-1, K).prod(1)
+        weights = (
+            torch.cartesian_prod(*[torch.tensor(w1, dtype=A.dtype)] * K).reshape(-1, K).prod(1)
+        )
         m1 = m2 = 0.0
         for v, w in zip(nodes.split(2**16), weights.split(2**16), strict=True):
             q = (v[:, :, None] * v[:, None, :]).reshape(len(v), K * K) @ A.reshape(B, K * K).T
