@@ -79,3 +79,20 @@ def test_initialisation_ignores_default_dtype(tmp_path):
         torch.set_default_dtype(previous)
     for a, b in zip(m32.state_dict().values(), m64.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_refresh_rewrites_the_files(grid_dirs, tmp_path):
+    root, rows = grid_dirs
+    results = tmp_path / "results"
+    results.mkdir()
+    name = "plain_seed0.json"
+    (results / name).write_text((root / "results" / name).read_text())
+    stale = json.loads((results / name).read_text())
+    stale["rows"] = []  # same key and settings: reused unless refreshed
+    (results / name).write_text(json.dumps(stale))
+    kept = evaluation.run_grid("smoke", cache_dir=root / "cache", results_dir=results, **FAST)
+    assert not [r for r in kept if r["method"] == "plain"]
+    fresh = evaluation.run_grid(
+        "smoke", cache_dir=root / "cache", results_dir=results, refresh=True, **FAST
+    )
+    assert fresh == rows and json.loads((results / name).read_text())["rows"]
