@@ -35,7 +35,7 @@ reproduce: $(VENV_STAMP)
 
 ## make html: build the book from the committed outputs (no execution).
 html: $(VENV_STAMP)
-	$(PY) -m jupyter_book build . -W -n --keep-going
+	.venv/bin/jupyter-book build . -W -n --keep-going
 	@echo "Open $(CURDIR)/_build/html/index.html"
 
 ## make test: everything CI checks, with a time per stage.
