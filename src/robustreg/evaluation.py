@@ -513,6 +513,21 @@ def wide(rows: Iterable[Mapping[str, Any]]):
 #: unbiased estimators for training; ``adversarial`` is PGD adversarial training; ``eval`` are the
 #: keyword arguments of :func:`evaluate` (plus ``n_test``: the first n test samples);
 #: ``autoattack`` adds ART's AutoAttack for the listed seeds on the first ``n`` test samples.
+# The λ grid and estimator settings shared by the default and full profiles.
+_LAMBDAS = {
+    "input_gradient": [0.1, 0.3, 1.0],
+    "jacobian_frobenius": [0.001, 0.01, 0.1],
+    "cross_lipschitz": [0.005, 0.05, 0.5],  # (K/2)·λ_J: the same weight on ‖CJ‖² (T5)
+    "curvature": [0.1, 1.0, 10.0],
+    "hessian_trace": [0.1, 0.3, 1.0],  # λ_IG: E_{y~p} R_IG = R_H (T9)
+}
+_ONE_DRAW = {
+    "jacobian_frobenius": {"n_proj": 1},
+    "cross_lipschitz": {"n_proj": 1},
+    "hessian_trace": {"n_samples": 1},
+}
+_ADVERSARIAL = {"eps": 0.1, "norm": "linf", "steps": 7}
+
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
         "data": "digits",
@@ -550,19 +565,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 1e-3,
         "seeds": [0, 1, 2],
-        "lambdas": {
-            "input_gradient": [0.1, 0.3, 1.0],
-            "jacobian_frobenius": [0.001, 0.01, 0.1],
-            "cross_lipschitz": [0.005, 0.05, 0.5],  # (K/2)·λ_J: the same weight on ‖CJ‖² (T5)
-            "curvature": [0.1, 1.0, 10.0],
-            "hessian_trace": [0.1, 0.3, 1.0],  # λ_IG: E_{y~p} R_IG = R_H (T9)
-        },
-        "regularizer_options": {
-            "jacobian_frobenius": {"n_proj": 1},
-            "cross_lipschitz": {"n_proj": 1},
-            "hessian_trace": {"n_samples": 1},
-        },
-        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 7},
+        "lambdas": _LAMBDAS,
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": _ADVERSARIAL,
         # PGD-20 (α = 2.5ε/20) and T12 on 100 samples keep the default grid near the book's CPU
         # budget; ART's PGD agrees with ours at 20 steps (tests/test_attacks.py).
         "eval": {
@@ -582,19 +587,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 128,
         "lr": 1e-3,
         "seeds": [0, 1, 2],
-        "lambdas": {
-            "input_gradient": [0.1, 0.3, 1.0],
-            "jacobian_frobenius": [0.001, 0.01, 0.1],
-            "cross_lipschitz": [0.005, 0.05, 0.5],  # (K/2)·λ_J: the same weight on ‖CJ‖² (T5)
-            "curvature": [0.1, 1.0, 10.0],
-            "hessian_trace": [0.1, 0.3, 1.0],  # λ_IG: E_{y~p} R_IG = R_H (T9)
-        },
-        "regularizer_options": {
-            "jacobian_frobenius": {"n_proj": 1},
-            "cross_lipschitz": {"n_proj": 1},
-            "hessian_trace": {"n_samples": 1},
-        },
-        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 7},
+        "lambdas": _LAMBDAS,
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": _ADVERSARIAL,
         "eval": {
             "n_test": 10000,
             "n_certified": 1000,
