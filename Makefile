@@ -6,7 +6,6 @@ VENV_STAMP := .venv/.installed
 CHAPTERS = $(shell $(PY) tools/chapters.py)
 export PYTHONHASHSEED := 0
 export OMP_NUM_THREADS := 2
-export MPLBACKEND := Agg
 
 .PHONY: book html reproduce test lint unit smoke nbval browser bench clean venv
 
