@@ -79,6 +79,15 @@ def test_committed_outputs_present_and_no_volatile_metadata(path):
     assert not errors, "a committed notebook carries an error output"
     checked = [c for c in cells if _source(c).lstrip().startswith("# NBVAL_CHECK_OUTPUT")]
     assert checked, "no cell is marked # NBVAL_CHECK_OUTPUT: nbval would check nothing"
+    figures = [  # shown directly, or glued (myst-nb stores those under a papermill record type)
+        o
+        for c in cells
+        for o in c.get("outputs", [])
+        if any(k.endswith("image/png") for k in o.get("data", {}))
+    ]
+    assert figures, (
+        "no figure in the published outputs (nbval does not compare images: look at the page)"
+    )
 
 
 @pytest.mark.skipif(not NOTEBOOKS, reason="no chapter notebook yet")
