@@ -30,12 +30,13 @@ checks every conversion against a direct transcription of the original formula o
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from ._lookup import lookup
 
 __all__ = ["CONVENTIONS", "Convention", "factor", "get", "names", "to_original"]
 
@@ -195,13 +196,7 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Convention:
     """The :class:`Convention` called ``name``; unknown names raise ``ValueError`` listing the valid."""
-    if isinstance(name, str) and name in CONVENTIONS:
-        return CONVENTIONS[name]
-    hint = ""
-    if isinstance(name, str):
-        close = difflib.get_close_matches(name, CONVENTIONS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown convention {name!r}{hint}; valid: {', '.join(CONVENTIONS)}")
+    return lookup(CONVENTIONS, name, "convention")
 
 
 def to_original(name: str, values: Tensor, lam: float = 1.0) -> Tensor:

@@ -527,6 +527,7 @@ _ONE_DRAW = {
     "hessian_trace": {"n_samples": 1},
 }
 _ADVERSARIAL = {"eps": 0.1, "norm": "linf", "steps": 7}
+_ATTACK_RADII = {"linf_eps": [0.02, 0.05, 0.1, 0.15], "l2_eps": [0.5, 1.0, 1.5]}
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -573,8 +574,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval": {
             "n_test": 1000,
             "n_certified": 100,
-            "linf_eps": [0.02, 0.05, 0.1, 0.15],
-            "l2_eps": [0.5, 1.0, 1.5],
+            **_ATTACK_RADII,
             "steps": 20,
         },
         # every seed, so that a sign of gradient masking is judged across seeds (≈ 4 s a run)
@@ -593,8 +593,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval": {
             "n_test": 10000,
             "n_certified": 1000,
-            "linf_eps": [0.02, 0.05, 0.1, 0.15],
-            "l2_eps": [0.5, 1.0, 1.5],
+            **_ATTACK_RADII,
             "steps": 40,
         },
         "autoattack": {"seeds": [0, 1, 2], "eps": {"linf": 0.1}, "n": 1000},

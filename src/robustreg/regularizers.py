@@ -41,7 +41,6 @@ Common behaviour:
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable
 
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._lookup import lookup
 from .models import check_piecewise_linear
 
 __all__ = [
@@ -594,10 +594,4 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Callable[..., Tensor]:
     """The regularizer called ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
-    if isinstance(name, str) and name in _REGISTRY:
-        return _REGISTRY[name]
-    hint = ""
-    if isinstance(name, str):
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown regularizer {name!r}{hint}; valid: {', '.join(_REGISTRY)}")
+    return lookup(_REGISTRY, name, "regularizer")
