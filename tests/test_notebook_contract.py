@@ -2,6 +2,7 @@
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import types
@@ -88,6 +89,32 @@ def test_committed_outputs_present_and_no_volatile_metadata(path):
     assert figures, (
         "no figure in the published outputs (nbval does not compare images: look at the page)"
     )
+
+
+# A float printed with many significant digits (plain or scientific) depends on rounding: on another
+# CPU (instruction set, thread count) its last digits differ. Constants such as "h = 1e-5" are fine.
+_ROUNDING_DEPENDENT = re.compile(r"\d\.\d{5,}|\d\.\d{2,}e[-+]\d+")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_checked_outputs_are_machine_independent_text(path):
+    """What nbval compares must be the same on every machine: checked cells print stable lines
+    only — no expression value (Out[...]), no glue record, no float with rounding-level digits."""
+    _, cells = _code_cells(path)
+    for i, cell in enumerate(cells):
+        if "NBVAL_CHECK_OUTPUT" not in _source(cell):
+            continue
+        for output in cell.get("outputs", []):
+            assert output["output_type"] == "stream", (
+                f"{path.name}, code cell {i}: a checked cell may only print "
+                f"(found {output['output_type']} {sorted(output.get('data', {}))})"
+            )
+            text = "".join(output["text"])
+            bad = _ROUNDING_DEPENDENT.search(text)
+            assert bad is None, (
+                f"{path.name}, code cell {i}: rounding-dependent number {bad.group()!r} "
+                "in a checked output; check it numerically instead of printing it"
+            )
 
 
 @pytest.mark.skipif(not NOTEBOOKS, reason="no chapter notebook yet")

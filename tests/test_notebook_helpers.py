@@ -46,3 +46,31 @@ def test_flatten_cat_and_quartiles():
     assert q.shape == (3, 4)
     assert np.allclose(q.numpy(), np.quantile(v, [0.25, 0.5, 0.75], axis=1))
     assert np.allclose(q[1].numpy(), np.median(v, axis=1))
+
+
+def test_verify_identity_scales_by_the_terms_that_cancel(capsys):
+    from robustreg.notebook import verify_identity
+
+    f64 = dict(dtype=torch.float64)
+    big = torch.tensor([1.0, 1.0], **f64) * 1e8
+    computed = (big + torch.tensor([3e-9, 1.0], **f64)) - big  # rounding of the 1e8 terms: ~1e-8
+    reference = torch.tensor([3e-9, 1.0], **f64)
+    with pytest.raises(AssertionError, match="worst relative error"):
+        verify_identity("cancellation, relative", computed, reference)
+    verify_identity("cancellation, scaled", computed, reference, scale=("|terms|", big))
+    assert "error / (|terms|) ≤ 1e-10 on all 2 cases" in capsys.readouterr().out
+    # one part in 10⁶ of a result that is not swamped by cancellation still fails
+    with pytest.raises(AssertionError, match="fails"):
+        verify_identity("wrong", reference * (1 + 1e-6), reference, scale=("|result|", reference))
+
+
+def test_verify_identity_reports_nan_and_accepts_empty_selections(capsys):
+    from robustreg.notebook import verify_identity, verify_inequality
+
+    with pytest.raises(AssertionError, match="NaN or infinite.*case 1 of 2"):
+        verify_identity("nan", torch.tensor([1.0, float("nan")]), torch.ones(2))
+    empty = torch.ones(3)[torch.zeros(3, dtype=torch.bool)]
+    assert verify_identity("empty", empty, empty) == 0.0
+    assert "on all 0 cases" in capsys.readouterr().out
+    with pytest.raises(AssertionError):
+        verify_inequality("nan", torch.tensor([float("nan")]), torch.ones(1))

@@ -1,11 +1,13 @@
-"""run_grid's results directory (the metrics files the book commits) and dtype-independent init."""
+"""run_grid's results directory (the files the book commits): reuse, safety, published weights."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from robustreg import evaluation, training
+from robustreg import data, evaluation, experiments, regularizers, training
 
 FAST = dict(device="cpu", progress=False, epochs=1)
 
@@ -13,7 +15,7 @@ FAST = dict(device="cpu", progress=False, epochs=1)
 @pytest.fixture(scope="module")
 def grid_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
-    rows = evaluation.run_grid(
+    rows = experiments.run_grid(
         "smoke", cache_dir=root / "cache", results_dir=root / "results", **FAST
     )
     return root, rows
@@ -21,17 +23,24 @@ def grid_dirs(tmp_path_factory):
 
 def test_one_file_per_run_with_metadata(grid_dirs):
     root, rows = grid_dirs
-    configs = evaluation.grid("smoke", epochs=1)
+    configs = experiments.grid("smoke", epochs=1)
     names = sorted(p.name for p in (root / "results").glob("*.json"))
-    assert names == sorted(evaluation.result_name(c) for c in configs)
+    assert names == sorted(experiments.result_name(c) for c in configs)
     assert "plain_seed0.json" in names and "curvature_lam1_seed0.json" in names
-    for record in evaluation.load_results(root / "results"):
+    for record in experiments.load_results(root / "results"):
         assert {"key", "config", "eval", "history", "rows", "machine", "eval_seconds"} <= set(
             record
         )
         assert len(record["history"]["cpu_time"]) == 1
-        assert not any(name.endswith(".safetensors") for name in record)
-    assert not list((root / "results").glob("*.safetensors"))
+        assert record["num_classes"] == 10 and record["input_shape"] == [1, 8, 8]
+    published = sorted(p.stem for p in (root / "results").glob("*.safetensors"))
+    expected = sorted(
+        experiments.result_name(c)[:-5]
+        for c in configs
+        if experiments.publishes_weights("smoke", c)
+    )
+    assert published == expected and "plain_seed0" in published
+    assert "adversarial_seed0" not in published
     assert all(r["cpu_seconds_per_epoch"] > 0 for r in rows)
 
 
@@ -42,28 +51,90 @@ def test_results_are_reused_without_training(grid_dirs, monkeypatch, tmp_path):
         raise AssertionError("trained although the results file exists")
 
     monkeypatch.setattr(training, "train_cached", forbidden)
-    again = evaluation.run_grid(
+    again = experiments.run_grid(
         "smoke", cache_dir=tmp_path / "empty", results_dir=root / "results", **FAST
     )
     assert again == rows
     assert not (tmp_path / "empty").exists()
 
 
-def test_stale_file_is_recomputed(grid_dirs, tmp_path):
+def test_file_of_another_configuration_is_never_overwritten(grid_dirs, tmp_path):
     root, _ = grid_dirs
     results = tmp_path / "results"
     results.mkdir()
     name = "plain_seed0.json"
     record = json.loads((root / "results" / name).read_text())
     record["key"] = "0" * 24  # written for another configuration
-    record["rows"] = []
-    (results / name).write_text(json.dumps(record))
-    rows = evaluation.run_grid(
-        "smoke", cache_dir=root / "cache", results_dir=results, seeds=[0], **FAST
+    record["config"]["lr"] = 0.5
+    text = json.dumps(record)
+    (results / name).write_text(text)
+    with pytest.raises(experiments.StaleResultError, match=r"plain_seed0.json.*lr: 0.5.*refresh"):
+        experiments.run_grid(
+            "smoke", cache_dir=root / "cache", results_dir=results, seeds=[0], **FAST
+        )
+    assert (results / name).read_text() == text
+    # a smoke run into a copy of the committed default results changes nothing there
+    default = tmp_path / "default"
+    default.mkdir()
+    committed = Path(__file__).resolve().parent.parent / "results" / "default" / name
+    (default / name).write_text(committed.read_text())
+    with pytest.raises(experiments.StaleResultError, match="epochs"):
+        experiments.run_grid(
+            "smoke", cache_dir=root / "cache", results_dir=default, seeds=[0], **FAST
+        )
+    assert (default / name).read_text() == committed.read_text()
+
+
+def test_read_only_never_trains(grid_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no result file.*run-grid --profile smoke"):
+        experiments.run_grid("smoke", results_dir=tmp_path, read_only=True, **FAST)
+    assert not list(tmp_path.iterdir())
+
+
+def test_corrupt_result_file_names_itself(grid_dirs, tmp_path):
+    root, _ = grid_dirs
+    bad = tmp_path / "plain_seed0.json"
+    bad.write_text((root / "results" / "plain_seed0.json").read_text()[:100])
+    with pytest.raises(ValueError, match="plain_seed0.json: not a valid result file"):
+        experiments.run_grid("smoke", results_dir=tmp_path, read_only=True, **FAST)
+
+
+def test_load_model_reproduces_the_stored_accuracy(grid_dirs):
+    root, _ = grid_dirs
+    path = root / "results" / "curvature_lam1_seed0.json"
+    model = experiments.load_model(path)
+    assert not model.training
+    record = experiments.read_result(path)
+    x, y = data.load("digits", "test")
+    n = record["eval"]["n_test"]
+    clean = next(r["value"] for r in record["rows"] if r["metric"] == "clean_accuracy")
+    assert evaluation.accuracy(model, x[:n], y[:n]) == clean
+
+
+def test_load_model_checks_the_weights_belong_to_the_run(grid_dirs, tmp_path):
+    root, _ = grid_dirs
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(root / "results" / f"plain_seed0{suffix}", tmp_path / f"plain_seed0{suffix}")
+    shutil.copy(root / "results" / "curvature_lam1_seed0.safetensors", tmp_path / "x.safetensors")
+    (tmp_path / "x.json").write_text((tmp_path / "plain_seed0.json").read_text())
+    with pytest.raises(experiments.StaleResultError, match="belongs to run"):
+        experiments.load_model(tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="no weights stored"):
+        experiments.load_model(root / "results" / "adversarial_seed0.json")
+
+
+def test_effective_configuration_records_defaults():
+    config = {"regularizer": "curvature", "lam": 1.0}
+    full = training.normalize_config(config)
+    assert full["regularizer_options"] == {"h": regularizers.DEFAULT_H}
+    assert training.cache_key(config) == training.cache_key(
+        {**config, "regularizer_options": {"h": regularizers.DEFAULT_H}}
     )
-    fresh = json.loads((results / name).read_text())
-    assert fresh["key"] != "0" * 24 and fresh["rows"]
-    assert any(r["method"] == "plain" for r in rows)
+    assert training.cache_key(config) != training.cache_key(
+        {**config, "regularizer_options": {"h": 0.25}}
+    )
+    with pytest.raises(ValueError, match=r"unknown options \['step'\].*valid: \['h'\]"):
+        training.normalize_config({**config, "regularizer_options": {"step": 1}})
 
 
 def test_initialisation_ignores_default_dtype(tmp_path):
@@ -90,9 +161,9 @@ def test_refresh_rewrites_the_files(grid_dirs, tmp_path):
     stale = json.loads((results / name).read_text())
     stale["rows"] = []  # same key and settings: reused unless refreshed
     (results / name).write_text(json.dumps(stale))
-    kept = evaluation.run_grid("smoke", cache_dir=root / "cache", results_dir=results, **FAST)
+    kept = experiments.run_grid("smoke", cache_dir=root / "cache", results_dir=results, **FAST)
     assert not [r for r in kept if r["method"] == "plain"]
-    fresh = evaluation.run_grid(
+    fresh = experiments.run_grid(
         "smoke", cache_dir=root / "cache", results_dir=results, refresh=True, **FAST
     )
     assert fresh == rows and json.loads((results / name).read_text())["rows"]

@@ -1,4 +1,4 @@
-"""robustreg.training and the grid of robustreg.evaluation: determinism, errors, cache, resume, CLI."""
+"""robustreg.training and the grid of robustreg.experiments: determinism, errors, cache, resume, CLI."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustreg import data, evaluation, models, regularizers, training
+from robustreg import data, evaluation, experiments, models, regularizers, training
 from robustreg.__main__ import main as cli
 
 torch.set_num_threads(1)
@@ -244,21 +244,21 @@ def test_adversarial_config_is_kept(tmp_path):
 
 
 def test_grid_definition():
-    configs = evaluation.grid("default")
-    n_lams = sum(len(v) for v in evaluation.PROFILES["default"]["lambdas"].values())
+    configs = experiments.grid("default")
+    n_lams = sum(len(v) for v in experiments.PROFILES["default"]["lambdas"].values())
     assert len(configs) == 3 * (1 + n_lams + 1)
-    labels = {evaluation.label(c) for c in configs}
+    labels = {experiments.label(c) for c in configs}
     assert labels == {"plain", "adversarial", *regularizers.names()}
     assert len({training.cache_key(c) for c in configs}) == len(configs)
     with pytest.raises(ValueError, match="unknown profile 'fast'"):
-        evaluation.grid("fast")
+        experiments.grid("fast")
     with pytest.raises(ValueError, match=r"unknown grid settings \['seed'\]"):
-        evaluation.grid("smoke", seed=[1])
+        experiments.grid("smoke", seed=[1])
 
 
 def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
     settings = dict(cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
-    n = len(evaluation.grid("smoke"))
+    n = len(experiments.grid("smoke"))
     real = training.train
     calls = {"n": 0}
 
@@ -270,11 +270,11 @@ def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train", flaky)
     with pytest.raises(Interrupt):
-        evaluation.run_grid("smoke", evaluate_models=False, **settings)
+        experiments.run_grid("smoke", evaluate_models=False, **settings)
     done = len(list(tmp_path.glob("*.json")))
     assert done == 2
     calls["n"] = -100  # no more failures
-    rows = evaluation.run_grid("smoke", evaluate_models=False, **settings)
+    rows = experiments.run_grid("smoke", evaluate_models=False, **settings)
     assert len(rows) == n and calls["n"] == -100 + (n - 1 - done)  # adversarial uses its own loop
     assert len(list(tmp_path.glob("*.json"))) == n
 
@@ -299,7 +299,7 @@ def test_run_grid_evaluates_and_cli(tmp_path, capsys):
     )
     assert code == 0
     frame = evaluation.to_frame(__import__("pandas").read_csv(out).to_dict("records"))
-    n = len(evaluation.grid("smoke"))
+    n = len(experiments.grid("smoke"))
     assert frame.key.nunique() == n
     metrics = set(frame.metric)
     assert {
@@ -315,5 +315,5 @@ def test_run_grid_evaluates_and_cli(tmp_path, capsys):
     assert "clean" in printed and "pgd-linf@0.1" in printed
     # second run: everything from the cache
     t0 = time.perf_counter()
-    rows = evaluation.run_grid("smoke", cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
+    rows = experiments.run_grid("smoke", cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
     assert time.perf_counter() - t0 < 10 and len(rows) == len(frame)

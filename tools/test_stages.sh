@@ -2,6 +2,8 @@
 # `make test`: every stage CI checks, each timed; stops at the first failing stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Preflight: the Debian packages of the later stages (installed as root, else the command to run).
+bash tools/system_deps.sh || exit $?
 summary=()
 total0=$(date +%s)
 report() {
@@ -26,10 +28,12 @@ stage() {
   fi
   summary+=("$name: ${dt} s")
 }
-stage "lint (ruff)"            make --no-print-directory lint
+stage "lint (ruff, actionlint)" make --no-print-directory lint
 stage "unit and property tests" make --no-print-directory unit
-stage "papermill smoke runs"   make --no-print-directory smoke
+stage "papermill smoke runs (seed 1)" make --no-print-directory smoke
 stage "nbval (committed outputs)" make --no-print-directory nbval
+stage "nbval, another ISA and thread count" make --no-print-directory nbval-portable
+stage "committed runs retrained" make --no-print-directory reproduction
 stage "jupyter-book build -W"  make --no-print-directory html
 stage "browser check"          make --no-print-directory browser
 report

@@ -3,7 +3,7 @@
 Modules: ``models`` (rectified networks), ``geometry`` (Jacobians, linear regions, certified radii),
 ``regularizers`` (input gradient, Jacobian, cross-Lipschitz, curvature, Hessian trace),
 ``conventions`` (the original papers' normalizations), ``data``, ``training``, ``attacks``,
-``evaluation``, ``plotting``, ``cases`` (random architectures for checks) and ``notebook``
+``evaluation``, ``experiments`` (the grid of training runs, its result files and published models), ``plotting``, ``cases`` (random architectures for checks) and ``notebook``
 (the chapters' parameter contract and checks).
 """
 

@@ -1,15 +1,20 @@
 """Command line: ``python -m robustreg run-grid --profile smoke|default|full``.
 
-Runs the experiment grid of :data:`robustreg.evaluation.PROFILES` outside Jupyter (e.g. on a
+Runs the experiment grid of :data:`robustreg.experiments.PROFILES` outside Jupyter (e.g. on a
 GPU machine): every configuration is trained or loaded from the cache, evaluated (also cached),
 and the tidy result rows are written to ``--out`` (``.csv`` or ``.json``). Interrupt it at any
 time; rerunning the same command resumes. The device is CUDA, then MPS, then the CPU unless
 ``--device`` says otherwise. ``--results-dir results/default`` also keeps (and reuses) one small
-JSON file of metrics per run there — the files the book commits; to recompute them from scratch,
-point the cache at an empty directory and add ``--refresh``::
+JSON file of metrics per run there — the files the book commits. A file of another configuration
+is never overwritten: the run stops and names it. To recompute them from scratch, point the cache
+at an empty directory and add ``--refresh``::
 
     ROBUSTREG_CACHE=$(mktemp -d) python -m robustreg run-grid --profile default \
         --results-dir results/default --refresh
+
+``python -m robustreg verify-results results/default plain_seed0 ...`` retrains committed runs
+and compares every metric with its file, within a tolerance derived from the seed-to-seed spread
+(:func:`robustreg.experiments.check_reproduction`); it exits 1 when one differs.
 
 ``python -m robustreg data NAME...`` loads data sets (verifying their checksums) and prints
 their shapes — a quick check that the files are where the loader looks.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +33,7 @@ from pathlib import Path
 def _run_grid(args) -> int:
     import torch
 
-    from robustreg import evaluation, training
+    from robustreg import evaluation, experiments, training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -37,14 +43,14 @@ def _run_grid(args) -> int:
         overrides["seeds"] = args.seeds
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    n = len(evaluation.grid(args.profile, **overrides))
+    n = len(experiments.grid(args.profile, **overrides))
     print(
         f"profile {args.profile}: {n} training runs on {device}; cache "
         f"{args.cache_dir or training.default_cache_dir()}",
         file=sys.stderr,
     )
     t0 = time.perf_counter()
-    rows = evaluation.run_grid(
+    rows = experiments.run_grid(
         args.profile,
         cache_dir=args.cache_dir,
         results_dir=args.results_dir,
@@ -84,6 +90,28 @@ def _run_grid(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    import torch
+
+    from robustreg import experiments
+
+    torch.set_num_threads(args.threads)
+    rows = experiments.check_reproduction(
+        args.results_dir, args.runs, fraction=args.fraction, progress=not args.quiet
+    )
+    width = max(len(r["metric"]) for r in rows)
+    for r in rows:
+        mark = "ok  " if r["ok"] else "DIFF"
+        print(
+            f"{mark} {r['run']:<34} {r['metric']:<{width}} stored {r['stored']:.6g}  "
+            f"recomputed {r['recomputed']:.6g}  |diff| {abs(r['recomputed'] - r['stored']):.2g}"
+            f" ≤ {r['tolerance']:.2g}"
+        )
+    bad = [r for r in rows if not r["ok"]]
+    print(f"{len(rows) - len(bad)} of {len(rows)} metrics reproduce within their tolerance")
+    return 1 if bad else 0
+
+
 def _data(args) -> int:
     from robustreg import data
 
@@ -95,6 +123,12 @@ def _data(args) -> int:
                 f"{int(y.max()) + 1} classes"
             )
     return 0
+
+
+#: The numeric environment of the committed runs: ATen's portable kernels and Intel MKL's
+#: conditional numerical reproducibility make a training bitwise identical on every x86-64 CPU
+#: (one thread). Both are read when torch loads, so they are set before it is imported.
+PORTABLE_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,10 +157,32 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-eval", action="store_true", help="train only")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=_run_grid)
+    v = sub.add_parser("verify-results", help="retrain committed runs and compare their metrics")
+    v.add_argument("results_dir", help="a directory of result files, e.g. results/default")
+    v.add_argument("runs", nargs="+", help="result file stems, e.g. plain_seed0")
+    v.add_argument(
+        "--fraction",
+        type=float,
+        default=1.0,
+        help="tolerance as a fraction of the seed-to-seed standard deviation (default 1)",
+    )
+    v.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.set_defaults(func=_verify)
     d = sub.add_parser("data", help="load data sets and print their shapes")
     d.add_argument("names", nargs="+")
     d.set_defaults(func=_data)
     args = parser.parse_args(argv)
+    if args.command in ("run-grid", "verify-results"):
+        if "torch" in sys.modules and any(
+            os.environ.get(k) != v for k, v in PORTABLE_ENVIRONMENT.items()
+        ):
+            print(
+                "note: torch is already loaded; the portable environment is not in effect",
+                file=sys.stderr,
+            )
+        for k, v in PORTABLE_ENVIRONMENT.items():
+            os.environ.setdefault(k, v)
     return args.func(args)
 
 

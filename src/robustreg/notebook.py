@@ -166,6 +166,10 @@ def setup(
     ``seed: int``. ``profiles`` maps each of ``"smoke"``, ``"default"``, ``"full"`` to the values
     of the parameters left as ``None``; a value given explicitly (in the cell or by
     ``papermill -p``) wins over the profile. Returns the resolved parameters as attributes.
+
+    ``threads`` is the chapter's thread count; the environment variable ``ROBUSTREG_THREADS``
+    overrides it (``make test`` re-checks every chapter under another thread count and
+    instruction set, since nothing a chapter checks may depend on them).
     """
     values = check_parameters(namespace)
     for required in ("profile", "seed"):
@@ -191,6 +195,7 @@ def setup(
         if value is None and any(name in p for p in profiles.values()):
             raise ValueError(f"parameter {name!r} is None and profile {profile!r} gives no value")
         resolved[name] = value
+    threads = int(os.environ.get("ROBUSTREG_THREADS", threads))  # the portability check's override
     reproducible(int(resolved["seed"]), threads=threads, dtype=dtype)
     _figure_style()
     if show:
@@ -199,8 +204,11 @@ def setup(
 
 
 def _as_cases(t) -> torch.Tensor:
+    """[cases, values]: a scalar is one case, a vector one value per case (also when empty)."""
     t = torch.as_tensor(t, dtype=torch.float64).detach()
-    return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    return t.reshape(-1, 1) if t.dim() == 1 else t.flatten(1)
 
 
 def relative_error(computed, reference) -> torch.Tensor:
@@ -227,32 +235,98 @@ def relative_error(computed, reference) -> torch.Tensor:
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), num)
 
 
-def verify_identity(name: str, computed, reference, tol: float = 1e-10) -> float:
-    """Assert that ``computed`` equals ``reference`` case by case to relative error ``tol``.
+def verify_identity(name: str, computed, reference, tol: float = 1e-10, *, scale=None) -> float:
+    """Assert that ``computed`` equals ``reference`` case by case, up to rounding.
 
-    Prints one stable line (the bound, not the noisy error) and returns the worst error.
+    The rule (the book's "How the checks decide"): a float64 computation of a quantity that is a
+    sum or difference of terms carries a rounding error of a few units of 2⁻⁵³ ≈ 1.1e-16 times
+    the size of those *terms*, multiplied by the number of operations — not times the size of the
+    result, which cancellation can make arbitrarily small. So each case must satisfy
+
+        ‖computed − reference‖ ≤ tol · scale,
+
+    with ``scale`` the size of the terms that cancel. ``scale=None`` takes ``‖reference‖`` (a
+    relative error: right when nothing cancels); otherwise give ``(description, per-case
+    tensor)``, e.g. ``("‖J‖_F", J.flatten(1).norm(dim=1))``. ``tol = 1e-10`` leaves a factor of
+    about 10⁶ over the unit roundoff for the lengths of the sums (K classes, d inputs, depth), so
+    a wrong formula — even one wrong by one part in 10⁶ — still fails wherever its result is not
+    itself swamped by cancellation. A NaN or infinite value in either side is a failure of the code
+    and is reported as such. Prints one stable line (the bound, not the noisy error) and returns
+    the worst scaled error.
     """
-    err = relative_error(computed, reference)
-    worst = float(err.max())
+    what = "relative error"
+    if scale is not None:
+        what, scale = f"error / ({scale[0]})", scale[1]
+    err = scaled_error(computed, reference, scale)
     n = err.numel()
-    if not worst <= tol:  # also catches NaN
+    bad = _non_finite_cases(computed, reference)
+    if bad is not None:
+        raise AssertionError(f"{name}: a computed value is NaN or infinite (case {bad} of {n})")
+    worst = float(err.max()) if n else 0.0
+    if not worst <= tol:
         raise AssertionError(
-            f"{name}: fails — worst relative error {worst:.3e} > {tol:.0e} "
+            f"{name}: fails — worst {what} {worst:.3e} > {tol:.0e} "
             f"(case {int(err.argmax())} of {n})"
         )
-    print(f"✔ {name}: relative error ≤ {tol:.0e} on all {n} cases")
+    print(f"✔ {name}: {what} ≤ {tol:.0e} on all {n} cases")
     return worst
 
 
-def verify_inequality(name: str, lhs, rhs, rtol: float = 1e-12) -> float:
-    """Assert ``lhs ≤ rhs`` on every case (up to ``rtol``·|rhs| of rounding).
+def _non_finite_cases(computed, reference) -> int | None:
+    """Index of the first case with a NaN or infinity on either side (None when all finite)."""
+    if isinstance(computed, list | tuple):
+        for i, (c, r) in enumerate(zip(computed, reference, strict=True)):
+            if not (
+                torch.isfinite(torch.as_tensor(c)).all()
+                and torch.isfinite(torch.as_tensor(r)).all()
+            ):
+                return i
+        return None
+    a, b = _as_cases(computed), _as_cases(reference)
+    finite = torch.isfinite(a).all(1) & torch.isfinite(b).all(1)
+    return None if bool(finite.all()) else int((~finite).nonzero()[0])
 
-    Prints one stable line and returns the largest ratio lhs/rhs (how tight the bound gets).
+
+def scaled_error(computed, reference, scale=None) -> torch.Tensor:
+    """Per case ‖computed − reference‖ / scale, ``scale`` defaulting to ‖reference‖ (the relative
+    error). Where the scale is 0 the absolute error is returned (0 only if both sides are 0)."""
+    if scale is None:
+        return relative_error(computed, reference)
+    if isinstance(computed, list | tuple):
+        diff = torch.stack(
+            [
+                (_as_cases(c.reshape(1, -1)) - _as_cases(r.reshape(1, -1))).norm()
+                for c, r in zip(computed, reference, strict=True)
+            ]
+        )
+    else:
+        a, b = _as_cases(computed), _as_cases(reference)
+        if a.shape != b.shape:
+            raise ValueError(
+                f"shapes differ: computed {tuple(a.shape)} vs reference {tuple(b.shape)}"
+            )
+        diff = (a - b).norm(dim=1)
+    s = torch.as_tensor(scale, dtype=torch.float64).detach().flatten()
+    if s.numel() == 1:
+        s = s.expand_as(diff)
+    if s.shape != diff.shape:
+        raise ValueError(f"scale has {s.numel()} entries for {diff.numel()} cases")
+    return torch.where(s > 0, diff / torch.where(s > 0, s, 1.0), diff)
+
+
+def verify_inequality(name: str, lhs, rhs, rtol: float = 1e-12, *, scale=None) -> float:
+    """Assert ``lhs ≤ rhs`` on every case, up to rounding: ``lhs ≤ rhs + rtol · scale``.
+
+    ``scale`` (as in :func:`verify_identity`, ``(description, per-case tensor)``) is the size of
+    the terms whose rounding the two sides carry; by default ``|rhs|``, right when both sides are
+    computed without cancellation. A NaN on either side fails. Prints one stable line and returns
+    the largest ratio lhs/rhs (how tight the bound gets).
     """
     a, b = _as_cases(lhs).flatten(), _as_cases(rhs).flatten()
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: lhs {tuple(a.shape)} vs rhs {tuple(b.shape)}")
-    bad = ~(a <= b + rtol * b.abs())
+    slack = b.abs() if scale is None else _as_cases(scale[1]).flatten().expand_as(b)
+    bad = ~(a <= b + rtol * slack)
     if bad.any():
         i = int(bad.nonzero()[0])
         raise AssertionError(

@@ -490,12 +490,42 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("a cached configuration needs the regularizer by name (a string)")
     if full["lam"] == 0.0:
         full["regularizer"], full["regularizer_options"] = None, {}
+    elif full["regularizer"] is not None:
+        full["regularizer_options"] = regularizer_options(
+            full["regularizer"], full["regularizer_options"]
+        )
     if full["adversarial"] is not None:
         adv = {"norm": "linf", "steps": 10, "step_size": None, "restarts": 1}
         adv.update(full["adversarial"])
         full["adversarial"] = adv
     # Canonical JSON round trip (tuples → lists, key order irrelevant).
     return json.loads(json.dumps(full, sort_keys=True))
+
+
+#: Keyword arguments of a regularizer that select nothing about the trained objective.
+_NOT_OPTIONS = ("generator", "return_logits")
+
+
+def regularizer_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective options of regularizer ``name``: its keyword defaults updated by ``options``.
+
+    A run's key hashes these, so a changed default (say CURE's step ``h``) changes the key of
+    every run that relied on it, and its stored results become stale instead of being reused.
+    """
+    from robustreg import regularizers
+
+    parameters = inspect.signature(regularizers.get(name)).parameters
+    defaults = {
+        k: p.default
+        for k, p in list(parameters.items())[3:]  # after (model, x, y)
+        if p.default is not inspect.Parameter.empty and k not in _NOT_OPTIONS
+    }
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown options {unknown} for regularizer {name!r}; valid: {sorted(defaults)}"
+        )
+    return {**defaults, **options}
 
 
 def cache_key(config: Mapping[str, Any]) -> str:

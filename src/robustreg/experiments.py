@@ -1,0 +1,628 @@
+"""The experiment grid: its profiles, its runs, their result files and the published models.
+
+A *run* is one training configuration of :func:`grid` (plain training, a regularizer at one λ, or
+PGD adversarial training; one seed). :func:`run_grid` trains each run (through the disk cache of
+:func:`robustreg.training.train_cached`), evaluates it (:func:`robustreg.evaluation.evaluate`)
+and, with ``results_dir``, keeps one JSON *result file* per run::
+
+    <results_dir>/<method>[_lam<λ>]_seed<s>.json     configuration, history, metrics, machine
+    <results_dir>/<method>[_lam<λ>]_seed<s>.safetensors  the weights, for the runs a profile
+                                                     publishes (:func:`publishes_weights`)
+
+A result file carries the run's *key*: a hash of its effective configuration, defaults included
+(a regularizer's default step or estimator, :func:`robustreg.training.regularizer_options`), and
+the effective evaluation settings (:func:`eval_settings`). The files are safe by construction:
+
+- a file is reused only when both match; a file of another configuration is never overwritten
+  (:class:`StaleResultError` names the file, the differences and ``refresh=True``/``--refresh``,
+  which replaces it on purpose);
+- ``read_only=True`` (how the book reads its committed results) never trains: a missing or stale
+  file is an error that says how to produce it;
+- files are written atomically; a corrupt file is an error naming it;
+- a weights file stores its run's key and :func:`load_model` checks it.
+
+:func:`check_reproduction` retrains committed runs and compares their metrics with the files,
+within tolerances derived from the seed-to-seed spread (``python -m robustreg verify-results``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from robustreg import data as data_module
+from robustreg import evaluation, training
+
+#: The repository's committed results, one directory per profile (``results/default``).
+RESULTS_ROOT = Path(__file__).resolve().parents[2] / "results"
+
+__all__ = [
+    "PROFILES",
+    "REPRODUCED_METRICS",
+    "RESULTS_ROOT",
+    "StaleResultError",
+    "check_reproduction",
+    "eval_settings",
+    "grid",
+    "label",
+    "load_model",
+    "load_results",
+    "machine",
+    "publishes_weights",
+    "read_result",
+    "result_name",
+    "run_grid",
+    "trained_model",
+]
+
+
+#: Profiles of the experiment grid (issue 5). ``lambdas`` per regularizer (chosen from a 5-epoch
+#: sweep on mnist5k so that the largest value costs ≤ ~8 points of clean accuracy, except
+#: input_gradient/hessian_trace, whose λ are tied by T9); ``regularizer_options`` select the cheap
+#: unbiased estimators for training; ``adversarial`` is PGD adversarial training; ``eval`` are the
+#: keyword arguments of :func:`evaluate` (plus ``n_test``: the first n test samples);
+#: ``autoattack`` adds ART's AutoAttack for the listed seeds on the first ``n`` test samples.
+# The λ grid and estimator settings shared by the default and full profiles.
+_LAMBDAS = {
+    "input_gradient": [0.1, 0.3, 1.0],
+    "jacobian_frobenius": [0.001, 0.01, 0.1],
+    "cross_lipschitz": [0.005, 0.05, 0.5],  # (K/2)·λ_J: the same weight on ‖CJ‖² (T5)
+    "curvature": [0.1, 1.0, 10.0],
+    "hessian_trace": [0.1, 0.3, 1.0],  # λ_IG: E_{y~p} R_IG = R_H (T9)
+}
+_ONE_DRAW = {
+    "jacobian_frobenius": {"n_proj": 1},
+    "cross_lipschitz": {"n_proj": 1},
+    "hessian_trace": {"n_samples": 1},
+}
+_ADVERSARIAL = {"eps": 0.1, "norm": "linf", "steps": 7}
+_ATTACK_RADII = {"linf_eps": [0.02, 0.05, 0.1, 0.15], "l2_eps": [0.5, 1.0, 1.5]}
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": "digits",
+        "model": {"name": "mlp", "hidden": [32, 32]},
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": 1e-2,
+        "seeds": [0],
+        "lambdas": {
+            "input_gradient": [0.3],
+            "jacobian_frobenius": [0.01],
+            "cross_lipschitz": [0.05],
+            "curvature": [1.0],
+            "hessian_trace": [0.3],
+        },
+        "regularizer_options": {
+            "jacobian_frobenius": {"n_proj": 1},
+            "cross_lipschitz": {"n_proj": 1},
+            "hessian_trace": {"n_samples": 1},
+        },
+        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 3},
+        "eval": {
+            "n_test": 100,
+            "n_certified": 50,
+            "linf_eps": [0.05, 0.1],
+            "l2_eps": [0.5],
+            "steps": 10,
+        },
+        "autoattack": None,
+    },
+    "default": {
+        "data": "mnist5k",
+        "model": {"name": "mlp", "hidden": [256, 256]},
+        "epochs": 5,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "seeds": [0, 1, 2],
+        "lambdas": _LAMBDAS,
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": _ADVERSARIAL,
+        # PGD-20 (α = 2.5ε/20) and T12 on 100 samples keep the default grid near the book's CPU
+        # budget; ART's PGD agrees with ours at 20 steps (tests/test_attacks.py).
+        "eval": {
+            "n_test": 1000,
+            "n_certified": 100,
+            **_ATTACK_RADII,
+            "steps": 20,
+        },
+        # every seed, so that a sign of gradient masking is judged across seeds (≈ 4 s a run)
+        "autoattack": {"seeds": [0, 1, 2], "eps": {"linf": 0.1}, "n": 100},
+    },
+    "full": {
+        "data": "fashion-mnist",
+        "model": {"name": "lenet"},
+        "epochs": 20,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "seeds": [0, 1, 2],
+        "lambdas": _LAMBDAS,
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": _ADVERSARIAL,
+        "eval": {
+            "n_test": 10000,
+            "n_certified": 1000,
+            **_ATTACK_RADII,
+            "steps": 40,
+        },
+        "autoattack": {"seeds": [0, 1, 2], "eps": {"linf": 0.1}, "n": 1000},
+    },
+}
+
+
+def grid(profile: str = "default", **overrides) -> list[dict[str, Any]]:
+    """The training configurations of a profile (for :func:`robustreg.training.train_cached`).
+
+    Per seed: plain training, every regularizer at every λ of the profile, and PGD adversarial
+    training. ``overrides`` replace profile entries (e.g. ``seeds=[0]``, ``epochs=3``).
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
+    p = {**PROFILES[profile], **overrides}
+    unknown = sorted(set(overrides) - set(PROFILES[profile]))
+    if unknown:
+        raise ValueError(f"unknown grid settings {unknown}; valid: {sorted(PROFILES[profile])}")
+    base = {k: p[k] for k in ("data", "model", "epochs", "batch_size", "lr")}
+    configs = []
+    for seed in p["seeds"]:
+        configs.append({**base, "seed": seed})
+        for reg, lams in p["lambdas"].items():
+            for lam in lams:
+                configs.append(
+                    {
+                        **base,
+                        "seed": seed,
+                        "regularizer": reg,
+                        "lam": lam,
+                        "regularizer_options": p["regularizer_options"].get(reg, {}),
+                    }
+                )
+        if p.get("adversarial"):
+            configs.append({**base, "seed": seed, "adversarial": dict(p["adversarial"])})
+    return configs
+
+
+def label(config: Mapping[str, Any]) -> str:
+    """Short name of a configuration's method: ``plain``, ``adversarial`` or the regularizer."""
+    if config.get("adversarial"):
+        return "adversarial"
+    if config.get("regularizer") and config.get("lam", 0):
+        return str(config["regularizer"])
+    return "plain"
+
+
+def publishes_weights(profile: str, config: Mapping[str, Any]) -> bool:
+    """Whether a run's weights are kept next to its result file: plain training and each
+    regularizer at the largest λ of the profile (the models chapter 9 measures), every seed."""
+    method = label(config)
+    if method == "plain":
+        return True
+    lambdas = PROFILES[profile]["lambdas"]
+    return method in lambdas and float(config["lam"]) == float(max(lambdas[method]))
+
+
+def eval_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective evaluation settings: :func:`robustreg.evaluation.evaluate`'s keyword defaults
+    updated by ``settings`` (a profile's ``"eval"``, plus ``n_test``), as canonical JSON."""
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(evaluation.evaluate).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(settings) - set(defaults) - {"n_test"})
+    if unknown:
+        raise ValueError(f"unknown evaluation settings {unknown}; valid: {sorted(defaults)}")
+    return json.loads(json.dumps({**defaults, **settings}, sort_keys=True))
+
+
+def _run_eval_settings(p: Mapping[str, Any], seed: int) -> dict[str, Any]:
+    settings = dict(p["eval"])
+    aa = p.get("autoattack")
+    if aa and seed in aa["seeds"]:
+        settings.update(autoattack_eps=aa["eps"], autoattack_n=aa["n"])
+    return eval_settings(settings)
+
+
+def machine() -> dict[str, Any]:
+    """The computer a run happens on: CPU model, cores, torch threads, versions, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "system": platform.system(),
+        "environment": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")},
+        # 1-minute load average when the run ended: > cores means a shared, busy machine
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def result_name(config: Mapping[str, Any]) -> str:
+    """File name of a run in a results directory: ``plain_seed0.json``,
+    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json``."""
+    method = label(config)
+    lam = f"_lam{float(config['lam']):g}" if method not in ("plain", "adversarial") else ""
+    return f"{method}{lam}_seed{config['seed']}.json"
+
+
+class StaleResultError(RuntimeError):
+    """A result file that belongs to another configuration or evaluation than the one asked for."""
+
+
+def read_result(path: str | os.PathLike) -> dict[str, Any]:
+    """One result file; a truncated or corrupt file raises ``ValueError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}: not a valid result file ({err}); delete it and rerun the grid to recreate it"
+        ) from None
+
+
+def load_results(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every result file of a results directory (written by :func:`run_grid`), sorted by name."""
+    return [read_result(f) for f in sorted(Path(results_dir).glob("*.json"))]
+
+
+def _differences(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, Mapping) and isinstance(wanted, Mapping):
+        out = []
+        for k in sorted(set(stored) | set(wanted)):
+            out += _differences(stored.get(k), wanted.get(k), f"{prefix}{k}.")
+        return out
+    return (
+        []
+        if stored == wanted
+        else [f"{prefix.rstrip('.')}: {stored!r} in the file, {wanted!r} now"]
+    )
+
+
+def _check_stored(
+    path: Path, stored: Mapping, config: Mapping, key: str, settings: Mapping
+) -> None:
+    if stored.get("key") == key and stored.get("eval") == settings:
+        return
+    diffs = _differences(
+        {"config": stored.get("config"), "eval": stored.get("eval")},
+        {"config": training.normalize_config(config), "eval": settings},
+    ) or [f"key: {stored.get('key')!r} in the file, {key!r} now (training.CACHE_VERSION changed)"]
+    raise StaleResultError(
+        f"{path} belongs to another configuration than this run ("
+        + "; ".join(diffs)
+        + "). It is left untouched; pass refresh=True (--refresh) to replace it on purpose, "
+        "or use another results directory."
+    )
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_weights(model: nn.Module, key: str, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(path, lambda tmp: save_file(state, tmp, metadata={"key": key}))
+
+
+def load_model(result_file: str | os.PathLike) -> nn.Module:
+    """The trained network of a result file, from ``<stem>.safetensors`` beside it, in eval mode.
+
+    The weights file must carry the result's key (they are written together by :func:`run_grid`);
+    the model has the configuration's dtype and lives on the CPU.
+    """
+    path = Path(result_file)
+    record = read_result(path)
+    weights = path.with_suffix(".safetensors")
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{weights}: no weights stored for this run (the profile publishes those of "
+            "plain training and of each regularizer at its largest λ)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        stored_key = (f.metadata() or {}).get("key")
+    if stored_key != record["key"]:
+        raise StaleResultError(
+            f"{weights} belongs to run {stored_key!r}, not to {path.name} ({record['key']!r})"
+        )
+    config = record["config"]
+    dtype = {"float32": torch.float32, "float64": torch.float64}[config["dtype"]]
+    model = training.build_model(
+        config["model"], tuple(record["input_shape"]), record["num_classes"]
+    )
+    model = model.to(dtype)
+    model.load_state_dict(load_file(str(weights)))
+    return model.eval()
+
+
+def _evaluate(model, test, settings) -> dict[str, Any]:
+    s = dict(settings)
+    n = s.pop("n_test", None)
+    x, y = test
+    if n is not None:
+        x, y = x[:n], y[:n]
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = evaluation.evaluate(model, x, y, **s)
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }
+
+
+def run_grid(
+    profile: str = "default",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    results_dir: str | os.PathLike | None = None,
+    refresh: bool = False,
+    read_only: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    evaluate_models: bool = True,
+    **overrides,
+) -> list[dict[str, Any]]:
+    """Train (or load) and evaluate every configuration of :func:`grid`; return tidy rows.
+
+    Each row of :func:`robustreg.evaluation.evaluate` gains the columns ``method``, ``lam``,
+    ``seed``, ``key``, ``seconds_per_epoch`` (mean wall time of an epoch of that training run) and
+    ``cpu_seconds_per_epoch`` (median process CPU time of an epoch — on a shared machine the better
+    measure of cost, the median skipping a first epoch's warm-up). Every training is cached, so
+    an interrupted grid resumes where it stopped.
+
+    ``results_dir``: read each run from its result file when the file's key and evaluation
+    settings match — no model is built — and otherwise train, evaluate and write the file
+    (atomically), with the weights of the runs the profile publishes. A file of another
+    configuration raises :class:`StaleResultError` unless ``refresh=True``, which recomputes and
+    replaces every file. ``read_only=True`` never trains: a missing or stale file is an error.
+    Without ``evaluate_models`` the files are neither read nor written.
+    """
+    configs = grid(profile, **overrides)
+    p = {**PROFILES[profile], **overrides}
+    results = Path(results_dir) if results_dir is not None and evaluate_models else None
+    if read_only and results is None:
+        raise ValueError("read_only=True needs a results_dir to read from")
+    dtype = {"float32": torch.float32, "float64": torch.float64}[
+        training.normalize_config(configs[0])["dtype"]
+    ]
+    loaded: dict[str, Any] = {}
+
+    def split(name):  # the data are loaded only when something is trained or evaluated
+        if name not in loaded:
+            loaded[name] = data_module.load(p["data"], name, dtype=dtype)
+        return loaded[name]
+
+    rows: list[dict[str, Any]] = []
+    bar = tqdm(configs, desc=f"grid {profile}", disable=not training._show_progress(progress))
+    for config in bar:
+        bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
+        settings = _run_eval_settings(p, config["seed"])
+        key = training.cache_key(config)
+        path = results / result_name(config) if results is not None else None
+        stored = None
+        if path is not None and path.is_file() and not refresh:
+            stored = read_result(path)
+            _check_stored(path, stored, config, key, settings)
+        if stored is None and read_only:
+            raise FileNotFoundError(
+                f"{path}: no result file for this run; compute it with "
+                f"`python -m robustreg run-grid --profile {profile} --results-dir {results}`"
+            )
+        weights = path.with_suffix(".safetensors") if path is not None else None
+        want_weights = weights is not None and not read_only and publishes_weights(profile, config)
+        model = None
+        if stored is None or not evaluate_models or (want_weights and not weights.is_file()):
+            train_x, train_y = split("train")
+            model, record = training.train_cached(
+                config,
+                cache_dir=cache_dir,
+                device=device,
+                progress=progress,
+                data=(train_x, train_y),
+            )
+        if stored is not None:
+            record = stored
+        times, cpu = record["history"]["time"], record["history"].get("cpu_time")
+        extra = {
+            "method": label(config),
+            "lam": float(config.get("lam", 0.0)),
+            "seed": config["seed"],
+            "key": record["key"],
+            "seconds_per_epoch": sum(times) / max(len(times), 1),
+            "cpu_seconds_per_epoch": statistics.median(cpu) if cpu else None,
+        }
+        if not evaluate_models:
+            rows.append({**extra, "metric": "trained", "value": 1.0})
+            continue
+        if stored is None:
+            payload = _evaluate(model, split("test"), settings)
+            train_x, train_y = split("train")
+            stored = {
+                "name": result_name(config),
+                "method": extra["method"],
+                "lam": extra["lam"],
+                "seed": extra["seed"],
+                "key": key,
+                "config": record["config"],
+                "eval": settings,
+                "input_shape": list(train_x.shape[1:]),
+                "num_classes": int(train_y.max()) + 1,
+                "history": record["history"],
+                "train_seconds": record["train_seconds"],
+                "eval_seconds": payload["seconds"],
+                "eval_cpu_seconds": payload["cpu_seconds"],
+                "device": str(record["device"]),
+                "machine": machine(),
+                "rows": payload["rows"],
+            }
+            if path is not None:
+                text = json.dumps(stored, indent=1) + "\n"
+                _write_atomic(path, lambda tmp, text=text: Path(tmp).write_text(text))
+        if want_weights and (model is not None or not weights.is_file()):
+            _save_weights(model, key, weights)
+        rows += [{**extra, **r} for r in stored["rows"]]
+    return rows
+
+
+# --- reproduction check -------------------------------------------------------------------------
+
+
+def _metric_name(row: Mapping[str, Any]) -> str:
+    parts = [
+        row["metric"],
+        row.get("attack"),
+        row.get("norm"),
+        row.get("eps"),
+        row.get("regularizer"),
+    ]
+    return " ".join(f"{p:g}" if isinstance(p, float) else str(p) for p in parts if p is not None)
+
+
+def _metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    return {_metric_name(r): float(r["value"]) for r in record["rows"]}
+
+
+#: Metrics that :func:`check_reproduction` compares: the accuracies and the regularizers' means.
+#: The medians of the radii (distances to the nearest activation boundary of 100 points) and the
+#: region-cap fraction are left out: a last-bit change of the weights moves them by more than a
+#: change of seed does (measured across instruction sets: up to 4 seed standard deviations).
+REPRODUCED_METRICS = ("clean_accuracy", "robust_accuracy", "regularizer_mean")
+
+
+def check_reproduction(
+    results_dir: str | os.PathLike,
+    names: Sequence[str],
+    *,
+    fraction: float = 1.0,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Retrain and re-evaluate committed runs; compare their metrics with the result files.
+
+    Trained weights differ in their last bits from one CPU (instruction set, thread count) to
+    another, and training amplifies that difference the way a change of seed does. So the
+    tolerance of a metric is a ``fraction`` (default 1) of its seed-to-seed spread: the sample
+    standard deviation of that metric over the seeds of the same method and λ in ``results_dir``
+    — a retraining elsewhere must land within the spread of a change of seed — and, for an
+    accuracy, at least one test image (the metric's resolution). Only the
+    :data:`REPRODUCED_METRICS` are compared. Returns one row per metric (``run``, ``metric``,
+    ``stored``, ``recomputed``, ``tolerance``, ``ok``); the caller decides what a failure means.
+    """
+    results = Path(results_dir)
+    everything = load_results(results)
+    rows = []
+    for name in names:
+        path = results / (name if name.endswith(".json") else f"{name}.json")
+        stored = read_result(path)
+        config = stored["config"]
+        if training.cache_key(config) != stored["key"]:
+            raise StaleResultError(
+                f"{path}: its key does not match its configuration under today's code (a default "
+                "or training.CACHE_VERSION changed); recompute it with --refresh"
+            )
+        siblings = [
+            _metrics(r)
+            for r in everything
+            if r["method"] == stored["method"]
+            and r["lam"] == stored["lam"]
+            and r["eval"] == stored["eval"]
+        ]
+        if len(siblings) < 2:
+            raise ValueError(
+                f"{path}: the tolerance needs at least two seeds of this run in {results}"
+            )
+        x, y = data_module.load(config["data"], "train", dtype=getattr(torch, config["dtype"]))
+        test = data_module.load(config["data"], "test", dtype=getattr(torch, config["dtype"]))
+        with tempfile.TemporaryDirectory(prefix="robustreg-verify-") as tmp:
+            model, _ = training.train_cached(
+                config, cache_dir=cache_dir or tmp, device="cpu", progress=progress, data=(x, y)
+            )
+            fresh = _metrics(_evaluate(model, test, stored["eval"]))
+        n_test = stored["eval"].get("n_test") or len(test[1])
+        for metric, value in _metrics(stored).items():
+            if not metric.startswith(REPRODUCED_METRICS):
+                continue
+            spread = statistics.stdev([s[metric] for s in siblings if metric in s])
+            resolution = 1.0 / n_test if "accuracy" in metric else 0.0
+            if "autoattack" in metric or "pgd-subset" in metric or "worst-case" in metric:
+                resolution = 1.0 / stored["eval"]["autoattack_n"]
+            tolerance = max(fraction * spread, resolution)
+            got = fresh.get(metric, math.nan)
+            rows.append(
+                {
+                    "run": path.stem,
+                    "metric": metric,
+                    "stored": value,
+                    "recomputed": got,
+                    "tolerance": tolerance,
+                    "ok": abs(got - value) <= tolerance,
+                }
+            )
+    return rows
+
+
+def trained_model(
+    profile: str,
+    config: Mapping[str, Any],
+    *,
+    results_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    data: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The network of one run of a profile's grid, in eval mode.
+
+    The published model of ``results_dir`` (default ``results/<profile>`` of the repository) when
+    its weights are there — the very network whose metrics the result file reports — and
+    otherwise the run trained through :func:`robustreg.training.train_cached` (a seed or profile
+    whose runs were not published). A published file of another configuration raises
+    :class:`StaleResultError` rather than being used.
+    """
+    root = Path(results_dir) if results_dir is not None else RESULTS_ROOT / profile
+    path = root / result_name(config)
+    if path.with_suffix(".safetensors").is_file():
+        key = training.cache_key(config)
+        if read_result(path)["key"] != key:
+            raise StaleResultError(
+                f"{path} belongs to another configuration than {result_name(config)} asks for "
+                f"under today's code; recompute it with `python -m robustreg run-grid --profile "
+                f"{profile} --results-dir {root} --refresh`"
+            )
+        return load_model(path)
+    model, _ = training.train_cached(
+        config, cache_dir=cache_dir, device="cpu", progress=False, data=data
+    )
+    return model
