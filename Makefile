@@ -7,7 +7,7 @@ CHAPTERS = $(shell $(PY) tools/chapters.py)
 export PYTHONHASHSEED := 0
 export OMP_NUM_THREADS := 2
 
-.PHONY: book html reproduce test lint unit smoke nbval nbval-portable reproduction browser bench clean venv
+.PHONY: book html reproduce test lint unit smoke nbval nbval-portable reproduction reruns browser bench clean venv
 
 venv: $(VENV_STAMP)
 
@@ -78,6 +78,12 @@ nbval-portable: $(VENV_STAMP)
 REPRODUCE_RUNS ?= plain_seed0 jacobian_frobenius_lam0.1_seed0 adversarial_seed0
 reproduction: $(VENV_STAMP)
 	$(PY) -m robustreg verify-results results/default $(REPRODUCE_RUNS) --quiet
+
+## make reruns: the property tests at 400 random architectures each, then every chapter at its
+## default profile with seeds 1–5 and at its full profile (what readers rerun; about an hour).
+reruns: $(VENV_STAMP)
+	HYPOTHESIS_PROFILE=full $(PY) -m pytest tests/test_facts.py tests/test_geometry.py -q
+	$(PY) tools/reruns.py
 
 browser: $(VENV_STAMP)
 	$(PY) tools/browser_check.py _build/html _build/screenshots

@@ -322,3 +322,24 @@ def test_evaluate_rows(trained):
     assert set(frame[frame.metric == "regularizer_mean"].regularizer) == set(regularizers.names())
     radius = frame[frame.metric == "median_certified_radius"].value.item()
     assert radius == geometry.certified_radius(model, x[:10]).median().item()
+
+
+def test_minimal_perturbation_falls_back_on_candidates_of_another_class():
+    torch.manual_seed(0)
+    model = models.random_network(
+        "mlp", (2,), num_classes=3, depth=2, width=8, activation="leaky_relu", seed=3
+    ).double()
+    x = 3 * torch.rand(60, 2, dtype=torch.float64) - 1.5
+    pred = model(x).argmax(1)
+    assert pred.unique().numel() >= 2
+    # no DeepFool step: without candidates nothing is found
+    none = attacks.minimal_l2_perturbation(model, x, max_iter=0, search_steps=0)
+    assert torch.isinf(none).all()
+    found, points = attacks.minimal_l2_perturbation(
+        model, x, max_iter=0, candidates=x, return_points=True
+    )
+    assert torch.isfinite(found).all()
+    assert (model(points).argmax(1) != pred).all()
+    nearest = torch.cdist(x, x).masked_fill(pred[None, :] == pred[:, None], float("inf")).min(1)
+    assert (found <= nearest.values + 1e-12).all()  # never farther than the candidate itself
+    assert (geometry.certified_radius(model, x).detach() <= found).all()

@@ -60,7 +60,7 @@ def spectral_norm(J: torch.Tensor) -> torch.Tensor:
 # --- T2 ------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t2_input_gradient(case: Case):
     """∇ₓℓ = Jᵀ(p − e_y) = Σ_{k≠y} p_k (∇f_k − ∇f_y)."""
@@ -83,7 +83,7 @@ def _loss(case: Case, x: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(case.model(x), case.y, reduction="none")
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t3_first_order_worst_case(case: Case):
     """max_{‖δ‖_p ≤ ε} ℓ(x+δ) = ℓ(x) + ε‖∇ℓ‖_q + O(ε²): p = 2 (q = 2) and p = ∞ (q = 1)."""
@@ -131,7 +131,7 @@ def test_t3_first_order_worst_case(case: Case):
 # --- T4, T5 --------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks(max_classes=10))
 def test_t4_jacobian_by_projection(case: Case):
     """‖J‖_F² = E_v ‖Jᵀv‖² for any v with E[v vᵀ] = I (exact expectation over ±1 vectors)."""
@@ -143,7 +143,7 @@ def test_t4_jacobian_by_projection(case: Case):
     assert_identity(expectation, frob)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks(max_classes=10))
 def test_t5_cross_lipschitz_is_a_centered_jacobian(case: Case):
     """R_CL = (2/K)‖CJ‖_F² = (2/K)(‖J‖_F² − ‖Jᵀ1‖²/K) = (2/K) E_v‖JᵀCv‖² ≤ (2/K) R_J."""
@@ -165,7 +165,7 @@ def test_t5_cross_lipschitz_is_a_centered_jacobian(case: Case):
 # --- T6, T7, T8, T9 --------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t6_softmax_sees_only_the_centered_jacobian(case: Case):
     """∂p/∂x = S J = S C J."""
@@ -185,7 +185,7 @@ def test_t6_softmax_sees_only_the_centered_jacobian(case: Case):
     assert_identity(S @ centering(case.K) @ J, dp, scale=scale)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t7_loss_hessian_is_gauss_newton(case: Case):
     """∇ₓ²ℓ = Jᵀ S J, positive semi-definite."""
@@ -199,7 +199,7 @@ def test_t7_loss_hessian_is_gauss_newton(case: Case):
     assert bool((eig >= -slack).all()), eig.min(1).values
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t8_variances(case: Case):
     """R_H = Σ_k p_k‖∇f_k − Jᵀp‖² (p-variance); R_CL = 2 × the uniform variance."""
@@ -216,7 +216,7 @@ def test_t8_variances(case: Case):
     assert_identity(R.cross_lipschitz(case.model, case.x, case.y), 2 * variance_u)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t9_fisher(case: Case):
     """E_{y′~p}‖∇ℓ(x, y′)‖² = R_H and E_{y′~p}[g gᵀ] = ∇ₓ²ℓ (summing over y′ weighted by p)."""
@@ -235,7 +235,7 @@ def test_t9_fisher(case: Case):
 # --- T10 -------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t10_cure_decomposition(case: Case):
     """∇ℓ(x+hz) − ∇ℓ(x) = J(x)ᵀ(p′ − p) + (J(x+hz) − J(x))ᵀ(p′ − e_y); the second term
@@ -275,7 +275,7 @@ def test_t10_cure_decomposition(case: Case):
                 assert_leq(err, scale[i : i + 1])
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t10_finite_difference_tends_to_hessian_vector_product(case: Case):
     """(∇ℓ(x + hz) − ∇ℓ(x))/h → Hz linearly in h, inside the region; R_CURE/h² → ‖Hz‖²."""
@@ -307,7 +307,7 @@ def test_t10_finite_difference_tends_to_hessian_vector_product(case: Case):
 # --- T11 -------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_t11_bounds(case: Case):
     """R_IG ≤ K(1 − p_y)² R_CL;  R_H ≤ (1 − max_k p_k)(K²/2) R_CL;  ‖Hz‖² ≤ R_H²."""
@@ -327,7 +327,7 @@ def test_t11_bounds(case: Case):
     assert_leq(Hz.pow(2).sum(1), r_h**2)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(networks(min_classes=2, max_classes=2))
 def test_t11_first_bound_is_tight_for_two_classes(case: Case):
     """For K = 2, R_IG = 2(1 − p_y)² R_CL exactly."""

@@ -56,7 +56,7 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # --- logit_jacobian ----------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_logit_jacobian_matches_autograd_functional(case: Case):
     jac = logit_jacobian(case.model, case.x)
@@ -194,7 +194,7 @@ def in_region_step(model, x, gen):
     return x + bcast(t, x) * u, ok
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks(), st.integers(0, 2**31 - 1))
 def test_T1_affine_on_the_region(case: Case, seed: int):
     model, x = case.model, case.x
@@ -212,7 +212,7 @@ def test_T1_affine_on_the_region(case: Case, seed: int):
     assert rel_err(jac2, jac) <= TOL and rel_err(b2, b) <= TOL
 
 
-@settings(max_examples=10, deadline=None)
+@settings(deadline=None)
 @given(networks(max_batch=2), st.data())
 def test_T1_hessian_of_every_logit_vanishes(case: Case, data):
     k = data.draw(st.integers(0, case.K - 1))
@@ -253,7 +253,7 @@ def count_units(model: nn.Module, x: torch.Tensor) -> int:
     return n
 
 
-@settings(max_examples=20, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_activation_pattern_shape_and_values(case: Case):
     pattern = activation_pattern(case.model, case.x)
@@ -334,7 +334,7 @@ def reference_boundary_distance(model: nn.Sequential, x1: torch.Tensor) -> float
     return best
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(networks(max_batch=3))
 def test_boundary_distance_matches_brute_force(case: Case):
     dist = boundary_distance(case.model, case.x)
@@ -345,7 +345,7 @@ def test_boundary_distance_matches_brute_force(case: Case):
     assert rel_err(dist, ref) <= TOL
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks(), st.integers(0, 2**31 - 1))
 def test_boundary_distance_is_exact(case: Case, seed: int):
     """0.99·dist in any direction stays in the region; along the nearest hyperplane's normal
@@ -464,7 +464,7 @@ def shrink_margin(case: Case) -> nn.Module:
     return model
 
 
-@settings(max_examples=30, deadline=None)
+@settings(deadline=None)
 @given(networks(), st.integers(0, 2**31 - 1), st.booleans())
 def test_T12_certified_radius(case: Case, seed: int, shrink: bool):
     model = shrink_margin(case) if shrink else case.model

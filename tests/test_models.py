@@ -92,7 +92,7 @@ def test_negative_slope_out_of_range(slope):
 # --- random networks ---------------------------------------------------------------------------
 
 
-@settings(max_examples=40, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_random_network_properties(case: Case):
     model, p = case.model, case.params

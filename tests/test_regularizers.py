@@ -151,7 +151,7 @@ def assert_identity(computed, reference, tol: float = TOL, scale=None) -> None:
 # --- values against the references --------------------------------------------------------------
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_exact_values_match_autograd_references(case: Case):
     h = 1e-2
@@ -171,7 +171,7 @@ def test_exact_values_match_autograd_references(case: Case):
     assert_identity(R.curvature(m, x, y, h=h), ref["curvature"], scale=ref["_scale_cure"])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(networks())
 def test_generic_path_matches_fast_path(case: Case):
     """The explicit first-layer path (plain Sequential) equals plain double backpropagation."""

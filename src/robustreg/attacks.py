@@ -296,6 +296,16 @@ def _line_search(model, x0, x_adv, ref, found, steps):
     return x0 + hi.reshape(shape) * d
 
 
+def _nearest_other_class(model, x0, ref, candidates) -> tuple[Tensor, Tensor]:
+    """For each x, the nearest candidate (ℓ2) that the model assigns a class other than ref."""
+    with torch.no_grad():
+        cls = _predict(model, candidates)
+    dist = torch.cdist(x0.flatten(1), candidates.flatten(1))  # [B, N]
+    dist = dist.masked_fill(cls[None, :] == ref[:, None], math.inf)
+    best, idx = dist.min(1)
+    return candidates[idx], torch.isfinite(best)
+
+
 def minimal_l2_perturbation(
     model: nn.Module,
     x: Tensor,
@@ -307,6 +317,7 @@ def minimal_l2_perturbation(
     search_steps: int = 10,
     pgd_steps: int = 20,
     line_steps: int = 20,
+    candidates: Tensor | None = None,
     return_points: bool = False,
 ):
     """Smallest ‖δ‖₂ found with argmax f(x + δ) ≠ c, ``Tensor[B]`` (``inf`` where none found).
@@ -317,7 +328,10 @@ def minimal_l2_perturbation(
     1. DeepFool: repeat δ ← δ + (|f_l − f_c| / ‖∇f_l − ∇f_c‖²)(∇f_l − ∇f_c),
        l = argmin_{k≠c} |f_k − f_c| / ‖∇f_k − ∇f_c‖₂, applying (1 + ``overshoot``)·δ, until the
        class changes (at most ``max_iter`` times); exact in one step inside a linear region.
-    2. Bisection along the segment from x to the DeepFool point (``line_steps`` halvings).
+    2. Bisection along the segment from x to the DeepFool point (``line_steps`` halvings); with
+       ``candidates`` (points [N, ...], e.g. the other inputs of a data set), also along the
+       segment to the nearest candidate that the model assigns another class, for the points
+       where DeepFool's linearizations cycle without changing the class.
     3. Bisection over ε ∈ [0, ‖δ_best‖] (``search_steps`` halvings): PGD-ℓ2 with the margin loss
        (``pgd_steps`` steps of 2.5ε/pgd_steps), started from δ_best·ε/‖δ_best‖; a misclassified
        result becomes δ_best.
@@ -343,6 +357,13 @@ def minimal_l2_perturbation(
     x_best = _line_search(model, x0, x_best, ref, found & ~already, line_steps)
     wrong = _predict(model, x_best) != ref
     found = found & (wrong | already)
+    if candidates is not None:
+        x_c, found_c = _nearest_other_class(model, x0, ref, candidates.detach().to(x0))
+        x_c = _line_search(model, x0, x_c, ref, found_c & ~already, line_steps)
+        found_c = found_c & (_predict(model, x_c) != ref) & ~already
+        fallback = found_c & ~found  # only where DeepFool found nothing
+        x_best = torch.where(fallback.reshape(shape), x_c, x_best)
+        found = found | fallback
     x_best = torch.where(found.reshape(shape), x_best, x0)
     inf = torch.full((x0.shape[0],), math.inf, dtype=x0.dtype, device=x0.device)
     best = torch.where(found, _flat_norm(x_best - x0).flatten(), inf)
