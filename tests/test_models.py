@@ -200,3 +200,14 @@ def test_known_architectures_are_piecewise_linear():
     for net in (mlp(4, 2), lenet(), lenet(activation="prelu"), custom, nn.Linear(3, 2)):
         assert is_piecewise_linear(net)
         check_piecewise_linear(net)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_random_cases_meet_every_number_of_classes(seed):
+    """22 consecutive cases hold every K in 2…12 for MLPs and CNNs alike (checks that select the
+    two-class case, say, never select nothing)."""
+    from robustreg import cases
+
+    drawn = [(c.K, i % 2) for i, c in enumerate(cases.random_cases(22, seed=seed, batch=1))]
+    assert {k for k, kind in drawn if kind == 0} == set(range(2, 13))
+    assert {k for k, kind in drawn if kind == 1} == set(range(2, 13))

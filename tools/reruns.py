@@ -33,10 +33,26 @@ def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, fl
     out = out_dir / f"{nb.stem}_{profile}_seed{seed}.ipynb"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "papermill", str(nb), str(out), "-p", "profile", profile,
-         "-p", "seed", str(seed), "--cwd", str(ROOT / "book"), "-k", "python3",
-         "--no-progress-bar"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(nb),
+            str(out),
+            "-p",
+            "profile",
+            profile,
+            "-p",
+            "seed",
+            str(seed),
+            "--cwd",
+            str(ROOT / "book"),
+            "-k",
+            "python3",
+            "--no-progress-bar",
+        ],
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - t0
     if proc.returncode == 0:
@@ -53,7 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args(argv)
     notebooks = [
-        nb for nb in chapter_notebooks()
+        nb
+        for nb in chapter_notebooks()
         if args.chapters is None or any(nb.stem.startswith(c) for c in args.chapters)
     ]
     out_dir = ROOT / "_build" / "reruns"

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import random
 import sys
@@ -333,7 +334,10 @@ def verify_inequality(name: str, lhs, rhs, rtol: float = 1e-12, *, scale=None) -
             f"{name}: fails on {int(bad.sum())} of {a.numel()} cases "
             f"(case {i}: lhs {float(a[i]):.6e} > rhs {float(b[i]):.6e})"
         )
-    print(f"✔ {name}: holds on all {a.numel()} cases")
+    slack_text = "" if scale is None else f" (up to {rtol:.0e}·{scale[0]})"
+    print(f"✔ {name}: holds on all {a.numel()} cases{slack_text}")
+    if a.numel() == 0:
+        return math.nan  # no case selected: no ratio to report
     ratio = torch.where(b != 0, a / torch.where(b != 0, b, 1.0), torch.zeros_like(a))
     return float(ratio.max())
 
