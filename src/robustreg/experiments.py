@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -332,6 +333,11 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def _torch_dtype(name: str) -> torch.dtype:
+    """A configuration's ``dtype`` entry ("float32" or "float64") as a torch dtype."""
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
 def _save_weights(model: nn.Module, key: str, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _write_atomic(path, lambda tmp: save_file(state, tmp, metadata={"key": key}))
@@ -351,8 +357,6 @@ def load_model(result_file: str | os.PathLike) -> nn.Module:
             f"{weights}: no weights stored for this run (the profile publishes those of "
             "plain training and of each regularizer at its largest λ)"
         )
-    from safetensors import safe_open
-
     with safe_open(str(weights), framework="pt") as f:
         stored_key = (f.metadata() or {}).get("key")
     if stored_key != record["key"]:
@@ -360,7 +364,7 @@ def load_model(result_file: str | os.PathLike) -> nn.Module:
             f"{weights} belongs to run {stored_key!r}, not to {path.name} ({record['key']!r})"
         )
     config = record["config"]
-    dtype = {"float32": torch.float32, "float64": torch.float64}[config["dtype"]]
+    dtype = _torch_dtype(config["dtype"])
     model = training.build_model(
         config["model"], tuple(record["input_shape"]), record["num_classes"]
     )
@@ -406,7 +410,8 @@ def run_grid(
 
     ``results_dir``: read each run from its result file when the file's key and evaluation
     settings match — no model is built — and otherwise train, evaluate and write the file
-    (atomically), with the weights of the runs the profile publishes. A file of another
+    (atomically), with the weights of the runs the profile publishes (written together, so the
+    weights always belong to the metrics beside them). A file of another
     configuration raises :class:`StaleResultError` unless ``refresh=True``, which recomputes and
     replaces every file. ``read_only=True`` never trains: a missing or stale file is an error.
     Without ``evaluate_models`` the files are neither read nor written.
@@ -416,9 +421,7 @@ def run_grid(
     results = Path(results_dir) if results_dir is not None and evaluate_models else None
     if read_only and results is None:
         raise ValueError("read_only=True needs a results_dir to read from")
-    dtype = {"float32": torch.float32, "float64": torch.float64}[
-        training.normalize_config(configs[0])["dtype"]
-    ]
+    dtype = _torch_dtype(training.normalize_config(configs[0])["dtype"])
     loaded: dict[str, Any] = {}
 
     def split(name):  # the data are loaded only when something is trained or evaluated
@@ -442,10 +445,8 @@ def run_grid(
                 f"{path}: no result file for this run; compute it with "
                 f"`python -m robustreg run-grid --profile {profile} --results-dir {results}`"
             )
-        weights = path.with_suffix(".safetensors") if path is not None else None
-        want_weights = weights is not None and not read_only and publishes_weights(profile, config)
         model = None
-        if stored is None or not evaluate_models or (want_weights and not weights.is_file()):
+        if stored is None or not evaluate_models:
             train_x, train_y = split("train")
             model, record = training.train_cached(
                 config,
@@ -489,11 +490,13 @@ def run_grid(
                 "machine": machine(),
                 "rows": payload["rows"],
             }
-            if path is not None:
+            if (
+                path is not None
+            ):  # the weights first: a result file never lacks its published weights
+                if publishes_weights(profile, config):
+                    _save_weights(model, key, path.with_suffix(".safetensors"))
                 text = json.dumps(stored, indent=1) + "\n"
                 _write_atomic(path, lambda tmp, text=text: Path(tmp).write_text(text))
-        if want_weights and (model is not None or not weights.is_file()):
-            _save_weights(model, key, weights)
         rows += [{**extra, **r} for r in stored["rows"]]
     return rows
 
@@ -565,8 +568,9 @@ def check_reproduction(
             raise ValueError(
                 f"{path}: the tolerance needs at least two seeds of this run in {results}"
             )
-        x, y = data_module.load(config["data"], "train", dtype=getattr(torch, config["dtype"]))
-        test = data_module.load(config["data"], "test", dtype=getattr(torch, config["dtype"]))
+        dtype = _torch_dtype(config["dtype"])
+        x, y = data_module.load(config["data"], "train", dtype=dtype)
+        test = data_module.load(config["data"], "test", dtype=dtype)
         with tempfile.TemporaryDirectory(prefix="robustreg-verify-") as tmp:
             model, _ = training.train_cached(
                 config, cache_dir=cache_dir or tmp, device="cpu", progress=progress, data=(x, y)
