@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -192,9 +191,8 @@ def test_train_cached_hit(tmp_path, digits):
     assert r1["cached"] is False
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"{r1['key']}.json", f"{r1['key']}.safetensors"]  # no temp or partial files
-    t0 = time.perf_counter()
     m2, r2 = training.train_cached(dict(SMALL), cache_dir=tmp_path, device="cpu")
-    assert r2["cached"] is True and time.perf_counter() - t0 < 2
+    assert r2["cached"] is True  # loaded, not trained (no timing: CI machines are shared)
     assert same(params(m1), params(m2)) and r2["history"] == r1["history"]
     assert not m2.training
     # key: order/tuple-insensitive, sensitive to every setting, defaults filled in
@@ -279,7 +277,7 @@ def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("*.json"))) == n
 
 
-def test_run_grid_evaluates_and_cli(tmp_path, capsys):
+def test_run_grid_evaluates_and_cli(tmp_path, capsys, monkeypatch):
     out = tmp_path / "rows.csv"
     code = cli(
         [
@@ -313,7 +311,12 @@ def test_run_grid_evaluates_and_cli(tmp_path, capsys):
     assert ((acc >= 0) & (acc <= 1)).all()
     printed = capsys.readouterr().out
     assert "clean" in printed and "pgd-linf@0.1" in printed
-    # second run: everything from the cache
-    t0 = time.perf_counter()
+
+    # second run: every model from the cache, nothing trained (no timing: CI machines are shared)
+    def forbidden(*args, **kwargs):
+        raise AssertionError("trained although the model is cached")
+
+    monkeypatch.setattr(training, "train", forbidden)
+    monkeypatch.setattr(training, "adversarial_training", forbidden)
     rows = experiments.run_grid("smoke", cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
-    assert time.perf_counter() - t0 < 10 and len(rows) == len(frame)
+    assert len(rows) == len(frame)
