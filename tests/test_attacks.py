@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustreg import attacks, data, geometry, models, training
+from robustreg import art_attacks, attacks, data, geometry, models, training
 
 DT = torch.float64
 
@@ -272,7 +272,7 @@ def test_art_pgd_agrees_with_ours(trained, norm, eps):
     model, _, _ = trained
     x, y = data.load("digits", "test", dtype=DT)
     ours = evaluation.robust_accuracy(model, x, y, [eps], norm, steps=20, seed=0)[eps]
-    x_art = evaluation.art_pgd(model, x, y, eps, norm, steps=20, seed=0)
+    x_art = art_attacks.art_pgd(model, x, y, eps, norm, steps=20, seed=0)
     d = (x_art - x).flatten(1)
     size = d.abs().max(1).values if norm == "linf" else d.norm(dim=1)
     assert (size <= eps * (1 + 1e-12)).all() and x_art.min() >= 0 and x_art.max() <= 1
@@ -286,16 +286,16 @@ def test_autoattack_runs_and_is_consistent(trained):
 
     model, x, y = trained
     xs, ys = x[:30], y[:30]
-    x_aa = evaluation.autoattack(model, xs, ys, 0.1, "linf", seed=0)
+    x_aa = art_attacks.autoattack(model, xs, ys, 0.1, "linf", seed=0)
     assert ((x_aa - xs).abs().flatten(1).max(1).values <= 0.1 + 1e-12).all()
     aa = accuracy(model, x_aa, ys)
     pgd_acc = evaluation.robust_accuracy(model, xs, ys, [0.1], steps=40)[0.1]
     assert aa <= accuracy(model, xs, ys)
     assert abs(aa - pgd_acc) <= 0.1  # no gradient masking on a plain network
     with pytest.raises(ValueError, match=r"image-shaped inputs \[B, C, H, W\]"):
-        evaluation.autoattack(model, xs.flatten(1), ys, 0.1)
+        art_attacks.autoattack(model, xs.flatten(1), ys, 0.1)
     with pytest.raises(ValueError, match="unknown version"):
-        evaluation.autoattack(model, xs, ys, 0.1, version="plus")
+        art_attacks.autoattack(model, xs, ys, 0.1, version="plus")
 
 
 def test_evaluate_rows(trained):

@@ -19,7 +19,9 @@ def _normalized(specs):
 
 def _pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return _normalized(project["dependencies"] + project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    dev = [s for s in extras["dev"] if not s.startswith("robustreg[")]
+    return _normalized(project["dependencies"] + extras["experiments"] + dev)
 
 
 def _environment():
@@ -39,3 +41,10 @@ def test_environment_yml_matches_pyproject():
 
 def test_torch_is_pinned_to_the_cpu_wheel():
     assert _pyproject()["torch"] == "==2.13.0"
+
+
+def test_the_package_needs_only_torch_and_numpy():
+    """`pip install robustreg` brings what the regularizers need; the rest is an extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert set(_normalized(project["dependencies"])) == {"torch", "numpy"}
+    assert "robustreg[experiments]" in project["optional-dependencies"]["dev"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustreg import data, evaluation, experiments, regularizers, training
+from robustreg import data, evaluation, experiments, regularizers, runs, training
 
 FAST = dict(device="cpu", progress=False, epochs=1)
 
@@ -50,7 +50,7 @@ def test_results_are_reused_without_training(grid_dirs, monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError("trained although the results file exists")
 
-    monkeypatch.setattr(training, "train_cached", forbidden)
+    monkeypatch.setattr(runs, "train_cached", forbidden)
     again = experiments.run_grid(
         "smoke", cache_dir=tmp_path / "empty", results_dir=root / "results", **FAST
     )
@@ -125,27 +125,23 @@ def test_load_model_checks_the_weights_belong_to_the_run(grid_dirs, tmp_path):
 
 def test_effective_configuration_records_defaults():
     config = {"regularizer": "curvature", "lam": 1.0}
-    full = training.normalize_config(config)
+    full = runs.normalize_config(config)
     assert full["regularizer_options"] == {"h": regularizers.DEFAULT_H}
-    assert training.cache_key(config) == training.cache_key(
+    assert runs.cache_key(config) == runs.cache_key(
         {**config, "regularizer_options": {"h": regularizers.DEFAULT_H}}
     )
-    assert training.cache_key(config) != training.cache_key(
-        {**config, "regularizer_options": {"h": 0.25}}
-    )
+    assert runs.cache_key(config) != runs.cache_key({**config, "regularizer_options": {"h": 0.25}})
     with pytest.raises(ValueError, match=r"unknown options \['step'\].*valid: \['h'\]"):
-        training.normalize_config({**config, "regularizer_options": {"step": 1}})
+        runs.normalize_config({**config, "regularizer_options": {"step": 1}})
 
 
 def test_initialisation_ignores_default_dtype(tmp_path):
     config = {"data": "digits", "model": {"name": "mlp", "hidden": [8]}, "epochs": 1, "seed": 3}
-    m32, _ = training.train_cached(config, cache_dir=tmp_path / "a", device="cpu", progress=False)
+    m32, _ = runs.train_cached(config, cache_dir=tmp_path / "a", device="cpu", progress=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        m64, _ = training.train_cached(
-            config, cache_dir=tmp_path / "b", device="cpu", progress=False
-        )
+        m64, _ = runs.train_cached(config, cache_dir=tmp_path / "b", device="cpu", progress=False)
     finally:
         torch.set_default_dtype(previous)
     for a, b in zip(m32.state_dict().values(), m64.state_dict().values(), strict=True):

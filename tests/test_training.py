@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustreg import data, evaluation, experiments, models, regularizers, training
+from robustreg import data, evaluation, experiments, models, regularizers, runs, training
 from robustreg.__main__ import main as cli
 
 torch.set_num_threads(1)
@@ -187,24 +187,24 @@ SMALL = {"data": "digits", "model": {"name": "mlp", "hidden": [16]}, "epochs": 2
 
 
 def test_train_cached_hit(tmp_path, digits):
-    m1, r1 = training.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
+    m1, r1 = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
     assert r1["cached"] is False
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"{r1['key']}.json", f"{r1['key']}.safetensors"]  # no temp or partial files
-    m2, r2 = training.train_cached(dict(SMALL), cache_dir=tmp_path, device="cpu")
+    m2, r2 = runs.train_cached(dict(SMALL), cache_dir=tmp_path, device="cpu")
     assert r2["cached"] is True  # loaded, not trained (no timing: CI machines are shared)
     assert same(params(m1), params(m2)) and r2["history"] == r1["history"]
     assert not m2.training
     # key: order/tuple-insensitive, sensitive to every setting, defaults filled in
-    assert training.cache_key(SMALL) == training.cache_key(
+    assert runs.cache_key(SMALL) == runs.cache_key(
         {**SMALL, "model": {"hidden": (16,), "name": "mlp"}, "seed": 0}
     )
-    assert training.cache_key(SMALL) != training.cache_key({**SMALL, "lr": 1e-3})
-    assert training.cache_key(SMALL) == training.cache_key(
+    assert runs.cache_key(SMALL) != runs.cache_key({**SMALL, "lr": 1e-3})
+    assert runs.cache_key(SMALL) == runs.cache_key(
         {**SMALL, "regularizer": "curvature", "lam": 0.0}  # λ = 0 is plain training
     )
     with pytest.raises(ValueError, match=r"unknown configuration keys \['epoch'\]"):
-        training.cache_key({**SMALL, "epoch": 3})
+        runs.cache_key({**SMALL, "epoch": 3})
 
 
 def test_train_cached_atomic(tmp_path, monkeypatch):
@@ -220,18 +220,18 @@ def test_train_cached_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(Interrupt):
-        training.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
+        runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
     assert not any(p.suffix in (".json", ".safetensors") for p in tmp_path.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp file removed
     monkeypatch.setattr(safetensors.torch, "save_file", real)
-    _, record = training.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
+    _, record = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
     assert record["cached"] is False
-    assert training.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
+    assert runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
 
 
 def test_adversarial_config_is_kept(tmp_path):
     cfg = {**SMALL, "epochs": 1, "adversarial": {"eps": 0.1, "steps": 1}}
-    _, record = training.train_cached(cfg, cache_dir=tmp_path, device="cpu")
+    _, record = runs.train_cached(cfg, cache_dir=tmp_path, device="cpu")
     assert record["config"]["adversarial"]["eps"] == 0.1
     assert (
         json.loads((tmp_path / f"{record['key']}.json").read_text())["config"] == record["config"]
@@ -247,7 +247,7 @@ def test_grid_definition():
     assert len(configs) == 3 * (1 + n_lams + 1)
     labels = {experiments.label(c) for c in configs}
     assert labels == {"plain", "adversarial", *regularizers.names()}
-    assert len({training.cache_key(c) for c in configs}) == len(configs)
+    assert len({runs.cache_key(c) for c in configs}) == len(configs)
     with pytest.raises(ValueError, match="unknown profile 'fast'"):
         experiments.grid("fast")
     with pytest.raises(ValueError, match=r"unknown grid settings \['seed'\]"):
@@ -273,7 +273,7 @@ def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
     assert done == 2
     calls["n"] = -100  # no more failures
     rows = experiments.run_grid("smoke", evaluate_models=False, **settings)
-    assert len(rows) == n and calls["n"] == -100 + (n - 1 - done)  # adversarial uses its own loop
+    assert len(rows) == n and calls["n"] == -100 + (n - done)  # adversarial training too
     assert len(list(tmp_path.glob("*.json"))) == n
 
 

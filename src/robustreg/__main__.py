@@ -23,17 +23,21 @@ their shapes — a quick check that the files are where the loader looks.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from robustreg.profiles import PROFILES  # plain data: torch is not loaded yet
+
+# The package is imported inside the commands, not at the top: PORTABLE_ENVIRONMENT must be set
+# before torch loads.
+
 
 def _run_grid(args) -> int:
     import torch
 
-    from robustreg import evaluation, experiments, training
+    from robustreg import evaluation, experiments, files, runs, training
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,9 +48,10 @@ def _run_grid(args) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     n = len(experiments.grid(args.profile, **overrides))
+    shard = f", shard {args.shard}" if args.shard else ""
     print(
-        f"profile {args.profile}: {n} training runs on {device}; cache "
-        f"{args.cache_dir or training.default_cache_dir()}",
+        f"profile {args.profile}: {n} training runs{shard} on {device}, {args.jobs} process(es); cache "
+        f"{args.cache_dir or runs.default_cache_dir()}",
         file=sys.stderr,
     )
     t0 = time.perf_counter()
@@ -58,6 +63,8 @@ def _run_grid(args) -> int:
         device=device,
         progress=not args.quiet,
         evaluate_models=not args.no_eval,
+        shard=args.shard,
+        jobs=args.jobs,
         **overrides,
     )
     seconds = time.perf_counter() - t0
@@ -71,9 +78,9 @@ def _run_grid(args) -> int:
                 "seconds": seconds,
                 "torch": torch.__version__,
             }
-            out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            files.write_json(out, {"meta": meta, "rows": rows})
         else:
-            evaluation.to_frame(rows).to_csv(out, index=False)
+            files.atomic_write(out, lambda tmp: evaluation.to_frame(rows).to_csv(tmp, index=False))
         print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
     if not args.no_eval:
         frame = evaluation.to_frame(rows)
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m robustreg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("run-grid", help="train and evaluate the experiment grid of a profile")
-    g.add_argument("--profile", choices=["smoke", "default", "full"], default="default")
+    g.add_argument("--profile", choices=list(PROFILES), default="default")
     g.add_argument(
         "--cache-dir",
         default=None,
@@ -153,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
     g.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run every N-th configuration from the I-th (1 ≤ I ≤ N): one job of an array",
+    )
+    g.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1; joblib)")
     g.add_argument("--out", default=None, help="write the result rows to this .csv or .json")
     g.add_argument("--no-eval", action="store_true", help="train only")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -174,16 +188,18 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_data)
     args = parser.parse_args(argv)
     if args.command in ("run-grid", "verify-results"):
-        if "torch" in sys.modules and any(
-            os.environ.get(k) != v for k, v in PORTABLE_ENVIRONMENT.items()
-        ):
+        if "torch" not in sys.modules:
+            for k, v in PORTABLE_ENVIRONMENT.items():
+                os.environ.setdefault(k, v)
+        elif any(os.environ.get(k) != v for k, v in PORTABLE_ENVIRONMENT.items()):
             print(
                 "note: torch is already loaded; the portable environment is not in effect",
                 file=sys.stderr,
             )
-        for k, v in PORTABLE_ENVIRONMENT.items():
-            os.environ.setdefault(k, v)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # what is saved was said where it happened
+        return 130
 
 
 if __name__ == "__main__":

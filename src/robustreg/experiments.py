@@ -2,7 +2,7 @@
 
 A *run* is one training configuration of :func:`grid` (plain training, a regularizer at one λ, or
 PGD adversarial training; one seed). :func:`run_grid` trains each run (through the disk cache of
-:func:`robustreg.training.train_cached`), evaluates it (:func:`robustreg.evaluation.evaluate`)
+:func:`robustreg.runs.train_cached`), evaluates it (:func:`robustreg.evaluation.evaluate`)
 and, with ``results_dir``, keeps one JSON *result file* per run::
 
     <results_dir>/<method>[_lam<λ>]_seed<s>.json     configuration, history, metrics, machine
@@ -10,7 +10,7 @@ and, with ``results_dir``, keeps one JSON *result file* per run::
                                                      publishes (:func:`publishes_weights`)
 
 A result file carries the run's *key*: a hash of its effective configuration, defaults included
-(a regularizer's default step or estimator, :func:`robustreg.training.regularizer_options`), and
+(a regularizer's default step or estimator, :func:`robustreg.runs.regularizer_options`), and
 the effective evaluation settings (:func:`eval_settings`). The files are safe by construction:
 
 - a file is reused only when both match; a file of another configuration is never overwritten
@@ -27,12 +27,15 @@ within tolerances derived from the seed-to-seed spread (``python -m robustreg ve
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -40,13 +43,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from robustreg import data as data_module
-from robustreg import evaluation, training
+from robustreg import evaluation, files, runs, training
+from robustreg.extras import missing
+from robustreg.profiles import PROFILES
+
+try:  # the experiment stack: pip install "robustreg[experiments]"
+    import joblib
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from tqdm import tqdm
+except ImportError as err:  # pragma: no cover - exercised without the extra
+    raise ImportError(missing(err.name)) from err
 
 #: The repository's committed results, one directory per profile (``results/default``).
 RESULTS_ROOT = Path(__file__).resolve().parents[2] / "results"
@@ -63,6 +73,7 @@ __all__ = [
     "load_model",
     "load_results",
     "machine",
+    "numeric_environment",
     "publishes_weights",
     "read_result",
     "result_name",
@@ -71,102 +82,8 @@ __all__ = [
 ]
 
 
-#: Profiles of the experiment grid (issue 5). ``lambdas`` per regularizer (chosen from a 5-epoch
-#: sweep on mnist5k so that the largest value costs ≤ ~8 points of clean accuracy, except
-#: input_gradient/hessian_trace, whose λ are tied by T9); ``regularizer_options`` select the cheap
-#: unbiased estimators for training; ``adversarial`` is PGD adversarial training; ``eval`` are the
-#: keyword arguments of :func:`evaluate` (plus ``n_test``: the first n test samples);
-#: ``autoattack`` adds ART's AutoAttack for the listed seeds on the first ``n`` test samples.
-# The λ grid and estimator settings shared by the default and full profiles.
-_LAMBDAS = {
-    "input_gradient": [0.1, 0.3, 1.0],
-    "jacobian_frobenius": [0.001, 0.01, 0.1],
-    "cross_lipschitz": [0.005, 0.05, 0.5],  # (K/2)·λ_J: the same weight on ‖CJ‖² (T5)
-    "curvature": [0.1, 1.0, 10.0],
-    "hessian_trace": [0.1, 0.3, 1.0],  # λ_IG: E_{y~p} R_IG = R_H (T9)
-}
-_ONE_DRAW = {
-    "jacobian_frobenius": {"n_proj": 1},
-    "cross_lipschitz": {"n_proj": 1},
-    "hessian_trace": {"n_samples": 1},
-}
-_ADVERSARIAL = {"eps": 0.1, "norm": "linf", "steps": 7}
-_ATTACK_RADII = {"linf_eps": [0.02, 0.05, 0.1, 0.15], "l2_eps": [0.5, 1.0, 1.5]}
-
-PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": {
-        "data": "digits",
-        "model": {"name": "mlp", "hidden": [32, 32]},
-        "epochs": 2,
-        "batch_size": 32,
-        "lr": 1e-2,
-        "seeds": [0],
-        "lambdas": {
-            "input_gradient": [0.3],
-            "jacobian_frobenius": [0.01],
-            "cross_lipschitz": [0.05],
-            "curvature": [1.0],
-            "hessian_trace": [0.3],
-        },
-        "regularizer_options": {
-            "jacobian_frobenius": {"n_proj": 1},
-            "cross_lipschitz": {"n_proj": 1},
-            "hessian_trace": {"n_samples": 1},
-        },
-        "adversarial": {"eps": 0.1, "norm": "linf", "steps": 3},
-        "eval": {
-            "n_test": 100,
-            "n_certified": 50,
-            "linf_eps": [0.05, 0.1],
-            "l2_eps": [0.5],
-            "steps": 10,
-        },
-        "autoattack": None,
-    },
-    "default": {
-        "data": "mnist5k",
-        "model": {"name": "mlp", "hidden": [256, 256]},
-        "epochs": 5,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "seeds": [0, 1, 2],
-        "lambdas": _LAMBDAS,
-        "regularizer_options": _ONE_DRAW,
-        "adversarial": _ADVERSARIAL,
-        # PGD-20 (α = 2.5ε/20) and T12 on 100 samples keep the default grid near the book's CPU
-        # budget; ART's PGD agrees with ours at 20 steps (tests/test_attacks.py).
-        "eval": {
-            "n_test": 1000,
-            "n_certified": 100,
-            **_ATTACK_RADII,
-            "steps": 20,
-        },
-        # every seed, so that a sign of gradient masking is judged across seeds (≈ 4 s a run)
-        "autoattack": {"seeds": [0, 1, 2], "eps": {"linf": 0.1}, "n": 100},
-    },
-    "full": {
-        "data": "fashion-mnist",
-        "model": {"name": "lenet"},
-        "epochs": 20,
-        "batch_size": 128,
-        "lr": 1e-3,
-        "seeds": [0, 1, 2],
-        "lambdas": _LAMBDAS,
-        "regularizer_options": _ONE_DRAW,
-        "adversarial": _ADVERSARIAL,
-        "eval": {
-            "n_test": 10000,
-            "n_certified": 1000,
-            **_ATTACK_RADII,
-            "steps": 40,
-        },
-        "autoattack": {"seeds": [0, 1, 2], "eps": {"linf": 0.1}, "n": 1000},
-    },
-}
-
-
 def grid(profile: str = "default", **overrides) -> list[dict[str, Any]]:
-    """The training configurations of a profile (for :func:`robustreg.training.train_cached`).
+    """The training configurations of a profile (for :func:`robustreg.runs.train_cached`).
 
     Per seed: plain training, every regularizer at every λ of the profile, and PGD adversarial
     training. ``overrides`` replace profile entries (e.g. ``seeds=[0]``, ``epochs=3``).
@@ -275,13 +192,7 @@ class StaleResultError(RuntimeError):
 
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
     """One result file; a truncated or corrupt file raises ``ValueError`` naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path}: not a valid result file ({err}); delete it and rerun the grid to recreate it"
-        ) from None
+    return files.read_json(path, "result file", "delete it and rerun the grid to recreate it")
 
 
 def load_results(results_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -309,8 +220,8 @@ def _check_stored(
         return
     diffs = _differences(
         {"config": stored.get("config"), "eval": stored.get("eval")},
-        {"config": training.normalize_config(config), "eval": settings},
-    ) or [f"key: {stored.get('key')!r} in the file, {key!r} now (training.CACHE_VERSION changed)"]
+        {"config": runs.normalize_config(config), "eval": settings},
+    ) or [f"key: {stored.get('key')!r} in the file, {key!r} now (runs.CACHE_VERSION changed)"]
     raise StaleResultError(
         f"{path} belongs to another configuration than this run ("
         + "; ".join(diffs)
@@ -319,28 +230,9 @@ def _check_stored(
     )
 
 
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    """A configuration's ``dtype`` entry ("float32" or "float64") as a torch dtype."""
-    return {"float32": torch.float32, "float64": torch.float64}[name]
-
-
 def _save_weights(model: nn.Module, key: str, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(path, lambda tmp: save_file(state, tmp, metadata={"key": key}))
+    files.atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"key": key}))
 
 
 def load_model(result_file: str | os.PathLike) -> nn.Module:
@@ -364,10 +256,8 @@ def load_model(result_file: str | os.PathLike) -> nn.Module:
             f"{weights} belongs to run {stored_key!r}, not to {path.name} ({record['key']!r})"
         )
     config = record["config"]
-    dtype = _torch_dtype(config["dtype"])
-    model = training.build_model(
-        config["model"], tuple(record["input_shape"]), record["num_classes"]
-    )
+    dtype = runs.torch_dtype(config["dtype"])
+    model = runs.build_model(config["model"], tuple(record["input_shape"]), record["num_classes"])
     model = model.to(dtype)
     model.load_state_dict(load_file(str(weights)))
     return model.eval()
@@ -388,6 +278,136 @@ def _evaluate(model, test, settings) -> dict[str, Any]:
     }
 
 
+def numeric_environment() -> dict[str, Any]:
+    """What decides the bits of a computation besides its inputs: ATen's instruction set and
+    Intel MKL's reproducibility mode (both fixed when torch loads)."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "MKL_CBWR": os.environ.get("MKL_CBWR"),
+    }
+
+
+@contextlib.contextmanager
+def _inherited_environment(environment: Mapping[str, Any]):
+    """Worker processes started inside load torch with this process's numeric environment."""
+    wanted = {
+        "ATEN_CPU_CAPABILITY": environment["cpu_capability"].lower(),
+        "MKL_CBWR": environment["MKL_CBWR"],
+    }
+    saved = {k: os.environ.get(k) for k in wanted}
+
+    def apply(values):
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    apply(wanted)
+    try:
+        yield
+    finally:
+        apply(saved)
+
+
+def _shard(configs: list, shard) -> list:
+    """The configurations of shard ``(i, n)`` (or ``"i/n"``), i in 1..n: every n-th from the i-th."""
+    if shard is None:
+        return configs
+    if isinstance(shard, str):
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"shard must read I/N (e.g. 2/4), got {shard!r}") from None
+    else:
+        i, n = shard
+    if not (isinstance(n, int) and isinstance(i, int) and 1 <= i <= n):
+        raise ValueError(f"shard I/N needs integers 1 ≤ I ≤ N, got {i}/{n}")
+    return configs[i - 1 :: n]
+
+
+def _run_one(
+    config: Mapping[str, Any],
+    *,
+    profile: str,
+    settings: Mapping[str, Any],
+    results: Path | None,
+    cache_dir,
+    refresh: bool,
+    read_only: bool,
+    device,
+    progress,
+    evaluate_models: bool,
+    threads: int | None = None,
+    environment: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Train (or load) and evaluate one run of a grid; write its result file; return its rows."""
+    if threads is not None:  # a worker process computes with the caller's thread count
+        torch.set_num_threads(threads)
+    if environment is not None and numeric_environment() != environment:
+        raise RuntimeError(
+            f"a worker process computes under {numeric_environment()}, the grid under "
+            f"{environment}: its files would differ from a serial run's; use jobs=1"
+        )
+    eval_s = _run_eval_settings(settings, config["seed"])
+    key = runs.cache_key(config)
+    dtype = runs.torch_dtype(runs.normalize_config(config)["dtype"])
+    path = results / result_name(config) if results is not None else None
+    stored = None
+    if path is not None and path.is_file() and not refresh:
+        stored = read_result(path)
+        _check_stored(path, stored, config, key, eval_s)
+    if stored is None and read_only:
+        raise FileNotFoundError(
+            f"{path}: no result file for this run; compute it with "
+            f"`python -m robustreg run-grid --profile {profile} --results-dir {results}`"
+        )
+    model = None
+    if stored is None or not evaluate_models:
+        model, record = runs.train_cached(
+            config, cache_dir=cache_dir, device=device, progress=progress
+        )
+    if stored is not None:
+        record = stored
+    times, cpu = record["history"]["time"], record["history"].get("cpu_time")
+    extra = {
+        "method": label(config),
+        "lam": float(config.get("lam", 0.0)),
+        "seed": config["seed"],
+        "key": record["key"],
+        "seconds_per_epoch": sum(times) / max(len(times), 1),
+        "cpu_seconds_per_epoch": statistics.median(cpu) if cpu else None,
+    }
+    if not evaluate_models:
+        return [{**extra, "metric": "trained", "value": 1.0}]
+    if stored is None:
+        train_x, train_y = data_module.load(settings["data"], "train", dtype=dtype)
+        payload = _evaluate(model, data_module.load(settings["data"], "test", dtype=dtype), eval_s)
+        stored = {
+            "name": result_name(config),
+            "method": extra["method"],
+            "lam": extra["lam"],
+            "seed": extra["seed"],
+            "key": key,
+            "config": record["config"],
+            "eval": eval_s,
+            "input_shape": list(train_x.shape[1:]),
+            "num_classes": int(train_y.max()) + 1,
+            "history": record["history"],
+            "train_seconds": record["train_seconds"],
+            "eval_seconds": payload["seconds"],
+            "eval_cpu_seconds": payload["cpu_seconds"],
+            "device": str(record["device"]),
+            "machine": machine(),
+            "rows": payload["rows"],
+        }
+        if path is not None:  # the weights first: a result file never lacks its published weights
+            if publishes_weights(profile, config):
+                _save_weights(model, key, path.with_suffix(".safetensors"))
+            files.write_json(path, stored)
+    return [{**extra, **r} for r in stored["rows"]]
+
+
 def run_grid(
     profile: str = "default",
     *,
@@ -398,6 +418,8 @@ def run_grid(
     device: str | torch.device | None = None,
     progress: bool | None = None,
     evaluate_models: bool = True,
+    shard: str | tuple[int, int] | None = None,
+    jobs: int = 1,
     **overrides,
 ) -> list[dict[str, Any]]:
     """Train (or load) and evaluate every configuration of :func:`grid`; return tidy rows.
@@ -415,89 +437,65 @@ def run_grid(
     configuration raises :class:`StaleResultError` unless ``refresh=True``, which recomputes and
     replaces every file. ``read_only=True`` never trains: a missing or stale file is an error.
     Without ``evaluate_models`` the files are neither read nor written.
+
+    ``shard="I/N"`` runs every N-th configuration from the I-th (1 ≤ I ≤ N), so N jobs of a
+    scheduler's array share a grid, each writing its own files into one directory; ``jobs``
+    runs that many local processes (joblib), each with this process's thread count, so the
+    files are those of a serial run. Ctrl-C stops after saying what is saved.
     """
-    configs = grid(profile, **overrides)
-    p = {**PROFILES[profile], **overrides}
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    settings = {**PROFILES[profile], **overrides} if profile in PROFILES else None
+    configs = _shard(grid(profile, **overrides), shard)
     results = Path(results_dir) if results_dir is not None and evaluate_models else None
     if read_only and results is None:
         raise ValueError("read_only=True needs a results_dir to read from")
-    dtype = _torch_dtype(training.normalize_config(configs[0])["dtype"])
-    loaded: dict[str, Any] = {}
-
-    def split(name):  # the data are loaded only when something is trained or evaluated
-        if name not in loaded:
-            loaded[name] = data_module.load(p["data"], name, dtype=dtype)
-        return loaded[name]
-
+    if results is not None:
+        files.remove_leftovers(results)
+    task = functools.partial(
+        _run_one,
+        profile=profile,
+        settings=settings,
+        results=results,
+        cache_dir=cache_dir,
+        refresh=refresh,
+        read_only=read_only,
+        device=device,
+        progress=progress if jobs == 1 else False,
+        evaluate_models=evaluate_models,
+    )
+    bar = tqdm(
+        total=len(configs), desc=f"grid {profile}", disable=not training.progress_enabled(progress)
+    )
     rows: list[dict[str, Any]] = []
-    bar = tqdm(configs, desc=f"grid {profile}", disable=not training._show_progress(progress))
-    for config in bar:
-        bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
-        settings = _run_eval_settings(p, config["seed"])
-        key = training.cache_key(config)
-        path = results / result_name(config) if results is not None else None
-        stored = None
-        if path is not None and path.is_file() and not refresh:
-            stored = read_result(path)
-            _check_stored(path, stored, config, key, settings)
-        if stored is None and read_only:
-            raise FileNotFoundError(
-                f"{path}: no result file for this run; compute it with "
-                f"`python -m robustreg run-grid --profile {profile} --results-dir {results}`"
-            )
-        model = None
-        if stored is None or not evaluate_models:
-            train_x, train_y = split("train")
-            model, record = training.train_cached(
-                config,
-                cache_dir=cache_dir,
-                device=device,
-                progress=progress,
-                data=(train_x, train_y),
-            )
-        if stored is not None:
-            record = stored
-        times, cpu = record["history"]["time"], record["history"].get("cpu_time")
-        extra = {
-            "method": label(config),
-            "lam": float(config.get("lam", 0.0)),
-            "seed": config["seed"],
-            "key": record["key"],
-            "seconds_per_epoch": sum(times) / max(len(times), 1),
-            "cpu_seconds_per_epoch": statistics.median(cpu) if cpu else None,
-        }
-        if not evaluate_models:
-            rows.append({**extra, "metric": "trained", "value": 1.0})
-            continue
-        if stored is None:
-            payload = _evaluate(model, split("test"), settings)
-            train_x, train_y = split("train")
-            stored = {
-                "name": result_name(config),
-                "method": extra["method"],
-                "lam": extra["lam"],
-                "seed": extra["seed"],
-                "key": key,
-                "config": record["config"],
-                "eval": settings,
-                "input_shape": list(train_x.shape[1:]),
-                "num_classes": int(train_y.max()) + 1,
-                "history": record["history"],
-                "train_seconds": record["train_seconds"],
-                "eval_seconds": payload["seconds"],
-                "eval_cpu_seconds": payload["cpu_seconds"],
-                "device": str(record["device"]),
-                "machine": machine(),
-                "rows": payload["rows"],
-            }
-            if (
-                path is not None
-            ):  # the weights first: a result file never lacks its published weights
-                if publishes_weights(profile, config):
-                    _save_weights(model, key, path.with_suffix(".safetensors"))
-                text = json.dumps(stored, indent=1) + "\n"
-                _write_atomic(path, lambda tmp, text=text: Path(tmp).write_text(text))
-        rows += [{**extra, **r} for r in stored["rows"]]
+    done = 0
+    try:
+        if jobs == 1:
+            outputs = map(task, configs)
+        else:
+            env = numeric_environment()
+            with _inherited_environment(env):
+                outputs = list(
+                    joblib.Parallel(n_jobs=jobs)(
+                        joblib.delayed(task)(c, threads=torch.get_num_threads(), environment=env)
+                        for c in configs
+                    )
+                )
+        for config, out in zip(configs, outputs, strict=True):
+            rows += out
+            done += 1
+            bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        where = f"result files in {results}" if results is not None else "nothing written"
+        print(
+            f"\ninterrupted: {done} of {len(configs)} runs finished ({where}; trained models and "
+            "per-epoch checkpoints in the run cache); rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
     return rows
 
 
@@ -552,10 +550,10 @@ def check_reproduction(
         path = results / (name if name.endswith(".json") else f"{name}.json")
         stored = read_result(path)
         config = stored["config"]
-        if training.cache_key(config) != stored["key"]:
+        if runs.cache_key(config) != stored["key"]:
             raise StaleResultError(
                 f"{path}: its key does not match its configuration under today's code (a default "
-                "or training.CACHE_VERSION changed); recompute it with --refresh"
+                "or runs.CACHE_VERSION changed); recompute it with --refresh"
             )
         siblings = [
             _metrics(r)
@@ -568,12 +566,11 @@ def check_reproduction(
             raise ValueError(
                 f"{path}: the tolerance needs at least two seeds of this run in {results}"
             )
-        dtype = _torch_dtype(config["dtype"])
-        x, y = data_module.load(config["data"], "train", dtype=dtype)
+        dtype = runs.torch_dtype(config["dtype"])
         test = data_module.load(config["data"], "test", dtype=dtype)
         with tempfile.TemporaryDirectory(prefix="robustreg-verify-") as tmp:
-            model, _ = training.train_cached(
-                config, cache_dir=cache_dir or tmp, device="cpu", progress=progress, data=(x, y)
+            model, _ = runs.train_cached(
+                config, cache_dir=cache_dir or tmp, device="cpu", progress=progress
             )
             fresh = _metrics(_evaluate(model, test, stored["eval"]))
         n_test = stored["eval"].get("n_test") or len(test[1])
@@ -605,20 +602,19 @@ def trained_model(
     *,
     results_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> nn.Module:
     """The network of one run of a profile's grid, in eval mode.
 
     The published model of ``results_dir`` (default ``results/<profile>`` of the repository) when
     its weights are there — the very network whose metrics the result file reports — and
-    otherwise the run trained through :func:`robustreg.training.train_cached` (a seed or profile
+    otherwise the run trained through :func:`robustreg.runs.train_cached` (a seed or profile
     whose runs were not published). A published file of another configuration raises
     :class:`StaleResultError` rather than being used.
     """
     root = Path(results_dir) if results_dir is not None else RESULTS_ROOT / profile
     path = root / result_name(config)
     if path.with_suffix(".safetensors").is_file():
-        key = training.cache_key(config)
+        key = runs.cache_key(config)
         if read_result(path)["key"] != key:
             raise StaleResultError(
                 f"{path} belongs to another configuration than {result_name(config)} asks for "
@@ -626,7 +622,5 @@ def trained_model(
                 f"{profile} --results-dir {root} --refresh`"
             )
         return load_model(path)
-    model, _ = training.train_cached(
-        config, cache_dir=cache_dir, device="cpu", progress=False, data=data
-    )
+    model, _ = runs.train_cached(config, cache_dir=cache_dir, device="cpu", progress=False)
     return model

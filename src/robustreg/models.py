@@ -279,3 +279,23 @@ def check_piecewise_linear(model: nn.Module) -> None:
 def is_piecewise_linear(model: nn.Module) -> bool:
     """Whether :func:`check_piecewise_linear` accepts ``model``."""
     return _first_offence(model) is None
+
+
+def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's first floating-point parameter (where its inputs go)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    raise ValueError("the model has no floating-point parameters")
+
+
+@torch.no_grad()
+def num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    """K, the number of logits the model gives for one sample of ``x``."""
+    device, dtype = device_dtype(model)
+    mode = model.training
+    model.eval()  # no batch-norm statistics touched, no dropout drawn
+    try:
+        return int(model(x[:1].to(device, dtype)).shape[-1])
+    finally:
+        model.train(mode)

@@ -39,7 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PROFILES = ("smoke", "default", "full")
+from robustreg.extras import require
+from robustreg.profiles import PROFILES
+
 THREADS = 2
 
 # Names IPython and Python put in a notebook's namespace; anything else that is not annotated
@@ -137,6 +139,7 @@ def reproducible(seed: int, threads: int = THREADS, dtype: torch.dtype = torch.f
 
 
 def _figure_style() -> None:
+    require("matplotlib")
     import matplotlib as mpl
 
     mpl.rcParams.update(

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from robustreg.extras import require
+
 from .geometry import activation_pattern
 
 
@@ -83,6 +85,7 @@ def scatter_matrix(
     ``highlight``: a boolean array [N]; those points are drawn on top in a second colour.
     Returns the Figure.
     """
+    require("matplotlib")
     import matplotlib.pyplot as plt
 
     labels = list(values)

@@ -27,6 +27,8 @@ Common behaviour:
   instead of running the model a second time (``benchmarks/regularizer_cost.py`` does so).
 - Estimators (``n_proj``, ``n_samples``) take ``generator: torch.Generator | None`` for reproducible
   draws; they are unbiased for the value, and the projection estimators also for its gradient.
+- A sample whose logits are NaN or infinite (a diverged network, NaN inputs) gets the value NaN,
+  for every regularizer.
 - Inputs are checked: ``x`` needs a batch dimension and a floating dtype, ``y`` must be int64 of
   shape ``[B]`` with values in ``[0, K)``; errors name the bad value and the valid range.
 - Cost: one forward pass (two for ``curvature``) and one double-backpropagated input gradient per
@@ -320,7 +322,13 @@ def _forward(model: nn.Module, x: Tensor, y: Tensor) -> _Forward:
 
 
 def _finish(fw: _Forward, values: Tensor, return_logits: bool):
+    """Detach under no_grad; a sample with a non-finite logit gets the value NaN (every
+    regularizer alike: ReLU's backward would otherwise pass NaN as active and some values stay
+    finite)."""
     logits = fw.logits
+    finite = torch.isfinite(logits.detach()).all(-1)
+    if not bool(finite.all()):
+        values = torch.where(finite, values, torch.full_like(values, math.nan))
     if not fw.create_graph:  # called under torch.no_grad()
         values, logits = values.detach(), logits.detach()
     return (values, logits) if return_logits else values

@@ -1,4 +1,4 @@
-"""Training with a regularizer, adversarial training, and a disk cache of trained models.
+"""Training with a regularizer or against an attack: one minibatch loop.
 
 Objective of :func:`train` on a batch B (NOTATION: ℓ(x, y) = −log p_y(x)):
 
@@ -8,7 +8,8 @@ with R one of the regularizers of :mod:`robustreg.regularizers` (per-sample valu
 normalization) or any callable ``(model, x, y, **options) -> Tensor[B]``. With λ = 0 the
 regularizer is not evaluated (plain training).
 
-:func:`adversarial_training` (Madry et al.) minimizes instead
+With ``attack=`` (a callable ``(model, x, y, generator) -> x_adv``) the same loop trains on the
+attacked batch instead — :func:`adversarial_training` (Madry et al.) passes PGD:
 
     L(θ) = (1/|B|) Σ_{(x,y)∈B} max_{‖δ‖ ≤ ε, x+δ ∈ [0,1]^d} ℓ(x + δ, y),
 
@@ -26,52 +27,49 @@ from torch's global generator, which :func:`train` seeds with ``seed + 1`` insid
 :func:`torch.random.fork_rng` (the caller's random state is left untouched). Same seed, data,
 model initialisation and device → identical weights (on CUDA, up to nondeterministic kernels).
 
-Caching: :func:`train_cached` builds the model and data from a plain configuration dictionary,
-trains, and stores the weights (safetensors) and the history (JSON) under
-``<cache>/<sha256 of the configuration>``; a rerun with the same configuration loads them
-instead of training. Writes are atomic (temporary file + :func:`os.replace`); a run interrupted
-mid-training resumes from its last finished epoch (checkpoint read with
-``torch.load(weights_only=True)``).
+Data are checked before training (:func:`check_data`): floating inputs in [0, 1], finite, integer
+labels in [0, K). Checkpoints (``checkpoint=``) hold the run's identity (:func:`run_identity`: the
+objective, the optimizer settings, a hash of the data and of the initial weights); a checkpoint
+of another run is refused, a corrupt one is discarded with a warning, a finished run deletes it.
+Trained models cached by configuration live in :mod:`robustreg.runs`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import functools
 import hashlib
 import inspect
-import json
 import math
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustreg import attacks, files, models, regularizers
+from robustreg.extras import require
+
 __all__ = [
-    "CACHE_VERSION",
+    "OPTIMIZERS",
+    "CheckpointMismatchError",
     "History",
     "TrainResult",
     "adversarial_training",
-    "build_model",
-    "cache_key",
-    "default_cache_dir",
+    "check_data",
     "default_device",
-    "normalize_config",
+    "progress_enabled",
+    "run_identity",
     "train",
-    "train_cached",
 ]
 
 OPTIMIZERS = ("adam", "sgd")
-# Bump when a change in this package alters what a configuration trains to.
-CACHE_VERSION = 1
 
 
 @dataclass
@@ -100,6 +98,10 @@ class TrainResult(NamedTuple):
     history: History
 
 
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint file that belongs to another training run than the one asked for."""
+
+
 def default_device() -> torch.device:
     """CUDA when available, else Apple's MPS when available, else the CPU."""
     if torch.cuda.is_available():
@@ -109,12 +111,37 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def progress_enabled(progress: bool | None) -> bool:
+    """Whether to draw a progress bar: ``progress``, or (``None``) when stderr is a terminal."""
+    if progress is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(progress)
+
+
+def _progress_bar(progress: bool | None, **kwargs):
+    if not progress_enabled(progress):
+        return _NoBar()
+    require("tqdm")
+    from tqdm import tqdm  # optional: text bars, no ipywidgets needed in notebooks
+
+    return tqdm(**kwargs)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def _resolve_regularizer(regularizer) -> tuple[str | None, Callable | None]:
     if regularizer is None:
         return None, None
     if isinstance(regularizer, str):
-        from robustreg import regularizers
-
         return regularizer, regularizers.get(regularizer)
     if callable(regularizer):
         return getattr(regularizer, "__name__", type(regularizer).__name__), regularizer
@@ -132,53 +159,104 @@ def _accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
-def _check_common(data, epochs, batch_size, lr, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+def check_data(data, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a training set ``data = (x, y)`` and return it.
+
+    ``x``: a floating tensor ``[N, ...]`` (N ≥ 1), finite, with values in [0, 1] (the box every
+    attack and certificate of the package assumes — scale 0–255 images by 1/255); ``y``: integer
+    labels ``[N]`` in ``[0, num_classes)``. Errors name the bad value and K.
+    """
     if not (isinstance(data, tuple | list) and len(data) == 2):
         raise TypeError("data must be a pair (x, y) of tensors")
     x, y = data
     if not (torch.is_tensor(x) and torch.is_tensor(y)):
         raise TypeError("data must be a pair (x, y) of tensors")
-    if x.shape[0] != y.shape[0] or y.ndim != 1 or x.shape[0] == 0:
+    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(
             f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)} do not form a data set "
             "(need x [N, ...] and y [N] with N ≥ 1)"
         )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0])
+        raise ValueError(
+            f"x holds NaN or infinite values in {int((~finite).sum())} of {len(x)} samples "
+            f"(first: sample {first})"
+        )
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0 or hi > 1:
+        raise ValueError(
+            f"x must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
+            + (" (0–255 pixels? divide by 255)" if hi > 1.5 else "")
+        )
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer labels, got {y.dtype}")
+    _check_labels(y, num_classes)
+    return x, y
+
+
+def _check_labels(y: torch.Tensor, num_classes: int | None) -> None:
+    k = "" if num_classes is None else f", K = {num_classes}"
+    if int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, K){k}; got values in [{int(y.min())}, {int(y.max())}]"
+        )
+
+
+def _check_settings(epochs, batch_size, lr, optimizer) -> None:
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not (lr > 0 and math.isfinite(lr)):
+    if not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-    return x, y
 
 
-def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype, p.device
-    raise ValueError("the model has no floating-point parameters to train")
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
-def _atomic_save(obj, path: Path, saver: Callable[[Any, str], None]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def run_identity(model: nn.Module, data, describe: str, settings: dict) -> str:
+    """SHA-256 of what determines a training run: the objective (``describe``: regularizer, λ,
+    options or attack), the ``settings`` (epochs, batch size, lr, seed, optimizer, weight decay),
+    the data and the model's initial parameters and buffers. A checkpoint stores it."""
+    h = hashlib.sha256(repr((describe, sorted(settings.items()))).encode())
+    h.update(_digest(data).encode())
+    h.update(_digest(model.state_dict().values()).encode())
+    return h.hexdigest()[:24]
+
+
+def _load_checkpoint(path: Path, identity: str) -> dict | None:
+    """The checkpoint's state if it belongs to this run; None (with a warning) if corrupt."""
     try:
-        saver(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _show_progress(progress: bool | None) -> bool:
-    if progress is None:
-        return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    return bool(progress)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("not a training checkpoint")
+    except Exception as err:  # truncated, not a checkpoint, or unpicklable: start afresh
+        warnings.warn(
+            f"{path}: corrupt checkpoint discarded ({type(err).__name__}: {err}); "
+            "training restarts from the first epoch",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        path.unlink(missing_ok=True)
+        return None
+    if state.get("identity") != identity:
+        raise CheckpointMismatchError(
+            f"{path} is the checkpoint of another training run (identity "
+            f"{state.get('identity')!r}, this run {identity!r}: objective, settings, data or "
+            "initial weights differ); delete it or pass another checkpoint path"
+        )
+    return state
 
 
 def _fit(
@@ -197,8 +275,10 @@ def _fit(
     describe: str,
 ) -> TrainResult:
     """Shared minibatch loop: ``batch_objective(model, xb, yb, generator) -> (L, ce, reg, logits)``."""
-    x, y = _check_common(data, epochs, batch_size, lr, optimizer)
-    dtype, device = _model_dtype_device(model)
+    _check_settings(epochs, batch_size, lr, optimizer)
+    device, dtype = models.device_dtype(model)
+    x, y = check_data(data)
+    _check_labels(y, models.num_classes(model, x))
     x = x.to(device=device, dtype=dtype)
     y = y.to(device=device, dtype=torch.int64)
     n = x.shape[0]
@@ -212,12 +292,26 @@ def _fit(
     estimator = torch.Generator(device=device).manual_seed(seed + 2)
     history = History()
     start = 0
+    identity = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        settings = dict(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+        )
+        identity = run_identity(model, (x, y), describe, settings)
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed + 1)
-        if checkpoint is not None and Path(checkpoint).is_file():
+        state = (
+            _load_checkpoint(checkpoint, identity) if checkpoint and checkpoint.is_file() else None
+        )
+        if state is not None:
             # RNG states must stay CPU tensors; load_state_dict moves the rest to the device.
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             order.set_state(state["order"])
@@ -227,13 +321,11 @@ def _fit(
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
             history = History(**{k: list(map(float, v)) for k, v in state["history"].items()})
             start = int(state["epoch"])
-        from tqdm import tqdm  # text bar: no ipywidgets needed in notebooks
-
-        bar = tqdm(
+        bar = _progress_bar(
+            progress,
             total=epochs * n_batches,
             initial=start * n_batches,
             desc=describe,
-            disable=not _show_progress(progress),
             leave=False,
         )
         try:
@@ -279,6 +371,7 @@ def _fit(
                 bar.set_postfix(loss=f"{sums[0]:.4f}", acc=f"{sums[3]:.3f}")
                 if checkpoint is not None and epoch + 1 < epochs:
                     state = {
+                        "identity": identity,
                         "model": model.state_dict(),
                         "optimizer": opt.state_dict(),
                         "order": order.get_state(),
@@ -289,9 +382,11 @@ def _fit(
                     }
                     if device.type == "cuda":
                         state["cuda_rng"] = torch.cuda.get_rng_state(device)
-                    _atomic_save(state, Path(checkpoint), torch.save)
+                    files.atomic_write(checkpoint, functools.partial(torch.save, state))
         finally:
             bar.close()
+    if checkpoint is not None:  # finished: the partial state is of no further use
+        checkpoint.unlink(missing_ok=True)
     opt.zero_grad(set_to_none=True)
     model.eval()
     return TrainResult(model, history)
@@ -303,6 +398,7 @@ def train(
     regularizer: str | Callable | None = None,
     lam: float = 0.0,
     *,
+    attack: Callable | None = None,
     epochs: int = 10,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -319,12 +415,18 @@ def train(
     (or ``optimizer="sgd"``: momentum 0.9) for ``epochs`` passes over shuffled minibatches of
     ``batch_size``. ``regularizer`` is a name from :func:`robustreg.regularizers.names` or a
     callable ``(model, x, y, **options) -> Tensor[B]``; ``regularizer_options`` are passed to it
-    (e.g. ``n_proj=1``, ``h=...``).
+    (e.g. ``n_proj=1``, ``h=...``). ``attack``: a callable ``(model, x, y, generator) -> x_adv``
+    run on every batch (model in eval mode), the loss then taken on ``x_adv`` (adversarial
+    training; see :func:`adversarial_training`).
 
+    ``data`` is validated by :func:`check_data` against the model's number of classes.
     ``progress``: a tqdm bar over batches (``None``: only when stderr is a terminal).
-    ``checkpoint``: a file to save the state after every epoch and to resume from when it exists.
-    A non-finite loss raises :class:`FloatingPointError` naming the epoch, batch and λ.
-    The model ends in eval mode; ``x`` is cast to the dtype and device of the model's parameters.
+    ``checkpoint``: a file that holds the state after every epoch; a later call of the same run
+    (:func:`run_identity`) resumes from it, a call of another run raises
+    :class:`CheckpointMismatchError`, a corrupt file is discarded with a warning, and the file is
+    deleted when the run finishes. A non-finite loss raises :class:`FloatingPointError` naming the
+    epoch, batch and λ. The model ends in eval mode; ``x`` is cast to the dtype and device of the
+    model's parameters.
     """
     if not (isinstance(lam, int | float) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number ≥ 0, got {lam!r}")
@@ -335,14 +437,21 @@ def train(
         raise ValueError(
             f"regularizer options {sorted(regularizer_options)} given without a regularizer"
         )
+    if attack is not None and not callable(attack):
+        raise TypeError(
+            f"attack must be a callable (model, x, y, generator) -> x_adv, got {attack!r}"
+        )
     use_reg = fn is not None and lam > 0
     pass_generator = (
         use_reg and "generator" not in regularizer_options and _accepts(fn, "generator")
     )
-
     reuse_logits = use_reg and _accepts(fn, "return_logits")
 
     def objective(model, xb, yb, generator):
+        if attack is not None:
+            model.eval()
+            xb = attack(model, xb, yb, generator)
+            model.train()
         if use_reg:
             options = dict(regularizer_options)
             if pass_generator:
@@ -365,6 +474,10 @@ def train(
         return ce, ce, zero, logits
 
     describe = f"λ={lam}, regularizer={name}" if use_reg else f"λ={lam}, plain"
+    if use_reg and regularizer_options:
+        describe += f", options={sorted(regularizer_options.items())}"
+    if attack is not None:
+        describe = getattr(attack, "describe", None) or f"attack={attack!r}, {describe}"
     return _fit(
         model,
         data,
@@ -381,6 +494,23 @@ def train(
     )
 
 
+class _PGD:
+    """The attack of :func:`adversarial_training`: ``pgd(model, x, y, eps, ...)`` with fixed settings."""
+
+    def __init__(self, eps, norm, steps, step_size, restarts):
+        attacks.check_eps_norm(eps, norm)
+        self.settings = dict(
+            eps=eps, norm=norm, steps=steps, step_size=step_size, restarts=restarts
+        )
+        self.describe = f"PGD-{norm} adversarial training, ε={eps}, {self.settings}"
+
+    def __call__(self, model, x, y, generator):
+        return attacks.pgd(model, x, y, generator=generator, **self.settings)
+
+    def __repr__(self):
+        return self.describe
+
+
 def adversarial_training(
     model: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor],
@@ -390,275 +520,13 @@ def adversarial_training(
     steps: int = 10,
     step_size: float | None = None,
     restarts: int = 1,
-    epochs: int = 10,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    progress: bool | None = None,
-    checkpoint: str | os.PathLike | None = None,
+    **train_options,
 ) -> TrainResult:
     """PGD adversarial training (Madry et al.): minimize mean ℓ(x_adv, y), x_adv = PGD(x).
 
-    Each minibatch is replaced by :func:`robustreg.attacks.pgd` ``(model, x, y, eps, norm, steps,
-    step_size, restarts)`` computed with the model in eval mode; the optimizer, seeding and
-    checkpointing are those of :func:`train`. The history's ``accuracy`` is on the adversarial
-    batches.
+    :func:`train` with ``attack`` = :func:`robustreg.attacks.pgd` ``(model, x, y, eps, norm, steps,
+    step_size, restarts)``, computed with the model in eval mode; ``train_options`` (epochs,
+    batch_size, lr, seed, optimizer, weight_decay, progress, checkpoint) are those of
+    :func:`train`. The history's ``accuracy`` is on the adversarial batches.
     """
-    from robustreg import attacks
-
-    attacks._check_eps_norm(eps, norm)
-
-    def objective(model, xb, yb, generator):
-        model.eval()
-        x_adv = attacks.pgd(
-            model,
-            xb,
-            yb,
-            eps,
-            norm=norm,
-            steps=steps,
-            step_size=step_size,
-            restarts=restarts,
-            generator=generator,
-        )
-        model.train()
-        logits = model(x_adv)
-        ce = F.cross_entropy(logits, yb)
-        return ce, ce, torch.zeros((), dtype=ce.dtype, device=ce.device), logits
-
-    return _fit(
-        model,
-        data,
-        objective,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        optimizer=optimizer,
-        weight_decay=weight_decay,
-        progress=progress,
-        checkpoint=checkpoint,
-        describe=f"PGD-{norm} adversarial training, ε={eps}",
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Cached training from a configuration dictionary
-# ---------------------------------------------------------------------------------------------
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "data": "mnist5k",
-    "model": {"name": "mlp"},
-    "regularizer": None,
-    "lam": 0.0,
-    "regularizer_options": {},
-    "adversarial": None,  # or {"eps": 0.1, "norm": "linf", "steps": 10, "step_size": None, "restarts": 1}
-    "epochs": 10,
-    "batch_size": 128,
-    "lr": 1e-3,
-    "optimizer": "adam",
-    "weight_decay": 0.0,
-    "seed": 0,
-    "dtype": "float32",
-}
-
-
-def default_cache_dir() -> Path:
-    """``$ROBUSTREG_CACHE`` if set, else ``$XDG_CACHE_HOME/robustreg/runs`` (``~/.cache/...``)."""
-    if os.environ.get("ROBUSTREG_CACHE"):
-        return Path(os.environ["ROBUSTREG_CACHE"])
-    from robustreg.data import cache_dir
-
-    return cache_dir() / "runs"
-
-
-def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill defaults (:data:`DEFAULT_CONFIG`), reject unknown keys, make it JSON-canonical."""
-    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown configuration keys {unknown}; valid: {sorted(DEFAULT_CONFIG)}")
-    full = copy.deepcopy(DEFAULT_CONFIG)
-    full.update(copy.deepcopy(dict(config)))
-    if isinstance(full["model"], str):
-        full["model"] = {"name": full["model"]}
-    full["lam"] = float(full["lam"])
-    full["lr"] = float(full["lr"])
-    full["weight_decay"] = float(full["weight_decay"])
-    if full["regularizer"] is not None and not isinstance(full["regularizer"], str):
-        raise ValueError("a cached configuration needs the regularizer by name (a string)")
-    if full["lam"] == 0.0:
-        full["regularizer"], full["regularizer_options"] = None, {}
-    elif full["regularizer"] is not None:
-        full["regularizer_options"] = regularizer_options(
-            full["regularizer"], full["regularizer_options"]
-        )
-    if full["adversarial"] is not None:
-        adv = {"norm": "linf", "steps": 10, "step_size": None, "restarts": 1}
-        adv.update(full["adversarial"])
-        full["adversarial"] = adv
-    # Canonical JSON round trip (tuples → lists, key order irrelevant).
-    return json.loads(json.dumps(full, sort_keys=True))
-
-
-#: Keyword arguments of a regularizer that select nothing about the trained objective.
-_NOT_OPTIONS = ("generator", "return_logits")
-
-
-def regularizer_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The effective options of regularizer ``name``: its keyword defaults updated by ``options``.
-
-    A run's key hashes these, so a changed default (say CURE's step ``h``) changes the key of
-    every run that relied on it, and its stored results become stale instead of being reused.
-    """
-    from robustreg import regularizers
-
-    parameters = inspect.signature(regularizers.get(name)).parameters
-    defaults = {
-        k: p.default
-        for k, p in list(parameters.items())[3:]  # after (model, x, y)
-        if p.default is not inspect.Parameter.empty and k not in _NOT_OPTIONS
-    }
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"unknown options {unknown} for regularizer {name!r}; valid: {sorted(defaults)}"
-        )
-    return {**defaults, **options}
-
-
-def cache_key(config: Mapping[str, Any]) -> str:
-    """SHA-256 (hex, first 24 digits) of the canonical JSON of the normalized configuration."""
-    full = normalize_config(config)
-    blob = json.dumps({"config": full, "version": CACHE_VERSION}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def build_model(spec: Mapping[str, Any], x_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a :mod:`robustreg.models` network from ``{"name": ..., **kwargs}`` for the data shape.
-
-    ``mlp`` gets ``in_features = prod(x_shape)``; ``lenet`` gets ``in_channels = x_shape[0]`` and
-    ``input_size = x_shape[1:]``; both get ``num_classes``. Other keys are passed through.
-    """
-    from robustreg import models
-
-    spec = dict(spec)
-    name = spec.pop("name")
-    builders = {"mlp": "mlp", "lenet": "lenet"}
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(builders)}")
-    kwargs = dict(spec)
-    if name == "mlp":
-        kwargs.setdefault("in_features", int(math.prod(x_shape)))
-        if "hidden" in kwargs:
-            kwargs["hidden"] = tuple(kwargs["hidden"])
-    else:
-        kwargs.setdefault("in_channels", int(x_shape[0]))
-        kwargs.setdefault("input_size", tuple(int(s) for s in x_shape[1:]))
-    kwargs.setdefault("num_classes", int(num_classes))
-    return getattr(models, builders[name])(**kwargs)
-
-
-def _dtype(name: str) -> torch.dtype:
-    valid = {"float32": torch.float32, "float64": torch.float64}
-    if name not in valid:
-        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(valid)}")
-    return valid[name]
-
-
-def train_cached(
-    config: Mapping[str, Any],
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    device: str | torch.device | None = None,
-    progress: bool | None = None,
-    data: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train the configuration (or load it from the cache); return ``(model, record)``.
-
-    ``config`` keys (defaults in :data:`DEFAULT_CONFIG`): ``data`` (a :func:`robustreg.data.load`
-    name; its train split is used), ``model`` (``{"name": "mlp" | "lenet", **kwargs}``),
-    ``regularizer``, ``lam``, ``regularizer_options``, ``adversarial`` (None or PGD settings:
-    then :func:`adversarial_training` is used), ``epochs``, ``batch_size``, ``lr``, ``optimizer``,
-    ``weight_decay``, ``seed`` (also seeds the initialisation), ``dtype``.
-
-    Files under ``cache_dir`` (default :func:`default_cache_dir`): ``<key>.safetensors`` (weights),
-    ``<key>.json`` (configuration, history, device, time; written last, so its presence marks a
-    finished run) and, while training, ``<key>.partial.pt`` (per-epoch resume state). ``record``
-    is the JSON content plus ``"cached": True`` when it was loaded. The returned model is on
-    ``device`` (default :func:`default_device`), in eval mode. ``data`` may pass the training
-    tensors to skip loading them (they must be the configuration's data set).
-    """
-    from safetensors.torch import load_file, save_file
-
-    from robustreg import data as data_module
-
-    full = normalize_config(config)
-    key = cache_key(full)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    weights, meta, partial = (
-        root / f"{key}.safetensors",
-        root / f"{key}.json",
-        root / f"{key}.partial.pt",
-    )
-    device = torch.device(device) if device is not None else default_device()
-    dtype = _dtype(full["dtype"])
-    if data is None:
-        x, y = data_module.load(full["data"], "train", dtype=dtype)
-    else:
-        x, y = data
-    num_classes = int(y.max()) + 1
-    # Initialise in the configuration's dtype whatever torch's default dtype is (a float32 draw
-    # and a float64 draw from the same seed differ), so the weights depend on the key only.
-    default_dtype = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(full["seed"])
-        torch.set_default_dtype(dtype)
-        try:
-            model = build_model(full["model"], tuple(x.shape[1:]), num_classes).to(dtype)
-        finally:
-            torch.set_default_dtype(default_dtype)
-    model = model.to(device)
-
-    if meta.is_file() and weights.is_file():
-        record = json.loads(meta.read_text())
-        state = load_file(str(weights), device=str(device))
-        model.load_state_dict(state)
-        model.eval()
-        record["cached"] = True
-        return model, record
-
-    t0 = time.perf_counter()
-    common = dict(
-        epochs=full["epochs"],
-        batch_size=full["batch_size"],
-        lr=full["lr"],
-        seed=full["seed"],
-        optimizer=full["optimizer"],
-        weight_decay=full["weight_decay"],
-        progress=progress,
-        checkpoint=partial,
-    )
-    if full["adversarial"] is not None:
-        adv = dict(full["adversarial"])
-        _, history = adversarial_training(model, (x, y), adv.pop("eps"), **adv, **common)
-    else:
-        _, history = train(
-            model, (x, y), full["regularizer"], full["lam"], **common, **full["regularizer_options"]
-        )
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(state, weights, lambda s, p: save_file(s, p))
-    record = {
-        "key": key,
-        "config": full,
-        "history": history.as_dict(),
-        "device": str(device),
-        "train_seconds": time.perf_counter() - t0,
-        "version": CACHE_VERSION,
-    }
-    _atomic_save(record, meta, lambda r, p: Path(p).write_text(json.dumps(r, indent=1)))
-    with contextlib.suppress(FileNotFoundError):
-        partial.unlink()
-    record["cached"] = False
-    return model, record
+    return train(model, data, attack=_PGD(eps, norm, steps, step_size, restarts), **train_options)
