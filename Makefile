@@ -48,8 +48,8 @@ test: $(VENV_STAMP)
 	bash tools/test_stages.sh
 
 lint: $(VENV_STAMP)
-	$(PY) -m ruff check src tests tools benchmarks
-	$(PY) -m ruff format --check src tests tools benchmarks
+	$(PY) -m ruff check src tests tools benchmarks book
+	$(PY) -m ruff format --check src tests tools benchmarks book
 	.venv/bin/actionlint .github/workflows/*.yml
 
 unit: $(VENV_STAMP)

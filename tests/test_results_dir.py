@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustreg import data, evaluation, experiments, regularizers, runs, training
+from robustreg import data, evaluation, experiments, regularizers, runs
 
 FAST = dict(device="cpu", progress=False, epochs=1)
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustreg.geometry import logit_jacobian
+
 __all__ = [
     "NORMS",
     "check_eps_norm",
@@ -267,8 +269,6 @@ def _deepfool(model, x0, ref, max_iter, overshoot, box):
     r = (|g_l| / ‖w_l‖²) w_l with l = argmin_k |g_k|/‖w_k‖ — exact within a linear region.
     Returns the accumulated point x0 + (1 + overshoot)·Σ r and a flag "misclassified".
     """
-    from robustreg.geometry import logit_jacobian
-
     total = torch.zeros_like(x0)
     x = x0.clone()
     done = _predict(model, x) != ref
