@@ -163,3 +163,17 @@ def test_refresh_rewrites_the_files(grid_dirs, tmp_path):
         "smoke", cache_dir=root / "cache", results_dir=results, refresh=True, **FAST
     )
     assert fresh == rows and json.loads((results / name).read_text())["rows"]
+
+
+def test_one_read_gives_rows_and_records(grid_dirs):
+    """A chapter gets the rows and the records of its runs from one call (no second read)."""
+    root, rows = grid_dirs
+    again, records = experiments.run_grid(
+        "smoke", results_dir=root / "results", read_only=True, with_records=True, **FAST
+    )
+    assert again == rows
+    stored = {r["name"]: r for r in experiments.load_results(root / "results")}
+    assert records == [stored[r["name"]] for r in records]
+    assert [r["name"] for r in records] == [
+        experiments.result_name(c) for c in experiments.grid("smoke", epochs=1)
+    ]

@@ -167,6 +167,10 @@ def test_files_have_the_default_mode_and_leftovers_are_cleaned(tmp_path):
     finally:
         os.umask(old)
     assert not orphan.exists() and recent.exists()
+    stale = tmp_path / f"{record['key']}.partial.pt"  # left by a run killed after its last write
+    stale.write_bytes(b"old")
+    assert runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
+    assert not stale.exists()
     for suffix in (".json", ".safetensors"):
         mode = stat.S_IMODE((tmp_path / f"{record['key']}{suffix}").stat().st_mode)
         assert mode == 0o644, oct(mode)

@@ -340,8 +340,9 @@ def _run_one(
     evaluate_models: bool,
     threads: int | None = None,
     environment: Mapping[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """Train (or load) and evaluate one run of a grid; write its result file; return its rows."""
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train (or load) and evaluate one run of a grid; write its result file; return its rows
+    and its record."""
     if threads is not None:  # a worker process computes with the caller's thread count
         torch.set_num_threads(threads)
     if environment is not None and numeric_environment() != environment:
@@ -379,7 +380,7 @@ def _run_one(
         "cpu_seconds_per_epoch": statistics.median(cpu) if cpu else None,
     }
     if not evaluate_models:
-        return [{**extra, "metric": "trained", "value": 1.0}]
+        return [{**extra, "metric": "trained", "value": 1.0}], record
     if stored is None:
         train_x, train_y = data_module.load(settings["data"], "train", dtype=dtype)
         payload = _evaluate(model, data_module.load(settings["data"], "test", dtype=dtype), eval_s)
@@ -405,7 +406,7 @@ def _run_one(
             if publishes_weights(profile, config):
                 _save_weights(model, key, path.with_suffix(".safetensors"))
             files.write_json(path, stored)
-    return [{**extra, **r} for r in stored["rows"]]
+    return [{**extra, **r} for r in stored["rows"]], stored
 
 
 def run_grid(
@@ -420,8 +421,9 @@ def run_grid(
     evaluate_models: bool = True,
     shard: str | tuple[int, int] | None = None,
     jobs: int = 1,
+    with_records: bool = False,
     **overrides,
-) -> list[dict[str, Any]]:
+):
     """Train (or load) and evaluate every configuration of :func:`grid`; return tidy rows.
 
     Each row of :func:`robustreg.evaluation.evaluate` gains the columns ``method``, ``lam``,
@@ -442,6 +444,10 @@ def run_grid(
     scheduler's array share a grid, each writing its own files into one directory; ``jobs``
     runs that many local processes (joblib), each with this process's thread count, so the
     files are those of a serial run. Ctrl-C stops after saying what is saved.
+
+    ``with_records=True`` returns ``(rows, records)``: also each run's full record (its result
+    file's content: configuration, history, timings, machine), in the order of the grid — all a
+    chapter needs, from one read of the directory.
     """
     if not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
@@ -468,6 +474,7 @@ def run_grid(
         total=len(configs), desc=f"grid {profile}", disable=not training.progress_enabled(progress)
     )
     rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     done = 0
     try:
         if jobs == 1:
@@ -481,8 +488,9 @@ def run_grid(
                         for c in configs
                     )
                 )
-        for config, out in zip(configs, outputs, strict=True):
+        for config, (out, record) in zip(configs, outputs, strict=True):
             rows += out
+            records.append(record)
             done += 1
             bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
             bar.update(1)
@@ -496,7 +504,7 @@ def run_grid(
         )
         raise
     bar.close()
-    return rows
+    return (rows, records) if with_records else rows
 
 
 # --- reproduction check -------------------------------------------------------------------------

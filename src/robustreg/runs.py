@@ -227,6 +227,7 @@ def train_cached(
             raise ValueError(f"{meta}: holds run {record.get('key')!r}, not {key!r}; delete it")
         model.load_state_dict(load_file(str(weights), device=str(device)))
         model.eval()
+        partial.unlink(missing_ok=True)  # a leftover of a run killed after its last write
         record["cached"] = True
         return model, record
 
