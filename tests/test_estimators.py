@@ -2,7 +2,11 @@
 
 - ``jacobian_frobenius(n_proj=n)``: (1/n) Σ ‖Jᵀv‖², v ~ N(0, I_K) (fact T4);
 - ``cross_lipschitz(n_proj=n)``: (2/K)(1/n) Σ ‖JᵀCv‖² (fact T5);
-- ``hessian_trace(n_samples=n)``: (1/n) Σ ‖∇ₓℓ(x, y′)‖², y′ ~ p (fact T9).
+- ``hessian_trace(n_samples=n)``: (1/n) Σ ‖JᵀBv‖², v ~ N(0, I_K), BBᵀ = S (the default), or
+  ``estimator="labels"``: (1/n) Σ ‖∇ₓℓ(x, y′)‖², y′ ~ p (fact T9), with the score-function term.
+
+Every training estimator is unbiased in its gradient too (``test_*_gradients_unbiased``); the one
+biased variant, ``estimator="labels-pathwise"``, is shown to be biased.
 
 Many independent draws come from one call on a batch that repeats the same samples N times
 (each row gets its own draw). The checks are statistical with fixed seeds (deterministic): a mean
@@ -25,10 +29,12 @@ from robustreg.models import random_network
 torch.set_num_threads(1)
 N = 2000  # draws per sample
 
+#: Every estimator a training run can use: label → (regularizer, count keyword, options).
 ESTIMATORS = {
-    "jacobian_frobenius": "n_proj",
-    "cross_lipschitz": "n_proj",
-    "hessian_trace": "n_samples",
+    "jacobian_frobenius": ("jacobian_frobenius", "n_proj", {}),
+    "cross_lipschitz": ("cross_lipschitz", "n_proj", {}),
+    "hessian_trace": ("hessian_trace", "n_samples", {}),  # the Gaussian default
+    "hessian_trace, labels": ("hessian_trace", "n_samples", {"estimator": "labels"}),
 }
 
 CASES = {
@@ -49,11 +55,16 @@ def repeat(x: torch.Tensor, y: torch.Tensor, n: int):
     return x.repeat(n, *[1] * (x.dim() - 1)), y.repeat(n)
 
 
-def draws(name: str, model, x, y, n: int, count: int = N, seed: int = 0, **extra):
+def estimate(label: str, model, x, y, n: int, **extra):
+    name, key, options = ESTIMATORS[label]
+    return R.get(name)(model, x, y, **{key: n, **options, **extra})
+
+
+def draws(label: str, model, x, y, n: int, count: int = N, seed: int = 0, **extra):
     """``count`` independent estimates with ``n`` projections/samples each: [count, B]."""
     xr, yr = repeat(x, y, count)
     gen = torch.Generator().manual_seed(seed)
-    values = R.get(name)(model, xr, yr, **{ESTIMATORS[name]: n}, generator=gen, **extra)
+    values = estimate(label, model, xr, yr, n, generator=gen, **extra)
     return values.detach().view(count, len(x))
 
 
@@ -71,6 +82,12 @@ def closed_form_variance(name: str, model, x, y) -> torch.Tensor:
     """Variance of one draw (n = 1), per sample."""
     J = per_sample_jacobian(model, x)
     K = J.shape[1]
+    if name == "hessian_trace":  # Var ‖JᵀBv‖² = 2‖BᵀJJᵀB‖_F² = 2 tr((G S)²)
+        with torch.no_grad():
+            p = torch.softmax(model(x), 1)
+        S = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        GS = J @ J.transpose(1, 2) @ S
+        return 2 * torch.einsum("bij,bji->b", GS, GS)
     if name == "jacobian_frobenius":  # Var ‖Jᵀv‖² = 2‖JJᵀ‖_F² for v ~ N(0, I)
         G = J @ J.transpose(1, 2)
         return 2 * G.pow(2).sum((1, 2))
@@ -89,7 +106,7 @@ def closed_form_variance(name: str, model, x, y) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_unbiased(name, kind):
     model, x, y = make_case(kind)
-    exact = R.get(name)(model, x, y).detach()
+    exact = R.get(ESTIMATORS[name][0])(model, x, y).detach()
     d = draws(name, model, x, y, 1)
     se = d.std(0) / math.sqrt(N)
     assert bool(((d.mean(0) - exact).abs() <= 5 * se).all()), (d.mean(0), exact, se)
@@ -120,11 +137,10 @@ def test_reproducible_with_generator(name):
     c = draws(name, model, x, y, 2, count=5, seed=12)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    fn, key = R.get(name), ESTIMATORS[name]
     torch.manual_seed(3)
-    u = fn(model, x, y, **{key: 2})
+    u = estimate(name, model, x, y, 2)
     torch.manual_seed(3)
-    v = fn(model, x, y, **{key: 2})
+    v = estimate(name, model, x, y, 2)
     assert torch.equal(u, v)  # generator=None draws from torch's global generator
 
 
@@ -151,13 +167,13 @@ def _grad(values: torch.Tensor, model: nn.Module) -> torch.Tensor:
     )
 
 
-def chunked_gradients(name: str, model, x, y, chunks: int = 40, per_chunk: int = 50, **extra):
+def chunked_gradients(label: str, model, x, y, chunks: int = 40, per_chunk: int = 50, **extra):
     """Gradients of the batch-mean estimate (one draw per sample) averaged within each chunk."""
     out = []
     for c in range(chunks):
         xr, yr = repeat(x, y, per_chunk)
         gen = torch.Generator().manual_seed(100 + c)
-        values = R.get(name)(model, xr, yr, **{ESTIMATORS[name]: 1}, generator=gen, **extra)
+        values = estimate(label, model, xr, yr, 1, generator=gen, **extra)
         out.append(_grad(values.view(per_chunk, len(x)).mean(0), model))
     return torch.stack(out)
 
@@ -181,17 +197,18 @@ def assert_mean_matches(samples: torch.Tensor, target: torch.Tensor, extra=()) -
         )
 
 
-@pytest.mark.parametrize("name", ["jacobian_frobenius", "cross_lipschitz"])
-def test_projection_gradients_unbiased(name):
-    """v does not depend on θ, so E[∇_θ estimate] = ∇_θ exact value."""
+@pytest.mark.parametrize("label", list(ESTIMATORS))
+def test_training_estimators_have_unbiased_gradients(label):
+    """E[∇_θ estimate] = ∇_θ exact value for every estimator a training run can use: projections
+    and the Gaussian draw (v does not depend on θ) and sampled labels with the score term."""
     model, x, y = make_case("mlp", seed=4)
-    exact = _grad(R.get(name)(model, x, y), model)
-    assert_mean_matches(chunked_gradients(name, model, x, y), exact)
+    exact = _grad(R.get(ESTIMATORS[label][0])(model, x, y), model)
+    assert_mean_matches(chunked_gradients(label, model, x, y), exact)
 
 
-def test_fisher_gradient_pathwise_and_score_function():
-    """Labels held fixed: E[∇_θ est] = Σ_k p_k ∇_θ‖g_k‖² (p not differentiated as a weight);
-    with score_function=True: E[∇_θ est] = ∇_θ R_H; the values do not change."""
+def test_pathwise_labels_are_biased_and_the_score_term_is_what_they_miss():
+    """Labels held fixed: E[∇_θ est] = Σ_k p_k ∇_θ‖g_k‖² (p not differentiated as a weight), a
+    biased estimate of ∇_θ R_H; the score term restores it; the values do not change."""
     model, x, y = make_case("mlp", seed=5)
     exact = _grad(R.hessian_trace(model, x, y), model)
     # Σ_k p_k ∇‖g_k‖²: the exact value with the weights p_k detached
@@ -203,15 +220,26 @@ def test_fisher_gradient_pathwise_and_score_function():
     pathwise = _grad((p.detach().T * sq).sum(0), model)
     assert not torch.allclose(pathwise, exact, rtol=1e-3)  # the score term matters here
     between = [exact - pathwise]
-    plain = chunked_gradients("hessian_trace", model, x, y)
+    plain = chunked_gradients("hessian_trace", model, x, y, estimator="labels-pathwise")
     assert_mean_matches(plain, pathwise, between)
     u = between[0] / between[0].norm()  # ... and the pathwise gradient is visibly biased
     assert float(exact @ u - (plain @ u).mean()) > 5 * float(
         (plain @ u).std() / math.sqrt(len(plain))
     )
-    scored = chunked_gradients("hessian_trace", model, x, y, score_function=True)
+    scored = chunked_gradients("hessian_trace, labels", model, x, y)
     assert_mean_matches(scored, exact, between)
     for n in (1, 3):
-        a = draws("hessian_trace", model, x, y, n, count=7, seed=9)
-        b = draws("hessian_trace", model, x, y, n, count=7, seed=9, score_function=True)
+        xr, yr = repeat(x, y, 7)
+        a, b = (
+            R.hessian_trace(
+                model, xr, yr, n, estimator=e, generator=torch.Generator().manual_seed(9)
+            ).detach()
+            for e in ("labels-pathwise", "labels")
+        )
         assert torch.equal(a, b)
+
+
+def test_unknown_hessian_estimator_is_named():
+    model, x, y = make_case("mlp")
+    with pytest.raises(ValueError, match="unknown estimator 'fisher'; valid: gaussian, labels"):
+        R.hessian_trace(model, x, y, 1, estimator="fisher")

@@ -11,7 +11,7 @@ in ``[0, K)``, and the result holds one value per sample with the normalizations
 ``jacobian_frobenius``            R_J = ‖J‖_F²  (or the projection estimate, fact T4)
 ``cross_lipschitz``               R_CL = (1/K²) Σ_{l,m} ‖∇f_l − ∇f_m‖² = (2/K)‖CJ‖_F²  (T5)
 ``curvature``                     R_CURE = ‖∇ₓℓ(x + hz) − ∇ₓℓ(x)‖², z = sign(∇ₓℓ)/‖sign(∇ₓℓ)‖
-``hessian_trace``                 R_H = tr ∇ₓ²ℓ = Σ_k p_k ‖∇f_k − Jᵀp‖²  (T7, T8; or Fisher, T9)
+``hessian_trace``                 R_H = tr ∇ₓ²ℓ = Σ_k p_k ‖∇f_k − Jᵀp‖²  (T7, T8; or ‖JᵀBv‖², T9)
 ================================  ===============================================================
 
 Common behaviour:
@@ -26,7 +26,9 @@ Common behaviour:
   used internally, still attached to the graph: a training step computes its data loss from it
   instead of running the model a second time (``benchmarks/regularizer_cost.py`` does so).
 - Estimators (``n_proj``, ``n_samples``) take ``generator: torch.Generator | None`` for reproducible
-  draws; they are unbiased for the value, and the projection estimators also for its gradient.
+  draws; by default every one is unbiased for the value *and* for its gradient with respect to the
+  parameters (what training needs). The one exception is opt-in by name:
+  ``hessian_trace(estimator="labels-pathwise")``, whose gradient is biased.
 - A sample whose logits are NaN or infinite (a diverged network, NaN inputs) gets the value NaN,
   for every regularizer.
 - Inputs are checked: ``x`` needs a batch dimension and a floating dtype, ``y`` must be int64 of
@@ -55,6 +57,7 @@ from .models import check_piecewise_linear
 
 __all__ = [
     "DEFAULT_H",
+    "HESSIAN_ESTIMATORS",
     "cross_lipschitz",
     "curvature",
     "get",
@@ -519,14 +522,18 @@ def curvature(
     return _finish(fw, values, return_logits)
 
 
+#: The one-backward estimators of R_H (``hessian_trace(n_samples=n, estimator=...)``).
+HESSIAN_ESTIMATORS = ("gaussian", "labels", "labels-pathwise")
+
+
 def hessian_trace(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     n_samples: int | None = None,
     *,
+    estimator: str = "gaussian",
     generator: torch.Generator | None = None,
-    score_function: bool = False,
     return_logits: bool = False,
 ):
     """Trace of the loss Hessian R_H = tr ∇ₓ²ℓ, per sample, for piecewise-linear models.
@@ -539,25 +546,28 @@ def hessian_trace(
     ``n_samples=None``: exact, as Σ_k p_k ‖Jᵀ(p − e_k)‖² = Σ_k p_k ‖∇ₓℓ(x, k)‖² from K
     vector–Jacobian products in one batched backward pass.
 
-    ``n_samples=n``: the Fisher estimate (fact T9)
+    ``n_samples=n``: the mean of n one-backward draws ‖Jᵀu‖² with E[uuᵀ] = S, by ``estimator``:
 
-        (1/n) Σ_{j=1}^n ‖∇ₓℓ(x, y′_j)‖²,   y′_j ~ p (labels sampled from the model),
+    - ``"gaussian"`` (default): u = B v, v ~ N(0, I_K), B = (I − p1ᵀ) diag(√p), so BBᵀ = S.
+      v does not depend on θ, so both the value and its gradient are unbiased (the gradient
+      flows through B(p) and J); the relative variance of one draw is at most 2.
+    - ``"labels"``: the Fisher estimate (fact T9) ‖∇ₓℓ(x, y′)‖², y′ ~ p (u = p − e_{y′}),
+      plus the score-function (REINFORCE) term (‖g_{y′}‖² − b)·∇_θ log p_{y′} through a
+      surrogate whose value is exactly zero: value and gradient unbiased. The baseline b is the
+      mean of the other n − 1 draws (none when n = 1). Its variance explodes on confident inputs
+      (ch. 07).
+    - ``"labels-pathwise"``: the same labels without the score term. The value is unbiased but
+      the gradient is not: with the labels held fixed autograd returns E[∇_θ ‖g_{y′}‖²], which
+      misses Σ_k ‖g_k‖² ∇_θ p_k of ∇_θ R_H = Σ_k (p_k ∇_θ‖g_k‖² + ‖g_k‖² ∇_θ p_k), g_k =
+      ∇ₓℓ(x, k) — it trains tr(Jᵀ stopgrad(S) J). Kept, under this explicit name, to reproduce
+      runs that used it.
 
-    unbiased for the value: E_{y′~p} ‖Jᵀ(p − e_{y′})‖² = Σ_k p_k ‖∇f_k − Jᵀp‖² = R_H. The labels
-    are drawn from ``p`` detached (sampling is not differentiable); p stays attached inside
-    ∇ₓℓ(x, y′) = Jᵀ(p − e_{y′}).
-
-    Gradient with respect to the parameters θ: with the labels held fixed, autograd returns the
-    pathwise gradient E[∇_θ ‖g_{y′}‖²], which misses the score-function term
-    Σ_k ‖g_k‖² ∇_θ p_k of ∇_θ R_H = Σ_k (p_k ∇_θ‖g_k‖² + ‖g_k‖² ∇_θ p_k), g_k = ∇ₓℓ(x, k): it is
-    the exact gradient of the sampled value (so ``gradcheck`` passes for a fixed generator) but a
-    biased estimate of ∇_θ R_H. ``score_function=True`` adds the REINFORCE term
-    (‖g_{y′}‖² − b)·∇_θ log p_{y′} through a surrogate whose value is exactly zero (values are
-    unchanged), which makes the gradient unbiased at the price of variance; the baseline b is the
-    mean of the other n − 1 draws (none when n = 1).
+    The labels are drawn from ``p`` detached (sampling is not differentiable).
     """
     _check_count("n_samples", n_samples)
     _check_generator(generator)
+    if estimator not in HESSIAN_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(HESSIAN_ESTIMATORS)}")
     _require_piecewise_linear(model, "hessian_trace")
     fw = _forward(model, x, y)
     B, K = fw.logits.shape
@@ -568,12 +578,19 @@ def hessian_trace(
             cot = _residual(p, labels)  # p − e_k (the sign does not matter), [K, B, K]
             sq = fw.sqnorm(fw.vjps(cot))  # ‖∇f_k − Jᵀp‖², [K, B]
             values = (p.T * sq).sum(0)
+        elif estimator == "gaussian":
+            v = _randn((n_samples, B, K), p, generator)
+            sqrt_p = torch.exp(
+                0.5 * torch.log_softmax(fw.logits, dim=1)
+            )  # finite derivative at p → 0
+            cot = sqrt_p * v - p * (sqrt_p * v).sum(-1, keepdim=True)  # B v, [n, B, K]
+            values = fw.sqnorm(fw.vjps(cot)).mean(0)
         else:
             labels = _sample_labels(p.detach(), n_samples, generator)  # [n, B]
             cot = _residual(p, labels)  # p − e_{y′}, [n, B, K]
             sq = fw.sqnorm(fw.vjps(cot))  # [n, B]
             values = sq.mean(0)
-            if score_function:
+            if estimator == "labels":
                 logp = torch.log_softmax(fw.logits, dim=1).gather(1, labels.T).T  # [n, B]
                 reward = sq.detach()
                 if n_samples > 1:

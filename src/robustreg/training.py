@@ -263,18 +263,17 @@ def _fit(
     model: nn.Module,
     data,
     batch_objective: Callable,
+    settings: dict,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    optimizer: str,
-    weight_decay: float,
     progress: bool | None,
     checkpoint: str | os.PathLike | None,
     describe: str,
 ) -> TrainResult:
-    """Shared minibatch loop: ``batch_objective(model, xb, yb, generator) -> (L, ce, reg, logits)``."""
+    """The minibatch loop: ``batch_objective(model, xb, yb, generator) -> (L, ce, reg, logits)``;
+    ``settings``: epochs, batch_size, lr, seed, optimizer, weight_decay."""
+    epochs, batch_size, lr, seed, optimizer, weight_decay = (
+        settings[k] for k in ("epochs", "batch_size", "lr", "seed", "optimizer", "weight_decay")
+    )
     _check_settings(epochs, batch_size, lr, optimizer)
     device, dtype = models.device_dtype(model)
     x, y = check_data(data)
@@ -295,14 +294,6 @@ def _fit(
     identity = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        settings = dict(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed,
-            optimizer=optimizer,
-            weight_decay=weight_decay,
-        )
         identity = run_identity(model, (x, y), describe, settings)
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
@@ -478,16 +469,19 @@ def train(
         describe += f", options={sorted(regularizer_options.items())}"
     if attack is not None:
         describe = getattr(attack, "describe", None) or f"attack={attack!r}, {describe}"
-    return _fit(
-        model,
-        data,
-        objective,
+    settings = dict(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         seed=seed,
         optimizer=optimizer,
         weight_decay=weight_decay,
+    )
+    return _fit(
+        model,
+        data,
+        objective,
+        settings,
         progress=progress,
         checkpoint=checkpoint,
         describe=describe,
