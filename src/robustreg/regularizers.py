@@ -11,7 +11,7 @@ in ``[0, K)``, and the result holds one value per sample with the normalizations
 ``jacobian_frobenius``            R_J = ‖J‖_F²  (or the projection estimate, fact T4)
 ``cross_lipschitz``               R_CL = (1/K²) Σ_{l,m} ‖∇f_l − ∇f_m‖² = (2/K)‖CJ‖_F²  (T5)
 ``curvature``                     R_CURE = ‖∇ₓℓ(x + hz) − ∇ₓℓ(x)‖², z = sign(∇ₓℓ)/‖sign(∇ₓℓ)‖
-``hessian_trace``                 R_H = tr ∇ₓ²ℓ = Σ_k p_k ‖∇f_k − Jᵀp‖²  (T7, T8; or ‖JᵀBv‖², T9)
+``hessian_trace``                 R_H = tr ∇ₓ²ℓ = Σ_k p_k ‖∇f_k − Jᵀp‖²  (T7, T8; or E‖JᵀBv‖², BBᵀ = S)
 ================================  ===============================================================
 
 Common behaviour:
