@@ -60,6 +60,16 @@ def _project_back(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:
     return attacks.project(x, x_adv, attacks.per_sample(eps_t, x), norm, box=True)
 
 
+def _generate(attack, x: Tensor, y: Tensor, eps: float, norm: str, seed: int) -> Tensor:
+    """Run an ART attack on float32 copies (numpy's global generator seeded with ``seed``) and
+    project its points back onto the exact ε-ball ∩ [0, 1] around x."""
+    np.random.seed(seed)
+    x_np = x.detach().cpu().float().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):  # Square-ℓ2 divides 0/0 on converged rows
+        adv = attack.generate(x=x_np, y=y.cpu().numpy())
+    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
+
+
 def art_pgd(
     model: nn.Module,
     x: Tensor,
@@ -93,10 +103,7 @@ def art_pgd(
         batch_size=batch_size,
         verbose=False,
     )
-    np.random.seed(seed)
-    x_np = x.detach().cpu().float().numpy()
-    adv = attack.generate(x=x_np, y=y.cpu().numpy())
-    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
+    return _generate(attack, x, y, eps, norm, seed)
 
 
 AUTOATTACK_VERSIONS = ("light", "standard")
@@ -178,8 +185,4 @@ def autoattack(
         attacks=attack_list,
         batch_size=batch_size,
     )
-    np.random.seed(seed)
-    x_np = x.detach().cpu().float().numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):  # Square-ℓ2 divides 0/0 on converged rows
-        adv = attack.generate(x=x_np, y=y.cpu().numpy())
-    return _project_back(x.detach().cpu(), torch.from_numpy(adv).to(x.dtype), eps, norm)
+    return _generate(attack, x, y, eps, norm, seed)
