@@ -18,6 +18,8 @@ $(VENV_STAMP): pyproject.toml
 	# Elsewhere set TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) to take the CPU wheel from there.
 	$(PY) -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# AutoAttack's standard components; its declared dependencies would pull torchvision
+	$(PY) -m pip install --quiet --no-deps "torchattacks==3.5.1"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (robustreg)" >/dev/null
 	@touch $@
 

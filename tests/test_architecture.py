@@ -15,7 +15,16 @@ MODULES = {p.stem for p in SRC.glob("*.py")}
 #: Imports that may sit inside a function: optional dependencies (deferred so that the package
 #: imports with torch and numpy alone) and the CLI, which must set the numeric environment before
 #: torch loads.
-DEFERRED = {"art", "matplotlib", "mlxtend", "pandas", "safetensors", "sklearn", "tqdm"}
+DEFERRED = {
+    "art",
+    "matplotlib",
+    "mlxtend",
+    "pandas",
+    "safetensors",
+    "sklearn",
+    "torchattacks",
+    "tqdm",
+}
 
 
 def _trees():

@@ -250,7 +250,7 @@ def test_download_verifies_md5_and_writes_atomically(tmp_path, monkeypatch):
 
 def test_known_checksums_are_well_formed():
     for name in data.IDX_DATASETS:
-        for split in data.SPLITS:
+        for split in data.IDX_FILES:  # the files' splits ("fit"/"val" are carved from train)
             for stem in data.IDX_FILES[split]:
                 assert len(data.CHECKSUMS[name][stem]) == 64
                 assert len(data.GZ_MD5[name][stem]) == 32
@@ -331,8 +331,8 @@ MNIST5K_TEST_LABELS = "e60b9553bec95257"
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown data set 'mnsit'; valid: digits, moons"):
         data.load("mnsit")
-    with pytest.raises(ValueError, match=r"unknown split 'val'; valid: train, test"):
-        data.load("digits", "val")
+    with pytest.raises(ValueError, match=r"unknown split 'validation'; valid: train, test, fit, val"):
+        data.load("digits", "validation")
     with pytest.raises(ValueError, match="floating dtype"):
         data.load("digits", dtype=torch.int64)
     assert data.names() == data.DATASETS

@@ -55,18 +55,32 @@ def _run_grid(args) -> int:
         file=sys.stderr,
     )
     t0 = time.perf_counter()
-    rows = experiments.run_grid(
-        args.profile,
+    kwargs = dict(
         cache_dir=args.cache_dir,
-        results_dir=args.results_dir,
         refresh=args.refresh,
         device=device,
         progress=not args.quiet,
-        evaluate_models=not args.no_eval,
         shard=args.shard,
         jobs=args.jobs,
         **overrides,
     )
+    if experiments.PROFILES[args.profile].get("targets"):  # the matched-strength study
+        if args.no_eval or not args.results_dir:
+            print("a matched-strength profile needs --results-dir and evaluation", file=sys.stderr)
+            return 2
+        rows, selection = experiments.run_study(
+            args.profile, results_dir=args.results_dir, **kwargs
+        )
+        for reg, targets in selection["lambdas"].items():
+            chosen = ", ".join(f"−{t} pts: λ = {e['lam']}" for t, e in targets.items())
+            print(f"selected {reg}: {chosen}", file=sys.stderr)
+    else:
+        rows = experiments.run_grid(
+            args.profile,
+            results_dir=args.results_dir,
+            evaluate_models=not args.no_eval,
+            **kwargs,
+        )
     seconds = time.perf_counter() - t0
     if args.out:
         out = Path(args.out)

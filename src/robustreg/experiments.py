@@ -78,15 +78,25 @@ __all__ = [
     "read_result",
     "result_name",
     "run_grid",
+    "run_study",
+    "select_lambdas",
+    "selected_runs",
     "trained_model",
 ]
 
 
-def grid(profile: str = "default", **overrides) -> list[dict[str, Any]]:
+def grid(
+    profile: str = "default",
+    *,
+    selection: Mapping[str, Any] | None = None,
+    **overrides,
+) -> list[dict[str, Any]]:
     """The training configurations of a profile (for :func:`robustreg.runs.train_cached`).
 
     Per seed: plain training, every regularizer at every λ of the profile, and PGD adversarial
-    training. ``overrides`` replace profile entries (e.g. ``seeds=[0]``, ``epochs=3``).
+    training (one run per entry when ``adversarial`` is a list); with ``selection`` (from
+    :func:`select_lambdas`) also each regularizer at its selected λ not already in the sweep.
+    ``overrides`` replace profile entries (e.g. ``seeds=[0]``, ``epochs=3``).
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid: {', '.join(PROFILES)}")
@@ -95,11 +105,19 @@ def grid(profile: str = "default", **overrides) -> list[dict[str, Any]]:
     if unknown:
         raise ValueError(f"unknown grid settings {unknown}; valid: {sorted(PROFILES[profile])}")
     base = {k: p[k] for k in ("data", "model", "epochs", "batch_size", "lr")}
+    if p.get("validation"):
+        base["validation"] = True
+    adversarial = p.get("adversarial") or []
+    adversarial = [adversarial] if isinstance(adversarial, Mapping) else list(adversarial)
+    extra = {reg: [] for reg in p["lambdas"]}
+    for reg, lam in selected_runs(selection):
+        if lam not in p["lambdas"][reg] and lam not in extra[reg]:
+            extra[reg].append(lam)
     configs = []
     for seed in p["seeds"]:
         configs.append({**base, "seed": seed})
         for reg, lams in p["lambdas"].items():
-            for lam in lams:
+            for lam in [*lams, *extra[reg]]:
                 configs.append(
                     {
                         **base,
@@ -109,28 +127,101 @@ def grid(profile: str = "default", **overrides) -> list[dict[str, Any]]:
                         "regularizer_options": p["regularizer_options"].get(reg, {}),
                     }
                 )
-        if p.get("adversarial"):
-            configs.append({**base, "seed": seed, "adversarial": dict(p["adversarial"])})
+        for adv in adversarial:
+            configs.append({**base, "seed": seed, "adversarial": dict(adv)})
     return configs
+
+
+def selected_runs(selection: Mapping[str, Any] | None) -> list[tuple[str, float]]:
+    """The (regularizer, λ) pairs a selection (:func:`select_lambdas`) picked, in its order."""
+    out = []
+    for reg, targets in ((selection or {}).get("lambdas") or {}).items():
+        for entry in targets.values():
+            if entry.get("lam") is not None and (reg, entry["lam"]) not in out:
+                out.append((reg, float(entry["lam"])))
+    return out
+
+
+def _round_significant(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits - 1}e}")
+
+
+def select_lambdas(profile: str, rows: Sequence[Mapping[str, Any]], **overrides) -> dict[str, Any]:
+    """λ at matched clean validation accuracy, per regularizer and target of the profile.
+
+    For a target t (points), the wanted validation accuracy is a₀ − t/100, a₀ plain training's
+    mean over seeds. Along the sweep (λ increasing, mean validation accuracy over seeds a(λ)),
+    the first λ_i with a(λ_i) ≤ a₀ − t/100 and its predecessor λ_{i−1} bracket the target; λ*
+    interpolates log λ linearly in a and is rounded to 3 significant digits. ``lam`` is None
+    (with ``reason``) when the sweep never loses t points or its smallest λ already does.
+    ``rows``: ``val_accuracy`` rows (``method``, ``lam``, ``value``) of every seed's sweep;
+    ``overrides`` replace profile entries (``lambdas``, ``targets``), as in :func:`grid`.
+    """
+    p = {**PROFILES[profile], **overrides}
+    val = {}
+    for r in rows:
+        if r["metric"] == "val_accuracy":
+            val.setdefault((r["method"], float(r["lam"])), []).append(r["value"])
+    if ("plain", 0.0) not in val:
+        raise ValueError("select_lambdas needs plain training's val_accuracy rows")
+    mean = {k: statistics.fmean(v) for k, v in val.items()}
+    plain = mean["plain", 0.0]
+    out: dict[str, Any] = {
+        "plain_val_accuracy": plain,
+        "targets": list(p["targets"]),
+        "lambdas": {},
+    }
+    for reg, lams in p["lambdas"].items():
+        curve = [(float(lam), mean[reg, float(lam)]) for lam in sorted(lams)]
+        out["lambdas"][reg] = {}
+        for t in p["targets"]:
+            wanted = plain - t / 100
+            entry: dict[str, Any] = {"wanted_val_accuracy": wanted, "curve": curve}
+            hit = next((i for i, (_, a) in enumerate(curve) if a <= wanted), None)
+            if hit is None:
+                entry.update(lam=None, reason=f"the largest λ loses less than {t} points")
+            elif hit == 0:
+                entry.update(
+                    lam=None, reason=f"the smallest λ already loses {t} points: extend the sweep"
+                )
+            else:
+                (l0, a0), (l1, a1) = curve[hit - 1], curve[hit]
+                w = (a0 - wanted) / (a0 - a1) if a0 != a1 else 1.0
+                lam = math.exp(math.log(l0) + w * (math.log(l1) - math.log(l0)))
+                entry.update(lam=_round_significant(lam), reason=None)
+            out["lambdas"][reg][str(t)] = entry
+    return out
 
 
 def label(config: Mapping[str, Any]) -> str:
     """Short name of a configuration's method: ``plain``, ``adversarial`` or the regularizer."""
     if config.get("adversarial"):
-        return "adversarial"
+        norm = config["adversarial"].get("norm", "linf")
+        return "adversarial" if norm == "linf" else f"adversarial-{norm}"
     if config.get("regularizer") and config.get("lam", 0):
         return str(config["regularizer"])
     return "plain"
 
 
-def publishes_weights(profile: str, config: Mapping[str, Any]) -> bool:
-    """Whether a run's weights are kept next to its result file: plain training and each
-    regularizer at the largest λ of the profile (the models chapter 9 measures), every seed."""
+def publishes_weights(
+    profile: str, config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
+) -> bool:
+    """Whether a run's weights are kept next to its result file. Profiles with ``targets`` (the
+    matched-strength sweeps): the models of seed 0 that :func:`run_grid` attacks with
+    AutoAttack (plain training, the adversarial baselines, each regularizer at its selected λ).
+    Otherwise: plain training and each regularizer at the profile's largest λ (the models chapter
+    9 measures), every seed."""
     method = label(config)
+    if PROFILES[profile].get("targets"):
+        return config["seed"] == 0 and _attacked(config, selection)
     if method == "plain":
         return True
     lambdas = PROFILES[profile]["lambdas"]
     return method in lambdas and float(config["lam"]) == float(max(lambdas[method]))
+
+
+#: Evaluation settings added after results were published, left out at their defaults.
+_LATER_SETTINGS = {"per_image": False, "autoattack_steps": 100, "autoattack_queries": 5000}
 
 
 def eval_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -144,13 +235,36 @@ def eval_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(settings) - set(defaults) - {"n_test"})
     if unknown:
         raise ValueError(f"unknown evaluation settings {unknown}; valid: {sorted(defaults)}")
-    return json.loads(json.dumps({**defaults, **settings}, sort_keys=True))
+    full = {**defaults, **settings}
+    for k, default in _LATER_SETTINGS.items():  # absent from earlier result files' settings
+        if full[k] == default:
+            del full[k]
+    return json.loads(json.dumps(full, sort_keys=True))
 
 
-def _run_eval_settings(p: Mapping[str, Any], seed: int) -> dict[str, Any]:
+def _attacked(config: Mapping[str, Any], selection: Mapping[str, Any] | None) -> bool:
+    """Whether a matched-strength run gets AutoAttack: plain, the baselines, selected λ."""
+    method = label(config)
+    if method == "plain" or method.startswith("adversarial"):
+        return True
+    return (method, float(config["lam"])) in selected_runs(selection)
+
+
+def _run_eval_settings(
+    p: Mapping[str, Any], config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     settings = dict(p["eval"])
     aa = p.get("autoattack")
-    if aa and seed in aa["seeds"]:
+    if p.get("targets"):
+        if aa and _attacked(config, selection):
+            settings.update(
+                autoattack_eps=aa["eps"],
+                autoattack_n=aa["n"],
+                autoattack_version=aa["version"],
+                autoattack_steps=aa.get("steps", 100),
+                autoattack_queries=aa.get("n_queries", 5000),
+            )
+    elif aa and config["seed"] in aa["seeds"]:
         settings.update(autoattack_eps=aa["eps"], autoattack_n=aa["n"])
     return eval_settings(settings)
 
@@ -180,9 +294,10 @@ def machine() -> dict[str, Any]:
 
 def result_name(config: Mapping[str, Any]) -> str:
     """File name of a run in a results directory: ``plain_seed0.json``,
-    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json``."""
+    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json`` (ℓ∞), ``adversarial-l2_seed1.json``."""
     method = label(config)
-    lam = f"_lam{float(config['lam']):g}" if method not in ("plain", "adversarial") else ""
+    plain = method == "plain" or method.startswith("adversarial")
+    lam = "" if plain else f"_lam{float(config['lam']):g}"
     return f"{method}{lam}_seed{config['seed']}.json"
 
 
@@ -228,6 +343,16 @@ def _check_stored(
         + "). It is left untouched; pass refresh=True (--refresh) to replace it on purpose, "
         "or use another results directory."
     )
+
+
+def _gains_autoattack(stored: Mapping, key: str, settings: Mapping) -> bool:
+    """Whether a file holds this very run evaluated without the AutoAttack that ``settings`` add
+    (a sweep λ that :func:`select_lambdas` then selected); nothing else may differ."""
+    old = stored.get("eval") or {}
+    if stored.get("key") != key or old.get("autoattack_eps") or not settings.get("autoattack_eps"):
+        return False
+    same = {k: v for k, v in settings.items() if not k.startswith("autoattack")}
+    return {k: v for k, v in old.items() if not k.startswith("autoattack")} == same
 
 
 def _save_weights(model: nn.Module, key: str, path: Path) -> None:
@@ -340,6 +465,7 @@ def _run_one(
     evaluate_models: bool,
     threads: int | None = None,
     environment: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train (or load) and evaluate one run of a grid; write its result file; return its rows
     and its record."""
@@ -350,14 +476,17 @@ def _run_one(
             f"a worker process computes under {numeric_environment()}, the grid under "
             f"{environment}: its files would differ from a serial run's; use jobs=1"
         )
-    eval_s = _run_eval_settings(settings, config["seed"])
+    eval_s = _run_eval_settings(settings, config, selection)
     key = runs.cache_key(config)
     dtype = runs.torch_dtype(runs.normalize_config(config)["dtype"])
     path = results / result_name(config) if results is not None else None
     stored = None
     if path is not None and path.is_file() and not refresh:
         stored = read_result(path)
-        _check_stored(path, stored, config, key, eval_s)
+        if not (_gains_autoattack(stored, key, eval_s) and not read_only):
+            _check_stored(path, stored, config, key, eval_s)
+        else:  # the same run, selected after its sweep evaluation: evaluate it again with AA
+            stored = None
     if stored is None and read_only:
         raise FileNotFoundError(
             f"{path}: no result file for this run; compute it with "
@@ -384,6 +513,11 @@ def _run_one(
     if stored is None:
         train_x, train_y = data_module.load(settings["data"], "train", dtype=dtype)
         payload = _evaluate(model, data_module.load(settings["data"], "test", dtype=dtype), eval_s)
+        if config.get("validation"):
+            x_val, y_val = data_module.load(settings["data"], "val", dtype=dtype)
+            acc = evaluation.accuracy(model, x_val, y_val)
+            row = {"metric": "val_accuracy", "attack": None, "norm": None, "eps": None}
+            payload["rows"].insert(0, {**row, "regularizer": None, "value": acc})
         stored = {
             "name": result_name(config),
             "method": extra["method"],
@@ -403,7 +537,7 @@ def _run_one(
             "rows": payload["rows"],
         }
         if path is not None:  # the weights first: a result file never lacks its published weights
-            if publishes_weights(profile, config):
+            if publishes_weights(profile, config, selection):
                 _save_weights(model, key, path.with_suffix(".safetensors"))
             files.write_json(path, stored)
     return [{**extra, **r} for r in stored["rows"]], stored
@@ -422,6 +556,7 @@ def run_grid(
     shard: str | tuple[int, int] | None = None,
     jobs: int = 1,
     with_records: bool = False,
+    selection: Mapping[str, Any] | None = None,
     **overrides,
 ):
     """Train (or load) and evaluate every configuration of :func:`grid`; return tidy rows.
@@ -452,7 +587,7 @@ def run_grid(
     if not (isinstance(jobs, int) and jobs >= 1):
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     settings = {**PROFILES[profile], **overrides} if profile in PROFILES else None
-    configs = _shard(grid(profile, **overrides), shard)
+    configs = _shard(grid(profile, selection=selection, **overrides), shard)
     results = Path(results_dir) if results_dir is not None and evaluate_models else None
     if read_only and results is None:
         raise ValueError("read_only=True needs a results_dir to read from")
@@ -469,6 +604,7 @@ def run_grid(
         device=device,
         progress=progress if jobs == 1 else False,
         evaluate_models=evaluate_models,
+        selection=selection,
     )
     bar = tqdm(
         total=len(configs), desc=f"grid {profile}", disable=not training.progress_enabled(progress)
@@ -476,24 +612,24 @@ def run_grid(
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     done = 0
+    env = numeric_environment()
     try:
-        if jobs == 1:
-            outputs = map(task, configs)
-        else:
-            env = numeric_environment()
-            with _inherited_environment(env):
-                outputs = list(
-                    joblib.Parallel(n_jobs=jobs)(
-                        joblib.delayed(task)(c, threads=torch.get_num_threads(), environment=env)
-                        for c in configs
-                    )
+        with _inherited_environment(env) if jobs > 1 else contextlib.nullcontext():
+            if jobs == 1:
+                outputs = map(task, configs)
+            else:  # results stream back in the grid's order, so the bar moves as runs finish
+                outputs = joblib.Parallel(n_jobs=jobs, return_as="generator")(
+                    joblib.delayed(task)(c, threads=torch.get_num_threads(), environment=env)
+                    for c in configs
                 )
-        for config, (out, record) in zip(configs, outputs, strict=True):
-            rows += out
-            records.append(record)
-            done += 1
-            bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
-            bar.update(1)
+            for config, (out, record) in zip(configs, outputs, strict=True):
+                rows += out
+                records.append(record)
+                done += 1
+                bar.set_postfix(
+                    method=label(config), lam=config.get("lam", 0.0), seed=config["seed"]
+                )
+                bar.update(1)
     except KeyboardInterrupt:
         bar.close()
         where = f"result files in {results}" if results is not None else "nothing written"
@@ -505,6 +641,93 @@ def run_grid(
         raise
     bar.close()
     return (rows, records) if with_records else rows
+
+
+SELECTION_FILE = "selection.json"
+
+
+def _validation_rows(profile: str, kwargs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Clean validation accuracy of every trained run of the sweep (from the run cache; a run not
+    trained yet raises FileNotFoundError)."""
+    overrides = {k: v for k, v in kwargs.items() if k in PROFILES[profile]}
+    rows = []
+    for config in grid(profile, **overrides):
+        cache = kwargs.get("cache_dir")
+        root = Path(cache) if cache is not None else runs.default_cache_dir()
+        if not (root / f"{runs.cache_key(config)}.json").is_file():
+            raise FileNotFoundError(f"{result_name(config)} is not trained yet")
+        model, _ = runs.train_cached(config, cache_dir=cache, progress=False)
+        dtype = runs.torch_dtype(runs.normalize_config(config)["dtype"])
+        x_val, y_val = data_module.load(config["data"], "val", dtype=dtype)
+        method = label(config)
+        lam = float(config.get("lam", 0.0))
+        acc = evaluation.accuracy(model, x_val, y_val)
+        rows.append({"metric": "val_accuracy", "method": method, "lam": lam, "value": acc})
+    return rows
+
+
+def run_study(
+    profile: str = "sweep",
+    *,
+    results_dir: str | os.PathLike,
+    read_only: bool = False,
+    with_records: bool = False,
+    **kwargs,
+):
+    """The matched-strength study of a profile with ``targets``, in three resumable stages.
+
+    1. train plain training, the λ sweep and the adversarial baselines (:func:`run_grid` without
+       evaluation: seconds a run) and measure their clean accuracy on the validation split;
+    2. :func:`select_lambdas` from those accuracies, kept in ``selection.json`` (read, never
+       recomputed, once it exists: delete it to select again);
+    3. :func:`run_grid` with the selection: every run evaluated on the test set (PGD with
+       restarts at every radius, per image) and plain training, the baselines and each
+       regularizer at its selected λ also under standard AutoAttack; one result file per run.
+
+    Returns ``(rows, selection)`` (``(rows, records, selection)`` with ``with_records``).
+    ``kwargs`` go to :func:`run_grid` (``jobs``, ``shard``, ``refresh``, ``progress``, ...).
+    With ``shard`` the selection waits until every shard has finished stage 1: rerun then.
+    """
+    if not PROFILES.get(profile, {}).get("targets"):
+        raise ValueError(
+            f"profile {profile!r} has no matched-strength targets; valid: "
+            + ", ".join(k for k, v in PROFILES.items() if v.get("targets"))
+        )
+    results = Path(results_dir)
+    path = results / SELECTION_FILE
+    stored = (
+        files.read_json(path, "selection file", "delete it to select again")
+        if path.is_file()
+        else None
+    )
+    if stored is None:
+        if read_only:
+            raise FileNotFoundError(
+                f"{path}: no selection; compute it with "
+                f"`python -m robustreg run-grid --profile {profile} --results-dir {results}`"
+            )
+        run_grid(profile, evaluate_models=False, **kwargs)  # stage 1: train (jobs, shards)
+        try:
+            val_rows = _validation_rows(profile, kwargs)
+        except FileNotFoundError as err:
+            raise RuntimeError(
+                f"stage 1 of the study is incomplete ({err}); when every shard has finished, "
+                "rerun to select λ and evaluate the models"
+            ) from None
+        overrides = {k: v for k, v in kwargs.items() if k in PROFILES[profile]}
+        selection = select_lambdas(profile, val_rows, **overrides)
+        files.write_json(path, selection)
+    else:
+        selection = stored
+    out = run_grid(
+        profile,
+        results_dir=results,
+        read_only=read_only,
+        selection=selection,
+        with_records=with_records,
+        **kwargs,
+    )
+    return (*out, selection) if with_records else (out, selection)
 
 
 # --- reproduction check -------------------------------------------------------------------------

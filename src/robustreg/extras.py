@@ -15,8 +15,17 @@ __all__ = ["EXTRA", "missing", "require"]
 EXTRA = "experiments"
 
 
+#: Optional modules that no extra can bring (their declared dependencies would pull torchvision).
+OUTSIDE_EXTRAS = {"torchattacks": "pip install --no-deps torchattacks==3.5.1"}
+
+
 def missing(module: str, what: str | None = None) -> str:
     """The message for a missing optional ``module``: what it is and the extra that brings it."""
+    if module in OUTSIDE_EXTRAS:
+        return (
+            f"{what or module} (module {module!r}) is needed here but not installed; "
+            f"install it with: {OUTSIDE_EXTRAS[module]}"
+        )
     return (
         f"{what or module} (module {module!r}) is needed here but not installed; "
         f'install the extra: pip install "robustreg[{EXTRA}]"'

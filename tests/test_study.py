@@ -1,0 +1,250 @@
+"""The matched-strength study (issue 11): validation split, selection of λ, per-image attacks,
+standard AutoAttack, paired intervals, published models."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from robustreg import autoattack, comparison, data, evaluation, experiments, models, runs
+from robustreg.profiles import PROFILES
+
+DT = torch.float64
+
+
+# --- validation split ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["digits", "mnist5k", "moons"])
+def test_validation_split_partitions_the_training_split(name):
+    x_tr, y_tr = data.load(name, "train", dtype=DT)
+    x_fit, y_fit = data.load(name, "fit", dtype=DT)
+    x_val, y_val = data.load(name, "val", dtype=DT)
+    assert len(x_val) == data.VALIDATION_SIZE[name] and len(x_fit) + len(x_val) == len(x_tr)
+
+    # the two parts are the training split, rearranged: same multiset of (image, label) rows
+    def rows(x, y):
+        return sorted(map(tuple, torch.cat([x.flatten(1), y[:, None].to(DT)], 1).tolist()))
+
+    assert rows(torch.cat([x_fit, x_val]), torch.cat([y_fit, y_val])) == rows(x_tr, y_tr)
+    # stratified: class shares within one image of the training split's
+    share = torch.bincount(y_tr) / len(y_tr) * len(y_val)
+    assert (torch.bincount(y_val) - share).abs().max() <= 1
+    # and disjoint from the test split
+    x_te, _ = data.load(name, "test", dtype=DT)
+    assert (
+        not set(map(tuple, x_val.flatten(1).tolist())) & set(map(tuple, x_te.flatten(1).tolist()))
+        or name == "digits"
+    )
+
+
+def test_validation_key_leaves_earlier_keys_alone_and_selects_the_fit_split():
+    config = {"data": "digits", "seed": 3}
+    assert "validation" not in runs.normalize_config(config)
+    assert runs.cache_key(config) == runs.cache_key({**config, "validation": False})
+    assert runs.cache_key(config) != runs.cache_key({**config, "validation": True})
+    assert runs.training_split(runs.normalize_config(config)) == "train"
+    assert runs.training_split(runs.normalize_config({**config, "validation": True})) == "fit"
+
+
+# --- PGD per image --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    config = {"data": "digits", "model": {"name": "mlp", "hidden": [32]}, "epochs": 3, "lr": 1e-2}
+    model, _ = runs.train_cached(config, progress=False)
+    x, y = data.load("digits", "test")
+    return model, x[:120], y[:120]
+
+
+def test_robust_flags_are_nested_and_below_clean_and_single_pgd(digits_model):
+    model, x, y = digits_model
+    flags = evaluation.robust_flags(model, x, y, [0.1, 0.03, 0.2], "linf", steps=10, restarts=3)
+    assert list(flags) == [0.03, 0.1, 0.2]
+    correct = evaluation.predict(model, x) == y
+    assert bool((flags[0.03] <= correct).all())
+    assert bool((flags[0.1] <= flags[0.03]).all()) and bool((flags[0.2] <= flags[0.1]).all())
+    # an image counted robust survives a fresh PGD run at that radius more often than not
+    g = torch.Generator().manual_seed(5)
+    x_adv = evaluation.attacks.pgd(model, x, y, 0.1, steps=10, generator=g)
+    broken_fresh = evaluation.predict(model, x_adv) != y
+    assert int((flags[0.1] & broken_fresh).sum()) <= max(2, int(flags[0.1].sum()) // 10)
+    assert 0 < int(flags[0.1].sum()) < int(correct.sum())  # not vacuous at this radius
+
+
+def test_flags_string_round_trip():
+    f = torch.tensor([True, False, True, True])
+    assert evaluation.flags_string(f) == "1011"
+    assert torch.equal(evaluation.parse_flags("1011"), f)
+    with pytest.raises(ValueError, match="0 and 1"):
+        evaluation.parse_flags("10x1")
+
+
+# --- standard AutoAttack --------------------------------------------------------------------
+
+
+def test_autoattack_components_carry_the_published_settings(digits_model):
+    pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    built = autoattack._components(model, 0.1, "linf", 10, 0, **autoattack.STANDARD)
+    assert list(built) == list(autoattack.COMPONENTS)
+    assert built["apgd-ce"].steps == 100 and built["apgd-ce"].n_restarts == 1
+    assert built["apgd-t"].steps == 100 and built["apgd-t"].n_target_classes == 9
+    assert built["fab-t"].steps == 100 and built["fab-t"].n_target_classes == 9
+    assert built["fab-t"].multi_targeted
+    assert built["square"].n_queries == 5000 and built["square"].p_init == 0.8
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 1.0)])
+def test_autoattack_breaks_at_least_what_its_first_component_does(digits_model, norm, eps):
+    pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    out = autoattack.autoattack(model, x, y, eps, norm, steps=10, n_queries=50)
+    correct = evaluation.predict(model, x) == y
+    robust = out["robust"]
+    assert bool((robust <= correct).all())
+    assert sum(out["broken_by"].values()) == int(correct.sum() - robust.sum())
+    # no stronger than the truth: a PGD with restarts cannot make many more images robust
+    pgd = evaluation.robust_flags(model, x, y, [eps], norm, steps=20, restarts=2)[eps]
+    assert int(robust.sum()) <= int(pgd.sum()) + 3
+    assert out["broken_by"]["apgd-ce"] > 0  # the attack does something on this model
+
+
+def test_autoattack_leaves_torch_global_generator_alone(digits_model):
+    pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    autoattack.autoattack(model, x[:10], y[:10], 0.1, steps=2, n_queries=5)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --- selection of λ ---------------------------------------------------------------------------
+
+
+def _val_rows(curves, plain):
+    rows = [{"metric": "val_accuracy", "method": "plain", "lam": 0.0, "value": plain}]
+    for reg, pts in curves.items():
+        rows += [
+            {"metric": "val_accuracy", "method": reg, "lam": lam, "value": a} for lam, a in pts
+        ]
+    return rows
+
+
+def test_select_lambdas_interpolates_log_lambda_at_the_target():
+    lambdas = PROFILES["sweep"]["lambdas"]
+    curves = {reg: [(lam, 0.95) for lam in lams] for reg, lams in lambdas.items()}
+    # input gradient: 0.30 → 0.94, 1.0 → 0.90: −1 point at 0.94 exactly, −3 halfway in accuracy
+    curves["input_gradient"] = [
+        (0.03, 0.95),
+        (0.1, 0.945),
+        (0.3, 0.94),
+        (1.0, 0.90),
+        (3.0, 0.8),
+        (10.0, 0.5),
+    ]
+    curves["curvature"] = [(lam, 0.90) for lam in lambdas["curvature"]]  # too strong from the start
+    sel = experiments.select_lambdas("sweep", _val_rows(curves, 0.95))
+    ig = sel["lambdas"]["input_gradient"]
+    assert ig["1"]["lam"] == pytest.approx(0.3, rel=1e-2)
+    w = (0.94 - 0.92) / (0.94 - 0.90)
+    assert ig["3"]["lam"] == pytest.approx(
+        math.exp(math.log(0.3) + w * math.log(1.0 / 0.3)), rel=5e-3
+    )
+    assert sel["lambdas"]["jacobian_frobenius"]["1"]["lam"] is None  # never loses a point
+    assert "extend the sweep" in sel["lambdas"]["curvature"]["1"]["reason"]
+    assert experiments.selected_runs(sel) == [
+        ("input_gradient", ig["1"]["lam"]),
+        ("input_gradient", ig["3"]["lam"]),
+    ]
+
+
+def test_selected_lambda_is_evaluated_with_autoattack_and_named_by_value():
+    sel = {"lambdas": {"curvature": {"1": {"lam": 4.2}, "3": {"lam": None}}}}
+    configs = experiments.grid("sweep", selection=sel, seeds=[0])
+    lams = [c["lam"] for c in configs if c.get("regularizer") == "curvature"]
+    assert lams == [*PROFILES["sweep"]["lambdas"]["curvature"], 4.2]
+    assert all(c.get("validation") for c in configs)
+    names = [experiments.result_name(c) for c in configs]
+    assert "curvature_lam4.2_seed0.json" in names and "adversarial-l2_seed0.json" in names
+    chosen = next(c for c in configs if c.get("lam") == 4.2)
+    assert experiments.publishes_weights("sweep", chosen, sel)
+    assert not experiments.publishes_weights("sweep", {**chosen, "seed": 1}, sel)
+    assert not experiments.publishes_weights("sweep", {**chosen, "lam": 10.0}, sel)
+
+
+# --- the whole study, end to end ---------------------------------------------------------------
+
+
+def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
+    pytest.importorskip("torchattacks")
+    small = {  # the smoke profile, smaller still: two regularizers, one baseline, 40 images
+        "seeds": [0],
+        "epochs": 1,
+        "lambdas": {"input_gradient": [0.1, 1.0, 10.0], "curvature": [1.0, 10.0, 100.0]},
+        "adversarial": [{"eps": 1.0, "norm": "l2", "steps": 2}],
+        "eval": {**PROFILES["sweep-smoke"]["eval"], "n_test": 40, "steps": 5},
+        "autoattack": {
+            **PROFILES["sweep-smoke"]["autoattack"],
+            "n": 20,
+            "steps": 3,
+            "n_queries": 20,
+        },
+    }
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, device="cpu", **small)
+    out = tmp_path / "res"
+    rows, sel = experiments.run_study("sweep-smoke", results_dir=out, **kw)
+    stored = json.loads((out / "selection.json").read_text())
+    assert stored == json.loads(json.dumps(sel))
+    attacked = {r["method"] + f"@{r['lam']:g}" for r in rows if r.get("attack") == "autoattack"}
+    expected = {"plain@0", "adversarial-l2@0"}
+    expected |= {f"{reg}@{lam:g}" for reg, lam in experiments.selected_runs(sel)}
+    assert attacked == expected
+    # per-image flags: worst case = AutoAttack ∧ PGD at that radius
+    by = {
+        (r["method"], r["lam"], r["attack"], r["norm"], r["eps"]): r for r in rows if "flags" in r
+    }
+    for (method, lam, attack, norm, eps), r in by.items():
+        if attack == "worst-case":
+            aa = evaluation.parse_flags(by[method, lam, "autoattack", norm, eps]["flags"])
+            pgd = evaluation.parse_flags(by[method, lam, "pgd", norm, eps]["flags"])
+            assert torch.equal(evaluation.parse_flags(r["flags"]), aa & pgd[: len(aa)])
+    # the published models load and reproduce their clean accuracy exactly
+    x, y = data.load("digits", "test")
+    published = sorted(out.glob("*.safetensors"))
+    assert len(published) == len(expected)
+    for weights in published:
+        model = experiments.load_model(weights.with_suffix(".json"))
+        record = experiments.read_result(weights.with_suffix(".json"))
+        clean = next(r["value"] for r in record["rows"] if r["metric"] == "clean_accuracy")
+        n = record["eval"]["n_test"]
+        dtype = models.device_dtype(model)[1]
+        assert evaluation.accuracy(model, x[:n].to(dtype), y[:n]) == clean
+    # a rerun reads everything back; read_only never trains
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again, _ = experiments.run_study("sweep-smoke", results_dir=out, read_only=True, **kw)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len(again) == len(rows)
+
+
+# --- paired intervals ---------------------------------------------------------------------------
+
+
+def test_paired_difference_covers_the_truth_and_says_unresolved_at_zero():
+    rng = np.random.default_rng(0)
+    hits = 0
+    for trial in range(40):
+        a = rng.random((5, 400)) < 0.62
+        b = rng.random((5, 400)) < 0.60
+        ci = comparison.paired_difference(a, b, n_boot=400, seed=trial)
+        hits += ci["low"] <= 0.02 <= ci["high"]
+        assert ci["low"] <= ci["diff"] <= ci["high"]
+    assert hits >= 34  # nominal 95 % coverage: 38 of 40 expected, 34 a 1-in-100 shortfall
+    same = rng.random((5, 400)) < 0.5
+    assert not comparison.resolved(comparison.paired_difference(same, same, n_boot=200))
+    with pytest.raises(ValueError, match="one shape"):
+        comparison.paired_difference(np.zeros((2, 3)), np.zeros((3, 2)))
