@@ -331,7 +331,9 @@ MNIST5K_TEST_LABELS = "e60b9553bec95257"
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"unknown data set 'mnsit'; valid: digits, moons"):
         data.load("mnsit")
-    with pytest.raises(ValueError, match=r"unknown split 'validation'; valid: train, test, fit, val"):
+    with pytest.raises(
+        ValueError, match=r"unknown split 'validation'; valid: train, test, fit, val"
+    ):
         data.load("digits", "validation")
     with pytest.raises(ValueError, match="floating dtype"):
         data.load("digits", dtype=torch.int64)

@@ -229,6 +229,14 @@ def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     again, _ = experiments.run_study("sweep-smoke", results_dir=out, read_only=True, **kw)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(again) == len(rows)
+    # per-image outcomes for paired comparisons
+    records = [experiments.read_result(p) for p in sorted(out.glob("*_seed0.json"))]
+    clean = comparison.outcomes(records, "plain", 0.0, "clean", [0])
+    plain = next(rec for rec in records if rec["method"] == "plain")
+    stored = next(row["value"] for row in plain["rows"] if row["metric"] == "clean_accuracy")
+    assert clean.shape == (1, 40) and clean.mean() == stored
+    with pytest.raises(KeyError, match="seeds \\[1\\]"):
+        comparison.outcomes(records, "plain", 0.0, "clean", [0, 1])
 
 
 # --- paired intervals ---------------------------------------------------------------------------

@@ -22,17 +22,6 @@ from robustreg.extras import require
 __all__ = ["AUTOATTACK_VERSIONS", "art_classifier", "art_pgd", "autoattack"]
 
 
-class _Float32Interface(nn.Module):
-    """ART feeds float32 arrays; cast them to the model's dtype and the logits back to float32."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.to(self.dtype)).float()
-
-
 def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: int):
     """ART's ``PyTorchClassifier`` around ``model`` (cross-entropy loss, inputs clipped to [0, 1])."""
     require("art", "the adversarial-robustness-toolbox")
@@ -40,7 +29,7 @@ def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: in
 
     device, dtype = models.device_dtype(model)
     return PyTorchClassifier(
-        model=_Float32Interface(model, dtype),
+        model=models.Float32Logits(model),  # ART feeds float32 arrays
         loss=nn.CrossEntropyLoss(),
         input_shape=tuple(input_shape),
         nb_classes=int(num_classes),

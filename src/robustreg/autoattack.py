@@ -38,17 +38,6 @@ STANDARD = {"steps": 100, "n_queries": 5000}
 _NORMS = {"linf": "Linf", "l2": "L2"}
 
 
-class _Float32Logits(nn.Module):
-    """torchattacks computes in float32: cast its inputs to the model's dtype and back."""
-
-    def __init__(self, model: nn.Module, dtype: torch.dtype):
-        super().__init__()
-        self.model, self.dtype = model, dtype
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.to(self.dtype)).float()
-
-
 def _components(model, eps, norm, k, seed, steps, n_queries):
     require("torchattacks", "AutoAttack's standard components")
     import torchattacks
@@ -96,7 +85,7 @@ def autoattack(
     device, dtype = models.device_dtype(model)
     x, y = x.to(device, dtype), y.to(device)
     k = models.num_classes(model, x[:1])
-    wrapped = _Float32Logits(model, dtype).eval()
+    wrapped = models.Float32Logits(model).eval()  # torchattacks computes in float32
     with torch.no_grad():
         robust = (
             torch.cat(

@@ -15,11 +15,45 @@ interval. An interval that contains 0 means the comparison is not resolved by th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["paired_difference", "resolved"]
+__all__ = ["outcomes", "paired_difference", "resolved"]
+
+
+def outcomes(
+    records: Iterable[Mapping[str, Any]],
+    method: str,
+    lam: float,
+    column: str,
+    seeds: Sequence[int],
+) -> np.ndarray:
+    """Per-image outcomes [len(seeds), n] of one method at one λ from result records.
+
+    ``column``: ``"clean"`` or ``"<attack> <norm> <ε>"`` (e.g. ``"worst-case linf 0.1"``), read
+    from the ``flags`` of the record's rows (written with ``per_image=True``). A missing seed or
+    column is a ``KeyError`` naming it.
+    """
+    found = {}
+    for rec in records:
+        if rec["method"] != method or float(rec["lam"]) != float(lam):
+            continue
+        for row in rec["rows"]:
+            if "flags" not in row:
+                continue
+            name = (
+                "clean"
+                if row["metric"] == "clean_accuracy"
+                else f"{row['attack']} {row['norm']} {row['eps']:g}"
+            )
+            if name == column:
+                found[rec["seed"]] = np.frombuffer(row["flags"].encode(), np.uint8) == ord("1")
+    missing = [s for s in seeds if s not in found]
+    if missing:
+        raise KeyError(f"no per-image {column!r} of {method} λ = {lam:g} for seeds {missing}")
+    return np.stack([found[s] for s in seeds])
 
 
 def paired_difference(

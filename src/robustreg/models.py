@@ -299,3 +299,16 @@ def num_classes(model: nn.Module, x: torch.Tensor) -> int:
         return int(model(x[:1].to(device, dtype)).shape[-1])
     finally:
         model.train(mode)
+
+
+class Float32Logits(nn.Module):
+    """``model`` behind a float32 interface: inputs cast to the model's dtype, logits back to
+    float32 — for attack libraries (ART, torchattacks) that compute in float32 only."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.dtype = device_dtype(model)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.dtype)).float()
