@@ -113,6 +113,20 @@ def test_autoattack_breaks_at_least_what_its_first_component_does(digits_model, 
     assert out["broken_by"]["apgd-ce"] > 0  # the attack does something on this model
 
 
+def test_autoattack_works_under_a_float64_default_dtype(digits_model):
+    """Measured: torchattacks mixed float64 (the default dtype the chapters set) and float32."""
+    pytest.importorskip("torchattacks")
+    model, x, y = digits_model
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = autoattack.autoattack(model, x[:20], y[:20], 0.1, steps=2, n_queries=5)
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(saved)
+    assert out["robust"].dtype == torch.bool
+
+
 def test_autoattack_leaves_torch_global_generator_alone(digits_model):
     pytest.importorskip("torchattacks")
     model, x, y = digits_model
@@ -256,3 +270,23 @@ def test_paired_difference_covers_the_truth_and_says_unresolved_at_zero():
     assert not comparison.resolved(comparison.paired_difference(same, same, n_boot=200))
     with pytest.raises(ValueError, match="one shape"):
         comparison.paired_difference(np.zeros((2, 3)), np.zeros((3, 2)))
+
+
+# --- the committed study ------------------------------------------------------------------------
+
+
+def test_committed_study_models_load_and_reproduce_their_clean_accuracy():
+    """Every published model of results/sweep: load_model, then the stored clean accuracy exactly
+    and the stored per-image outcomes of the clean test images."""
+    published = sorted((experiments.RESULTS_ROOT / "sweep").glob("*.safetensors"))
+    if not published:
+        pytest.skip("no committed study models yet")
+    for weights in published:
+        record = experiments.read_result(weights.with_suffix(".json"))
+        model = experiments.load_model(weights.with_suffix(".json"))
+        x, y = data.load(record["config"]["data"], "test")
+        n = record["eval"]["n_test"]
+        correct = evaluation.predict(model, x[:n]) == y[:n]
+        row = next(r for r in record["rows"] if r["metric"] == "clean_accuracy")
+        assert evaluation.flags_string(correct) == row["flags"], weights.name
+        assert correct.double().mean().item() == row["value"], weights.name

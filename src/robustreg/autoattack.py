@@ -21,6 +21,8 @@ torchattacks==3.5.1`` (its declared dependencies would pull torchvision).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +38,17 @@ COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 STANDARD = {"steps": 100, "n_queries": 5000}
 
 _NORMS = {"linf": "Linf", "l2": "L2"}
+
+
+@contextlib.contextmanager
+def _float32_default():
+    """torchattacks creates tensors in torch's default dtype and mixes them with float32 ones."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
 
 
 def _components(model, eps, norm, k, seed, steps, n_queries):
@@ -104,7 +117,7 @@ def autoattack(
             continue
         before = int(robust.sum())
         for part in idx.split(batch_size):
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _float32_default():
                 x_adv = attack(x[part].float(), y[part]).to(dtype)
             x_adv = attacks.project(
                 x[part], x_adv, attacks.per_sample(eps_t[part], x[part]), norm, box=True
