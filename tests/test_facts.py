@@ -1,4 +1,4 @@
-"""Facts T2–T11 of NOTATION.md as property tests over random piecewise-affine networks (float64).
+"""Facts T2–T11 of book/notation.md as property tests over random piecewise-affine networks (float64).
 
 Every identity is checked to relative error ≤ 1e-10 against references computed independently
 with ``torch.autograd.functional.jacobian`` / ``hessian`` (``tests/test_regularizers.py``);

@@ -2,7 +2,7 @@
 
 The references here (``ref_*``) compute each quantity one sample at a time with
 ``torch.autograd.functional.jacobian`` / ``hessian`` straight from the definitions in
-NOTATION.md; ``tests/test_facts.py`` and ``tests/test_estimators.py`` import them.
+book/notation.md; ``tests/test_facts.py`` and ``tests/test_estimators.py`` import them.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def ref_cure_direction(g: torch.Tensor) -> torch.Tensor:
 
 
 def ref_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: float) -> dict:
-    """Every regularizer straight from its definition (NOTATION.md)."""
+    """Every regularizer straight from its definition (book/notation.md)."""
     J = ref_jacobian(model, x)
     K = J.shape[1]
     g = ref_loss_grad(model, x, y)

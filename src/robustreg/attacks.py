@@ -1,6 +1,6 @@
 """White-box attacks: FGSM, PGD (ℓ∞ and ℓ2) and the minimal ℓ2 adversarial perturbation.
 
-Notation of NOTATION.md: f(x) ∈ R^K logits, ℓ(x, y) = −log softmax(f(x))_y, g = ∇ₓℓ(x, y).
+Notation of book/notation.md: f(x) ∈ R^K logits, ℓ(x, y) = −log softmax(f(x))_y, g = ∇ₓℓ(x, y).
 
 - :func:`fgsm`: x_adv = Π_[0,1](x + ε sign(g)). This is the exact maximizer of the linearization
   ℓ(x) + gᵀδ over the ℓ∞ ball ‖δ‖∞ ≤ ε intersected with the box x + δ ∈ [0, 1]^d (fact T3: the

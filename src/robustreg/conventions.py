@@ -1,7 +1,7 @@
 """Factors between our per-sample regularizer values and the original papers' and code's terms.
 
 Our regularizers (:mod:`robustreg.regularizers`) return per-sample values with the
-normalizations of NOTATION.md, and a training loss adds ``lam * values.mean()``. The papers that
+normalizations of book/notation.md, and a training loss adds ``lam * values.mean()``. The papers that
 introduced them add other multiples to their losses. :func:`to_original` turns a batch of our
 values ``R[B]`` into the term the original method adds to its loss for that batch (a scalar, for
 weight ``lam``); :data:`CONVENTIONS` states each conversion with its source. Let B be the batch

@@ -1,6 +1,6 @@
 """Local geometry of piecewise-affine classifiers: Jacobians, linear regions, certified radii.
 
-For a network built from affine layers, rectifiers σ_a and max-pooling (NOTATION.md), the input
+For a network built from affine layers, rectifiers σ_a and max-pooling (book/notation.md), the input
 space splits into linear regions, one per *activation pattern*; on the region of x the logits are
 affine, f(x′) = J(x) x′ + b(x) (fact T1). This module computes
 

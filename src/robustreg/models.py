@@ -3,7 +3,7 @@
 Every network here is built from affine layers (linear, convolution), the general rectifier
 σ_a(t) = max(t, 0) + a·min(t, 0) (``relu``: a = 0, ``leaky_relu``: fixed a, ``prelu``: learned a)
 and max-pooling, so it is piecewise affine: the input space splits into linear regions, one per
-activation pattern (NOTATION.md, fact T1).
+activation pattern (book/notation.md, fact T1).
 
 - :func:`mlp`, :func:`lenet`: the architectures the chapters train.
 - :func:`random_network`: random weights, biases and PReLU slopes, to check the facts T1–T12 on

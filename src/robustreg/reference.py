@@ -6,7 +6,7 @@ mostly one sample at a time. Nothing goes through :mod:`robustreg.regularizers` 
 :mod:`robustreg.geometry`, so agreement with those modules is evidence, not a tautology. The
 functions are slow by design and meant for float64 checks on small networks.
 
-Notation (NOTATION.md): logits f ∈ R^K, p = softmax(f), ℓ(x, y) = −log p_y, J = ∂f/∂x ∈ R^{K×d}
+Notation (the book's notation page, book/notation.md): logits f ∈ R^K, p = softmax(f), ℓ(x, y) = −log p_y, J = ∂f/∂x ∈ R^{K×d}
 (row k is ∇f_k), S = diag(p) − ppᵀ. Inputs ``x`` are batches [B, ...]; inputs of any shape are
 flattened to d = x[0].numel() where a formula needs vectors.
 """

@@ -2,7 +2,7 @@
 
 Every regularizer has the signature ``(model, x, y, **options) -> Tensor[B]``: ``model`` maps a
 batch ``x`` of shape ``[B, ...]`` to logits ``f(x)`` of shape ``[B, K]``, ``y`` holds int64 labels
-in ``[0, K)``, and the result holds one value per sample with the normalizations of NOTATION.md
+in ``[0, K)``, and the result holds one value per sample with the normalizations of book/notation.md
 (a training loss averages them: ``loss = ce + lam * R.mean()``). Symbols: ``J = ∂f/∂x`` (row k is
 ``∇f_k``), ``p = softmax(f)``, ``ℓ = -log p_y``, ``S = diag(p) - p pᵀ``, ``C = I - 11ᵀ/K``.
 
@@ -613,7 +613,7 @@ _REGISTRY: dict[str, Callable[..., Tensor]] = {
 
 
 def names() -> tuple[str, ...]:
-    """The regularizer names accepted by :func:`get`, in the order of NOTATION.md's table."""
+    """The regularizer names accepted by :func:`get`, in the order of the table of book/notation.md."""
     return tuple(_REGISTRY)
 
 
