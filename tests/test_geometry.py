@@ -502,3 +502,33 @@ def test_T12_certified_radius(case: Case, seed: int, shrink: bool):
     assert torch.equal(flipped[binding[fin]], ks[binding[fin]])
     if shrink:
         assert binding[0] or not fin[0]
+
+
+@settings(deadline=None)
+@given(networks(max_batch=2), st.integers(0, 2**31 - 1))
+def test_T1_constant_jacobian_check_fails_on_a_smooth_copy(case: Case, seed: int):
+    """The check of T1 (J(x') = J(x) inside the region) can fail: on the same network with smooth
+    rectifiers (models.smooth_copy) the Jacobian moves by far more than rounding."""
+    from robustreg.models import smooth_copy
+
+    model, x = case.model, case.x
+    x2, ok = in_region_step(model, x, torch.Generator().manual_seed(seed))
+    assert ok.all()
+    assert rel_err(logit_jacobian(model, x2), logit_jacobian(model, x)) <= TOL
+    assume((x2 - x).flatten(1).norm(dim=1).max() >= 1e-3)  # a step the smooth net can feel
+    smooth = smooth_copy(model)
+    moved = rel_err(logit_jacobian(smooth, x2), logit_jacobian(smooth, x))
+    assert moved > 1e3 * TOL, moved
+
+
+def test_smooth_copy_keeps_the_weights_and_rejects_a_bad_beta():
+    from robustreg.models import is_piecewise_linear, smooth_copy
+
+    net = random_network("mlp", (4,), 3, depth=2, width=6, seed=0).double()
+    smooth = smooth_copy(net)
+    assert is_piecewise_linear(net) and not is_piecewise_linear(smooth)
+    assert all(
+        torch.equal(a, b) for a, b in zip(net.parameters(), smooth.parameters(), strict=False)
+    )
+    with pytest.raises(ValueError, match="beta must be a positive number, got 0"):
+        smooth_copy(net, beta=0)

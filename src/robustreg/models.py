@@ -10,10 +10,14 @@ activation pattern (book/notation.md, fact T1).
   many architectures (tests and notebooks).
 - :func:`is_piecewise_linear`, :func:`check_piecewise_linear`: whether a module is built only
   from pieces this package knows to be piecewise affine.
+- :func:`smooth_copy`: the same network with smooth rectifiers, a negative control for checks of
+  T1; :class:`Float32Logits`: a float32 interface for attack libraries.
 """
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Sequence
 
 import torch
@@ -312,3 +316,40 @@ class Float32Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.to(self.dtype)).float()
+
+
+def smooth_copy(model: nn.Module, beta: float = 1.0) -> nn.Module:
+    """A copy of ``model`` with every rectifier σ_a replaced by a smooth one,
+    t ↦ a·t + (1 − a)·softplus_β(t) (softplus_β(t) = log(1 + e^{βt})/β → max(t, 0) as β → ∞);
+    same weights. Not piecewise affine: its Jacobian changes at every step, so a check of T1
+    that still passes on it cannot tell the two kinds of network apart (a negative control)."""
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    copy_ = copy.deepcopy(model)
+    for module in list(copy_.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, RECTIFIERS):
+                setattr(module, child_name, _SmoothRectifier(_slope(child), beta))
+    return copy_
+
+
+def _slope(rectifier: nn.Module) -> torch.Tensor:
+    """The negative slope a of a rectifier module (one per channel for a multi-slope PReLU)."""
+    if isinstance(rectifier, nn.PReLU):
+        return rectifier.weight.detach().clone()
+    if isinstance(rectifier, nn.LeakyReLU):
+        return torch.tensor([rectifier.negative_slope])
+    return torch.zeros(1)
+
+
+class _SmoothRectifier(nn.Module):
+    def __init__(self, slope: torch.Tensor, beta: float):
+        super().__init__()
+        self.register_buffer("slope", slope)
+        self.beta = beta
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        a = self.slope.to(t.dtype)
+        if a.numel() > 1:  # one slope per channel (dimension 1), as nn.PReLU
+            a = a.view(1, -1, *[1] * (t.dim() - 2))
+        return a * t + (1 - a) * nn.functional.softplus(t, beta=self.beta)
