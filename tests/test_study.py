@@ -276,8 +276,9 @@ def test_paired_difference_covers_the_truth_and_says_unresolved_at_zero():
 
 
 def test_committed_study_models_load_and_reproduce_their_clean_accuracy():
-    """Every published model of results/sweep: load_model, then the stored clean accuracy exactly
-    and the stored per-image outcomes of the clean test images."""
+    """Every published model of results/sweep: load_model, then the stored per-image clean outcomes
+    and clean accuracy. Exactly, except on an image whose two largest logits lie within float32
+    rounding of each other (another CPU may break that tie the other way)."""
     published = sorted((experiments.RESULTS_ROOT / "sweep").glob("*.safetensors"))
     if not published:
         pytest.skip("no committed study models yet")
@@ -286,7 +287,14 @@ def test_committed_study_models_load_and_reproduce_their_clean_accuracy():
         model = experiments.load_model(weights.with_suffix(".json"))
         x, y = data.load(record["config"]["data"], "test")
         n = record["eval"]["n_test"]
-        correct = evaluation.predict(model, x[:n]) == y[:n]
+        with torch.no_grad():
+            logits = model(x[:n])
+        top2 = logits.topk(2, dim=1).values
+        # float32 logits of a 784-256-256-10 MLP: rounding well below 1e-5 of their scale
+        near = (top2[:, 0] - top2[:, 1]) <= 1e-5 * logits.abs().max()
+        correct = logits.argmax(1) == y[:n]
         row = next(r for r in record["rows"] if r["metric"] == "clean_accuracy")
-        assert evaluation.flags_string(correct) == row["flags"], weights.name
-        assert correct.double().mean().item() == row["value"], weights.name
+        stored = evaluation.parse_flags(row["flags"])
+        assert torch.equal(correct[~near], stored[~near]), weights.name
+        if not near.any():
+            assert correct.double().mean().item() == row["value"], weights.name
