@@ -650,10 +650,10 @@ def _validation_rows(profile: str, kwargs: Mapping[str, Any]) -> list[dict[str, 
     """Clean validation accuracy of every trained run of the sweep (from the run cache; a run not
     trained yet raises FileNotFoundError)."""
     overrides = {k: v for k, v in kwargs.items() if k in PROFILES[profile]}
+    cache = kwargs.get("cache_dir")
+    root = Path(cache) if cache is not None else runs.default_cache_dir()
     rows = []
     for config in grid(profile, **overrides):
-        cache = kwargs.get("cache_dir")
-        root = Path(cache) if cache is not None else runs.default_cache_dir()
         if not (root / f"{runs.cache_key(config)}.json").is_file():
             raise FileNotFoundError(f"{result_name(config)} is not trained yet")
         model, _ = runs.train_cached(config, cache_dir=cache, progress=False)
