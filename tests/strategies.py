@@ -4,7 +4,7 @@ Interface (stable; other test modules import it)::
 
     from strategies import Case, networks
 
-    @given(networks())                       # MLPs and CNNs, every option
+    @given(networks())                       # MLPs, CNNs and their residual forms, every option
     @given(networks(kinds=("mlp",), max_pool=False, min_classes=2, max_classes=2))
     def test_something(case: Case):
         case.model   # nn.Sequential from robustreg.models.random_network, eval mode, float64
@@ -13,13 +13,14 @@ Interface (stable; other test modules import it)::
         case.K       # number of classes
         case.params  # dict of the random_network arguments (kind, in_shape, depth, width, ...)
 
-``networks(kinds=("mlp", "cnn"), activations=("relu", "leaky_relu", "prelu"), max_pool=None,
+``networks(kinds=("mlp", "cnn", "resmlp", "rescnn"), activations=("relu", "leaky_relu", "prelu"), max_pool=None,
 min_depth=1, max_depth=4, min_classes=2, max_classes=12, min_batch=2, max_batch=6)``;
 ``max_pool=None`` draws it, True/False fixes it. Shapes are small so that property tests are fast:
 MLP inputs (d,) with d in 2..12 and widths 2..16; CNN inputs (1, 8, 8) or (2, 6, 6) with 2..4
-channels per layer. Negative slopes a are 0 (a ReLU written as a leaky ReLU) or drawn from
-[MIN_SLOPE, 0.5) (PReLU draws its own per-channel slopes in [0, 0.5)). The excluded interval
-(0, MIN_SLOPE) is a stated rule, not a tuning: at 400 draws hypothesis reached slopes like 1e-292 and
+channels per layer (the residual kinds keep that width through their blocks). Negative slopes a
+are 0 (a ReLU written as a leaky ReLU) or drawn from [MIN_SLOPE, 0.5) or, since T1–T12 hold for
+any real slope, from [−1, −MIN_SLOPE] ∪ [1, 2) (a non-monotone or an expanding rectifier); PReLU
+draws its own per-channel slopes from [0, 0.5) or [−1, 2). The excluded interval (0, MIN_SLOPE) is a stated rule, not a tuning: at 400 draws hypothesis reached slopes like 1e-292 and
 2e-311, where a·s underflows to subnormal numbers. The network is then numerically another
 piecewise-affine map than its formula (region boundaries decided by the signs of subnormals, and a
 tolerance scaled by such products underflows to 0), which no float64 identity check can follow;
@@ -34,7 +35,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
-from robustreg.models import ACTIVATIONS, random_network
+from robustreg.models import ACTIVATIONS, KINDS, random_network
 
 #: The smallest nonzero negative slope drawn (see the module docstring).
 MIN_SLOPE = 1e-4
@@ -56,7 +57,7 @@ class Case:
 @st.composite
 def networks(
     draw,
-    kinds: tuple[str, ...] = ("mlp", "cnn"),
+    kinds: tuple[str, ...] = KINDS,
     activations: tuple[str, ...] = ACTIVATIONS,
     max_pool: bool | None = None,
     min_depth: int = 1,
@@ -67,7 +68,7 @@ def networks(
     max_batch: int = 6,
 ) -> Case:
     kind = draw(st.sampled_from(kinds))
-    if kind == "mlp":
+    if kind in ("mlp", "resmlp"):
         in_shape = (draw(st.integers(2, 12)),)
         width = draw(st.integers(2, 16))
     else:
@@ -80,7 +81,13 @@ def networks(
         depth=draw(st.integers(min_depth, max_depth)),
         width=width,
         activation=draw(st.sampled_from(activations)),
-        negative_slope=draw(st.just(0.0) | st.floats(MIN_SLOPE, 0.5, exclude_max=True)),
+        negative_slope=draw(
+            st.just(0.0)
+            | st.floats(MIN_SLOPE, 0.5, exclude_max=True)
+            | st.floats(-1.0, -MIN_SLOPE)
+            | st.floats(1.0, 2.0, exclude_max=True)
+        ),
+        slopes=draw(st.sampled_from([(0.0, 0.5), (-1.0, 2.0)])),
         max_pool=draw(st.booleans()) if max_pool is None else max_pool,
         seed=draw(st.integers(0, 2**31 - 1)),
     )

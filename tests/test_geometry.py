@@ -22,7 +22,7 @@ from robustreg.geometry import (
     nearest_boundary,
     same_region,
 )
-from robustreg.models import random_network
+from robustreg.models import Residual, random_network
 
 torch.set_num_threads(1)
 TOL = 1e-10
@@ -242,9 +242,12 @@ def test_affine_map_detects_a_different_region():
 
 
 def count_units(model: nn.Module, x: torch.Tensor) -> int:
-    """Rectifier units plus max-pool outputs, counted by running the layers one by one."""
+    """Rectifier units plus max-pool outputs, counted by running the layers one by one (the
+    blocks of residual layers too)."""
     n, h = 0, x[:1]
     for layer in model:
+        if isinstance(layer, Residual):
+            n += count_units(layer.block, h)
         if isinstance(layer, nn.ReLU | nn.LeakyReLU | nn.PReLU):
             n += h[0].numel()
         h = layer(h)
@@ -304,14 +307,21 @@ def reference_boundary_distance(model: nn.Sequential, x1: torch.Tensor) -> float
             return h.unfold(2, 2, 2).unfold(3, 2, 2).reshape(-1, 4)
         return h.unfold(2, 2, 2).reshape(-1, 2)
 
-    def feats(v):
-        outs, h = [], v
-        for layer in model:
+    def run(layers, h, outs):
+        for layer in layers:
+            if isinstance(layer, Residual):
+                h = h + run(layer.block, h, outs)
+                continue
             if isinstance(layer, nn.ReLU | nn.LeakyReLU | nn.PReLU):
                 outs.append(h.reshape(-1, 1))
             if isinstance(layer, nn.MaxPool1d | nn.MaxPool2d):
                 outs.append(windows(h, layer))
             h = layer(h)
+        return h
+
+    def feats(v):
+        outs = []
+        run(model, v, outs)
         return outs
 
     with torch.no_grad():

@@ -9,6 +9,7 @@ from strategies import Case, networks
 from torch import nn
 
 from robustreg.models import (
+    Residual,
     check_piecewise_linear,
     is_piecewise_linear,
     lenet,
@@ -82,11 +83,26 @@ def test_unknown_activation_random_network_and_kind():
         random_network(kind="cnn", in_shape=(8, 8))
 
 
-@pytest.mark.parametrize("slope", [-0.1, 1.0, 2.0])
-def test_negative_slope_out_of_range(slope):
-    with pytest.raises(ValueError, match=rf"\[0, 1\).*{slope}"):
+@pytest.mark.parametrize("slope", [float("nan"), float("inf"), "0.1", None])
+def test_negative_slope_not_a_finite_number(slope):
+    with pytest.raises(ValueError, match=rf"finite real number.*{slope}"):
         mlp(4, 2, activation="leaky_relu", negative_slope=slope)
     mlp(4, 2, activation="relu", negative_slope=slope)  # ignored for ReLU
+
+
+@pytest.mark.parametrize("slope", [-0.5, 1.0, 2.0])
+def test_any_real_slope_is_a_rectifier(slope):
+    """σ_a for any real a (non-monotone for a < 0, the identity at a = 1): piecewise affine."""
+    net = mlp(4, 2, activation="leaky_relu", negative_slope=slope)
+    assert is_piecewise_linear(net) and net[2].negative_slope == slope
+
+
+def test_random_network_slopes_interval():
+    net = random_network("resmlp", (4,), 3, activation="prelu", slopes=(-1.0, 2.0), seed=3)
+    a = torch.cat([m.weight for m in net.modules() if isinstance(m, nn.PReLU)])
+    assert (a >= -1).all() and (a < 2).all() and (a < 0).any() and (a > 1).any()
+    with pytest.raises(ValueError, match=r"slopes.*\(2.0, 1.0\)"):
+        random_network(activation="prelu", slopes=(2.0, 1.0))
 
 
 # --- random networks ---------------------------------------------------------------------------
@@ -100,13 +116,18 @@ def test_random_network_properties(case: Case):
     assert all(q.dtype == torch.float64 and q.requires_grad for q in model.parameters())
     assert model(case.x).shape == (case.x.shape[0], case.K)
     assert is_piecewise_linear(model)
-    rect = nn.Conv2d if p["kind"] == "cnn" else nn.Linear
-    assert sum(isinstance(m, rect) for m in model) == p["depth"] + (p["kind"] == "mlp")
+    rect = nn.Conv2d if p["kind"] in ("cnn", "rescnn") else nn.Linear
+    residual = p["kind"].startswith("res")
+    n_affine = sum(isinstance(m, rect) for m in model.modules())
+    assert n_affine == (2 * p["depth"] + 1 if residual else p["depth"]) + (rect is nn.Linear)
+    assert sum(isinstance(m, Residual) for m in model) == (p["depth"] if residual else 0)
     assert any(isinstance(m, nn.MaxPool1d | nn.MaxPool2d) for m in model) == p["max_pool"]
-    for m in model:
+    lo, hi = p["slopes"]
+    for m in model.modules():
         if isinstance(m, nn.PReLU):
-            assert m.weight.numel() == p["width"]
-            assert ((m.weight >= 0) & (m.weight < 0.5)).all()
+            if not residual:
+                assert m.weight.numel() == p["width"]
+            assert ((m.weight >= lo) & (m.weight < hi)).all()
         if isinstance(m, nn.LeakyReLU):
             assert m.negative_slope == p["negative_slope"]
         if isinstance(m, nn.Linear | nn.Conv2d):

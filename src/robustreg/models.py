@@ -24,16 +24,34 @@ import torch
 from torch import nn
 
 ACTIVATIONS = ("relu", "leaky_relu", "prelu")
-KINDS = ("mlp", "cnn")
+KINDS = ("mlp", "cnn", "resmlp", "rescnn")
 
 
 def _check_activation(activation: str, negative_slope: float) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
-    if activation != "relu" and not 0.0 <= negative_slope < 1.0:
+    if activation != "relu" and not (
+        isinstance(negative_slope, int | float) and math.isfinite(negative_slope)
+    ):
         raise ValueError(
-            f"negative_slope must lie in [0, 1) (σ_a with 0 ≤ a < 1); got {negative_slope!r}"
+            f"negative_slope must be a finite real number (σ_a, any slope a); got {negative_slope!r}"
         )
+
+
+class Residual(nn.Module):
+    """A skip connection around ``block``: x ↦ x + block(x).
+
+    A sum of two piecewise-affine maps is piecewise affine (fact T1 for directed acyclic
+    graphs, book chapter 01): on the common refinement of their regions both are affine. The
+    block must keep the shape of its input.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
 
 
 def make_activation(
@@ -130,6 +148,7 @@ def random_network(
     max_pool: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
+    slopes: tuple[float, float] = (0.0, 0.5),
 ) -> nn.Sequential:
     """A random piecewise-affine classifier in eval mode, for checking facts on many architectures.
 
@@ -138,11 +157,18 @@ def random_network(
     - ``kind="cnn"``: ``(Conv2d(3×3, width channels, pad 1) → σ_a [→ MaxPool2d(2)])×depth →
       Flatten → Linear(K)``; ``in_shape = (C, H, W)``. Pooling is applied while the feature maps
       are at least 2×2.
+    - ``kind="resmlp"``: ``Flatten → Linear(width) → σ_a → (Residual(Linear → σ_a → Linear) →
+      σ_a [→ MaxPool1d(2)])×depth → Linear(K)``: skip connections, x ↦ x + block(x)
+      (:class:`Residual`).
+    - ``kind="rescnn"``: ``Conv2d(3×3, width) → σ_a → (Residual(Conv → σ_a → Conv) → σ_a
+      [→ MaxPool2d(2)])×depth → Flatten → Linear(K)``.
 
     Weights are N(0, 2/fan_in) (N(0, 1/fan_in) for the last layer), biases N(0, 0.5²) so that
-    inputs x ~ N(0, I) meet many region boundaries; with ``activation="prelu"`` each layer gets
-    per-unit (MLP) or per-channel (CNN) slopes drawn uniformly from [0, 0.5), and
-    ``negative_slope`` is ignored. Deterministic given ``seed``; parameters require grad.
+    inputs x ~ N(0, I) meet many region boundaries (the second layer of a residual block is
+    scaled by ½ more, so that depth does not blow up the scale); with ``activation="prelu"``
+    each rectifier gets per-unit (MLP) or per-channel (CNN) slopes drawn uniformly from
+    ``slopes`` (any real interval: T1–T12 hold for every slope), and ``negative_slope`` is
+    ignored. Deterministic given ``seed``; parameters require grad.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
@@ -151,6 +177,8 @@ def random_network(
         raise ValueError(f"depth must be ≥ 1; got {depth!r}")
     if width < 1 or num_classes < 1:
         raise ValueError(f"width and num_classes must be ≥ 1; got {width!r}, {num_classes!r}")
+    if not (len(slopes) == 2 and all(math.isfinite(v) for v in slopes) and slopes[0] <= slopes[1]):
+        raise ValueError(f"slopes must be a finite interval (lo, hi) with lo ≤ hi; got {slopes!r}")
     in_shape = tuple(int(s) for s in in_shape)
     gen = torch.Generator().manual_seed(seed)
 
@@ -158,43 +186,65 @@ def random_network(
         return make_activation(activation, negative_slope, num_parameters=n)
 
     layers: list[nn.Module] = []
-    if kind == "mlp":
+    damped: list[nn.Module] = []  # second affine layer of each residual block
+
+    def block(first: nn.Module, second: nn.Module, n: int) -> nn.Module:
+        damped.append(second)
+        return Residual(nn.Sequential(first, act(n), second))
+
+    if kind in ("mlp", "resmlp"):
         layers.append(nn.Flatten())
-        n = 1
-        for s in in_shape:
-            n *= s
-        for _ in range(depth):
+        n = math.prod(in_shape)
+        if kind == "resmlp":
             layers += [nn.Linear(n, width), act(width)]
             n = width
+        for _ in range(depth):
+            if kind == "mlp":
+                layers += [nn.Linear(n, width), act(width)]
+                n = width
+            else:
+                layers += [block(nn.Linear(n, n), nn.Linear(n, n), n), act(n)]
             if max_pool and n >= 2:
                 layers += [nn.Unflatten(1, (1, n)), nn.MaxPool1d(2), nn.Flatten()]
                 n //= 2
         layers.append(nn.Linear(n, num_classes))
     else:
         if len(in_shape) != 3:
-            raise ValueError(f"kind='cnn' needs in_shape=(C, H, W); got {in_shape!r}")
+            raise ValueError(f"kind={kind!r} needs in_shape=(C, H, W); got {in_shape!r}")
         c, h, w = in_shape
-        for _ in range(depth):
+        if kind == "rescnn":
             layers += [nn.Conv2d(c, width, 3, padding=1), act(width)]
             c = width
+        for _ in range(depth):
+            if kind == "cnn":
+                layers += [nn.Conv2d(c, width, 3, padding=1), act(width)]
+                c = width
+            else:
+                conv = [nn.Conv2d(c, c, 3, padding=1) for _ in range(2)]
+                layers += [block(*conv, c), act(c)]
             if max_pool and min(h, w) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
         layers += [nn.Flatten(), nn.Linear(c * h * w, num_classes)]
     model = nn.Sequential(*layers).to(dtype)
 
-    affine = [m for m in model if isinstance(m, nn.Linear | nn.Conv2d)]
+    affine = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     with torch.no_grad():
         for i, m in enumerate(affine):
             fan_in = m.weight[0].numel()
             gain = 1.0 if i == len(affine) - 1 else 2.0
+            if any(m is d for d in damped):
+                gain /= 4.0  # std halved
             m.weight.copy_(
                 torch.randn(m.weight.shape, generator=gen, dtype=dtype) * (gain / fan_in) ** 0.5
             )
             m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=gen, dtype=dtype))
-        for m in model:
+        lo, hi = slopes
+        for m in model.modules():
             if isinstance(m, nn.PReLU):
-                m.weight.copy_(0.5 * torch.rand(m.weight.shape, generator=gen, dtype=dtype))
+                m.weight.copy_(
+                    lo + (hi - lo) * torch.rand(m.weight.shape, generator=gen, dtype=dtype)
+                )
     return model.eval()
 
 
