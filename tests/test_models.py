@@ -232,3 +232,22 @@ def test_random_cases_meet_every_number_of_classes(seed):
     drawn = [(c.K, i % 2) for i, c in enumerate(cases.random_cases(22, seed=seed, batch=1))]
     assert {k for k, kind in drawn if kind == 0} == set(range(2, 13))
     assert {k for k, kind in drawn if kind == 1} == set(range(2, 13))
+
+
+def test_random_cases_cycle_through_the_kinds_asked_for():
+    from robustreg import cases
+
+    kinds = ("mlp", "cnn", "resmlp", "rescnn")
+    drawn = list(cases.random_cases(44, seed=2, batch=1, kinds=kinds))
+    for i, c in enumerate(drawn):
+        kind = kinds[i % 4]
+        assert c.description.startswith(kind + " ")
+        assert any(isinstance(m, Residual) for m in c.model) == kind.startswith("res")
+    for j in range(4):
+        assert {c.K for c in drawn[j::4]} == set(range(2, 13))
+    # the default stream (MLPs and CNNs) is the one the chapters were run with
+    a = cases.random_case(5, seed=1)
+    b = cases.random_case(5, seed=1, kinds=("mlp", "cnn"))
+    assert a.description == b.description and torch.equal(a.x, b.x)
+    with pytest.raises(ValueError, match="kinds must be.*'lstm'"):
+        cases.random_case(0, kinds=("mlp", "lstm"))

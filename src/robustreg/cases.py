@@ -1,9 +1,9 @@
 """Random test cases for checking the book's facts over many architectures.
 
 :func:`random_cases` draws piecewise-affine classifiers with :func:`robustreg.models.random_network`
-— MLPs and CNNs of depth 1–4, ReLU / leaky ReLU / PReLU with slopes a ∈ [0, 0.4), with and without
-max-pooling, K ∈ {2, …, 12} classes — together with inputs and labels, all in float64 and
-deterministic given the seed. The notebooks use it for their "(a) random networks" checks.
+— MLPs and CNNs (and, on request, their residual forms) of depth 1–4, ReLU / leaky ReLU / PReLU
+with slopes a ∈ [0, 0.4), with and without max-pooling, K ∈ {2, …, 12} classes — together with
+inputs and labels, all in float64 and deterministic given the seed. The notebooks use it for their "(a) random networks" checks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .models import random_network
+from .models import KINDS, random_network
 
 ACTIVATIONS = ("relu", "leaky_relu", "prelu")
 
@@ -31,21 +31,29 @@ class Case:
 
 
 def random_case(
-    index: int, seed: int = 0, batch: int = 3, dtype: torch.dtype = torch.float64
+    index: int,
+    seed: int = 0,
+    batch: int = 3,
+    dtype: torch.dtype = torch.float64,
+    kinds: tuple[str, ...] = ("mlp", "cnn"),
 ) -> Case:
-    """The ``index``-th case of the stream of seed ``seed`` (even: MLP on R¹², odd: CNN on 1×6×6)."""
+    """The ``index``-th case of the stream of seed ``seed``: its kind is ``kinds[index % len(kinds)]``
+    (``mlp``, ``resmlp`` on R¹²; ``cnn``, ``rescnn`` on 1×6×6)."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be a non-empty tuple of {', '.join(KINDS)}; got {kinds!r}")
     case_seed = seed * 1_000_003 + index
     gen = torch.Generator().manual_seed(case_seed)
 
     def draw(n: int) -> int:
         return int(torch.randint(n, (1,), generator=gen))
 
-    kind = ("mlp", "cnn")[index % 2]
-    in_shape = (12,) if kind == "mlp" else (1, 6, 6)
+    kind = kinds[index % len(kinds)]
+    in_shape = (12,) if kind in ("mlp", "resmlp") else (1, 6, 6)
     draw(11)  # (kept so that the rest of the stream is unchanged)
-    # K cycles through 2, …, 12 over every 22 consecutive cases (MLP and CNN alike): a chapter
-    # that checks ≥ 22 cases meets every K, the two-class case included, whatever the seed
-    K = 2 + (index // 2 + seed) % 11
+    # K cycles through 2, …, 12 over every 11·len(kinds) consecutive cases (every kind alike): a
+    # chapter that checks ≥ 22 cases of two kinds meets every K, the two-class case included
+    K = 2 + (index // len(kinds) + seed) % 11
     depth, width = 1 + draw(4), 4 + draw(12)
     activation = ACTIVATIONS[draw(3)]
     slope = 0.4 * float(torch.rand(1, generator=gen, dtype=torch.float64))
@@ -72,10 +80,15 @@ def random_case(
 
 
 def random_cases(
-    n: int, seed: int = 0, batch: int = 3, dtype: torch.dtype = torch.float64
+    n: int,
+    seed: int = 0,
+    batch: int = 3,
+    dtype: torch.dtype = torch.float64,
+    kinds: tuple[str, ...] = ("mlp", "cnn"),
 ) -> Iterator[Case]:
-    """``n`` cases, alternating MLPs and CNNs (see :func:`random_case`)."""
+    """``n`` cases, cycling through ``kinds`` (default: alternating MLPs and CNNs; see
+    :func:`random_case`)."""
     if n < 1:
         raise ValueError(f"n must be ≥ 1, got {n!r}")
     for index in range(n):
-        yield random_case(index, seed=seed, batch=batch, dtype=dtype)
+        yield random_case(index, seed=seed, batch=batch, dtype=dtype, kinds=kinds)
