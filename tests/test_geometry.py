@@ -542,3 +542,24 @@ def test_smooth_copy_keeps_the_weights_and_rejects_a_bad_beta():
     )
     with pytest.raises(ValueError, match="beta must be a positive number, got 0"):
         smooth_copy(net, beta=0)
+
+
+@settings(deadline=None)
+@given(networks(kinds=("mlp", "resmlp"), max_batch=3), st.sampled_from(["linf", "l1"]))
+def test_boundary_distance_in_other_norms_is_exact(case: Case, norm: str):
+    """ℓ∞ / ℓ1 distance to the region's boundary: steps of ℓp length 0.99·dist in random
+    directions stay in the region, and along the worst direction for the nearest constraint
+    (Hölder's equality case) a step of 1.01·dist leaves it."""
+    model, x = case.model, case.x
+    dist = boundary_distance(model, x, norm=norm)
+    assume(bool((dist > 1e-9).all() and torch.isfinite(dist).all()))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        v = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        v = v.sign() if norm == "linf" else v / v.abs().sum(1, keepdim=True)
+        assert same_region(model, x, x + 0.99 * dist[:, None] * v).all()
+    # the ℓ2 distance bounds the others: ‖δ‖₂ ≤ ‖δ‖₁ and ‖δ‖₂ ≤ √d ‖δ‖∞
+    d2 = boundary_distance(model, x)
+    bound = d2 if norm == "l1" else d2 / math.sqrt(x[0].numel())
+    assert (dist >= bound * (1 - 1e-12)).all()
+    assert (dist <= (d2 if norm == "linf" else d2 * math.sqrt(x[0].numel())) * (1 + 1e-12)).all()

@@ -271,8 +271,24 @@ def _quiet_jit():
         yield
 
 
-def _constraints(model: nn.Module, x: Tensor, chunk_elements: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Region constraints c [B, M], which are real (valid [B, M]) and ‖∇ₓc‖₂² [B, M]."""
+#: The norms of the radii, and the dual norm q (1/p + 1/q = 1) that divides by the gradient.
+NORMS = {"l1": math.inf, "l2": 2.0, "linf": 1.0}
+
+
+def _check_norm(norm: str) -> float:
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    return NORMS[norm]
+
+
+def _dual_norm(v: Tensor, q: float, dim: int) -> Tensor:
+    return v.abs().amax(dim) if q == math.inf else torch.linalg.vector_norm(v, q, dim=dim)
+
+
+def _constraints(
+    model: nn.Module, x: Tensor, chunk_elements: int, q: float = 2.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Region constraints c [B, M], which are real (valid [B, M]) and ‖∇ₓc‖_q [B, M]."""
     with torch.no_grad():
         sites = _trace(model, x, _constraint_site)
     if not sites:
@@ -281,7 +297,7 @@ def _constraints(model: nn.Module, x: Tensor, chunk_elements: int) -> tuple[Tens
     c = torch.cat([s[0] for s in sites], 1)
     valid = torch.cat([s[1] for s in sites], 1)
     n, d, m = x.shape[0], x[0].numel(), c.shape[1]
-    sq = torch.zeros_like(c)
+    acc = torch.zeros_like(c)  # Σ|g|^q, or max|g| for q = ∞
     rows = max(1, chunk_elements // max(m, 1))
     xd = x.detach()
     for start in range(0, n * d, rows):
@@ -293,19 +309,26 @@ def _constraints(model: nn.Module, x: Tensor, chunk_elements: int) -> tuple[Tens
             dual = fwAD.make_dual(xd[i], tangent.view(len(r), *x.shape[1:]))
             parts = _trace(model, dual, _constraint_site)
             tang = fwAD.unpack_dual(torch.cat([p[0] for p in parts], 1)).tangent
-        if tang is not None:
-            sq.index_add_(0, i, tang.square())
-    return c, valid, sq
+        if tang is None:
+            continue
+        if q == 2.0:
+            acc.index_add_(0, i, tang.square())
+        elif q == 1.0:
+            acc.index_add_(0, i, tang.abs())
+        else:
+            acc.scatter_reduce_(0, i[:, None].expand_as(tang), tang.abs(), "amax")
+    return c, valid, acc.sqrt() if q == 2.0 else acc
 
 
-def _distances(c: Tensor, valid: Tensor, sq: Tensor) -> Tensor:
-    norm = sq.sqrt()
+def _distances(c: Tensor, valid: Tensor, norm: Tensor) -> Tensor:
     inf = torch.full_like(c, math.inf)
     return torch.where(valid & (norm > 0), c.abs() / norm, inf)
 
 
-def boundary_distance(model: nn.Module, x: Tensor, chunk_elements: int = 2**22) -> Tensor:
-    """ℓ2 distance from each x to the boundary of its linear region, ``Tensor[B]`` (T12's cap).
+def boundary_distance(
+    model: nn.Module, x: Tensor, chunk_elements: int = 2**22, norm: str = "l2"
+) -> Tensor:
+    """ℓp distance from each x to the boundary of its linear region, ``Tensor[B]`` (T12's cap).
 
     On the region R of x every constraint of the activation pattern is an affine function c_u:
     the pre-activation z_u of every rectifier unit (the sign of z_u is fixed on R) and, for every
@@ -327,10 +350,10 @@ def boundary_distance(model: nn.Module, x: Tensor, chunk_elements: int = 2**22) 
     coordinate (B·d dual evaluations of the model, in chunks of about ``chunk_elements``
     numbers of constraint tangents), cost ≈ d forward passes per sample.
     """
-    c, valid, sq = _constraints(model, x, chunk_elements)
+    c, valid, gnorm = _constraints(model, x, chunk_elements, _check_norm(norm))
     if c.shape[1] == 0:
         return torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
-    return _distances(c, valid, sq).min(1).values
+    return _distances(c, valid, gnorm).min(1).values
 
 
 def nearest_boundary(
@@ -343,12 +366,12 @@ def nearest_boundary(
     (x + t·u stays in the region for t < dist and crosses the hyperplane at t = dist). Where no
     constraint exists (dist = inf) u is 0.
     """
-    c, valid, sq = _constraints(model, x, chunk_elements)
+    c, valid, gnorm = _constraints(model, x, chunk_elements)
     n = x.shape[0]
     if c.shape[1] == 0:
         inf = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
         return inf, torch.zeros_like(x)
-    dist, arg = _distances(c, valid, sq).min(1)
+    dist, arg = _distances(c, valid, gnorm).min(1)
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
         sites = _trace(model, xg, _constraint_site)
@@ -360,10 +383,12 @@ def nearest_boundary(
     return dist, grad * scale.view(-1, *[1] * (x.dim() - 1))
 
 
-def margin_radius(model: nn.Module, x: Tensor) -> Tensor:
-    """In-region part of fact T12, ``Tensor[B]``: min_{k≠c} (f_c − f_k) / ‖∇f_c − ∇f_k‖₂ with
-    c = argmax_k f_k(x); the smallest ℓ2 step that lets some class overtake c *if f were affine*
-    (exact for an affine classifier). Pairs with ∇f_c = ∇f_k are never overtaken: ``inf``."""
+def margin_radius(model: nn.Module, x: Tensor, norm: str = "l2") -> Tensor:
+    """In-region part of fact T12, ``Tensor[B]``: min_{k≠c} (f_c − f_k) / ‖∇f_c − ∇f_k‖_q with
+    c = argmax_k f_k(x) and q the dual exponent of ``norm`` (see :func:`boundary_distance`);
+    the smallest ℓp step that lets some class overtake c *if f were affine* (exact for an
+    affine classifier). Pairs with ∇f_c = ∇f_k are never overtaken: ``inf``."""
+    q = _check_norm(norm)
     jac = logit_jacobian(model, x).flatten(2)
     with torch.no_grad():
         f = _logits(model, x)
@@ -372,21 +397,21 @@ def margin_radius(model: nn.Module, x: Tensor) -> Tensor:
     c = f.argmax(1)
     rows = torch.arange(f.shape[0], device=f.device)
     margin = f[rows, c][:, None] - f  # [B, K], ≥ 0
-    gap = (jac[rows, c][:, None] - jac).norm(dim=2)  # ‖∇f_c − ∇f_k‖₂
+    gap = _dual_norm(jac[rows, c][:, None] - jac, q, dim=2)  # ‖∇f_c − ∇f_k‖_q
     r = torch.where(gap > 0, margin / gap, torch.full_like(margin, math.inf))
     r[rows, c] = math.inf
     return r.min(1).values
 
 
-def certified_radius(model: nn.Module, x: Tensor) -> Tensor:
-    """Fact T12 (Hein & Andriushchenko), ``Tensor[B]``:
+def certified_radius(model: nn.Module, x: Tensor, norm: str = "l2") -> Tensor:
+    """Fact T12 (Hein & Andriushchenko), ``Tensor[B]``, in the ℓp norm ``norm``:
 
-        r(x) = min( min_{k≠c} (f_c − f_k) / ‖∇f_c − ∇f_k‖₂ ,  dist(x, ∂R(x)) ),
+        r_p(x) = min( min_{k≠c} (f_c − f_k) / ‖∇f_c − ∇f_k‖_q ,  dist_p(x, ∂R(x)) ),
 
-    c the predicted class, R(x) the linear region of x (:func:`margin_radius`,
-    :func:`boundary_distance`). Every δ with ‖δ‖₂ < r(x) keeps the prediction: x + δ stays in
-    R(x), where f is affine and f_c − f_k ≥ (f_c − f_k)(x) − ‖∇f_c − ∇f_k‖‖δ‖ > 0.
-    Requires a piecewise-linear model.
+    c the predicted class, R(x) the linear region of x, q the dual exponent
+    (:func:`margin_radius`, :func:`boundary_distance`). Every δ with ‖δ‖_p < r_p(x) keeps the
+    prediction: x + δ stays in R(x), where f is affine and, by Hölder's inequality,
+    f_c − f_k ≥ (f_c − f_k)(x) − ‖∇f_c − ∇f_k‖_q ‖δ‖_p > 0. Requires a piecewise-linear model.
     """
     check_piecewise_linear(model)
-    return torch.minimum(margin_radius(model, x), boundary_distance(model, x))
+    return torch.minimum(margin_radius(model, x, norm), boundary_distance(model, x, norm=norm))

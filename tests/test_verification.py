@@ -1,0 +1,128 @@
+"""Exact minimal perturbations by MILP (robustreg.verification) against brute force, and the
+chain certified (T12) ≤ exact ≤ attack."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linprog
+from torch import nn
+
+from robustreg import geometry, models
+from robustreg.verification import SOLVER_TOLERANCE, affine_layers, minimal_perturbation
+
+
+def brute_force(model: nn.Module, x: torch.Tensor, c: int, norm: str, box: bool) -> float:
+    """min ‖x′ − x‖_p over f_k(x′) ≥ f_c(x′), k ≠ c: one linear program per activation pattern
+    and target (every pattern of every hidden unit), no big-M and no interval bounds."""
+    layers = affine_layers(model)
+    x = x.double().flatten().numpy()
+    d = len(x)
+    sizes = [len(cv) for _, cv, _ in layers[:-1]]
+    best = math.inf
+    for pattern in itertools.product((0, 1), repeat=sum(sizes)):
+        # with the pattern fixed, every pre-activation and the logits are affine: M x′ + m
+        m_mat, m_vec, rows, rhs, pos = np.eye(d), np.zeros(d), [], [], 0
+        for (w, cv, a), n in zip(layers[:-1], sizes, strict=True):
+            z_mat, z_vec = w @ m_mat, w @ m_vec + cv
+            s = np.array(pattern[pos : pos + n])
+            pos += n
+            sign = np.where(s == 1, -1.0, 1.0)  # s = 1: z ≥ 0 → −z ≤ 0; s = 0: z ≤ 0
+            rows.append(sign[:, None] * z_mat)
+            rhs.append(-sign * z_vec)
+            slope = np.where(s == 1, 1.0, a)
+            m_mat, m_vec = slope[:, None] * z_mat, slope * z_vec
+        w, cv, _ = layers[-1]
+        f_mat, f_vec = w @ m_mat, w @ m_vec + cv
+        for k in range(len(cv)):
+            if k == c:
+                continue
+            # variables (x′, t) [ℓ∞] or (x′, e) [ℓ1]
+            n_aux = 1 if norm == "linf" else d
+            a_ub = [np.hstack([r, np.zeros((len(r), n_aux))]) for r in rows]
+            b_ub = list(rhs)
+            a_ub.append(np.hstack([-(f_mat[k] - f_mat[c])[None], np.zeros((1, n_aux))]))
+            b_ub.append(np.array([f_vec[k] - f_vec[c]]))
+            eye = np.eye(d)
+            aux = -np.ones((d, 1)) if norm == "linf" else -eye
+            a_ub += [np.hstack([eye, aux]), np.hstack([-eye, aux])]
+            b_ub += [x, -x]
+            cost = np.r_[np.zeros(d), np.ones(n_aux)]
+            bounds = [(0, 1) if box else (None, None)] * d + [(0, None)] * n_aux
+            res = linprog(cost, A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub), bounds=bounds)
+            if res.status == 0:
+                best = min(best, res.fun)
+    return best
+
+
+@pytest.mark.parametrize("norm", ["linf", "l1"])
+@pytest.mark.parametrize(
+    "activation,slopes,seed",
+    [("relu", (0.0, 0.5), 0), ("leaky_relu", (0.0, 0.5), 1), ("prelu", (-1.0, 2.0), 2)],
+)
+def test_milp_matches_brute_force(norm, activation, slopes, seed):
+    net = models.random_network(
+        "mlp", (2,), 4, depth=2, width=3, activation=activation, slopes=slopes, seed=seed
+    )
+    gen = torch.Generator().manual_seed(seed)
+    compared = 0
+    radius = 10.0  # ≥ ε*_∞ whenever ε*_p ≤ 10 (‖δ‖∞ ≤ ‖δ‖₁)
+    for box in (True, False):
+        # in [0, 1]² for the box, in [−2, 2]² without it
+        x = torch.rand(4, 2, generator=gen, dtype=torch.float64) * (1 if box else 4) - (
+            0 if box else 2
+        )
+        exact = minimal_perturbation(net, x, norm=norm, radius=radius, box=box)
+        pred = net(x).argmax(1)
+        for i in range(len(x)):
+            ref = brute_force(net, x[i], int(pred[i]), norm, box)
+            if ref > radius:  # the optimum may lie outside the MILP's box: it cannot beat it
+                assert float(exact.radius[i]) >= ref - 10 * SOLVER_TOLERANCE * (1 + ref)
+                continue
+            compared += 1
+            assert abs(float(exact.radius[i]) - ref) <= 10 * SOLVER_TOLERANCE * (1 + ref)
+            # the point attains its radius and changes the prediction, up to the tolerance
+            delta = (exact.point[i] - x[i]).flatten()
+            p = math.inf if norm == "linf" else 1
+            assert float(delta.norm(p)) <= float(exact.radius[i]) + 10 * SOLVER_TOLERANCE
+            with torch.no_grad():
+                f = net(exact.point[i : i + 1])[0]
+            scale = float(f.abs().max()) + 1
+            assert float(f[exact.target[i]] - f[pred[i]]) >= -10 * SOLVER_TOLERANCE * scale
+    assert compared >= 1  # a test that compares nothing would pass vacuously
+
+
+@pytest.mark.parametrize("norm", ["linf", "l1"])
+def test_certified_exact_attack_chain(norm):
+    """T12 in the dual norm ≤ the exact radius ≤ the radius of any point that changes the class."""
+    net = models.random_network("mlp", (4,), 3, depth=2, width=6, seed=5)
+    x = torch.rand(6, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    certified = geometry.certified_radius(net, x, norm=norm)
+    exact = minimal_perturbation(net, x, norm=norm, radius=2.0, box=False)
+    finite = torch.isfinite(exact.radius)
+    assert finite.any()
+    assert (certified[finite] <= exact.radius[finite] + 10 * SOLVER_TOLERANCE).all()
+    # an independent upper bound: the ℓ2 attack's point, measured in the norm
+    from robustreg.attacks import minimal_l2_perturbation
+
+    _, points = minimal_l2_perturbation(net, x, return_points=True)
+    p = math.inf if norm == "linf" else 1
+    found = (points - x).flatten(1).norm(p=p, dim=1)
+    ok = finite & (found > 0)
+    assert (exact.radius[ok] <= found[ok] + 10 * SOLVER_TOLERANCE).all()
+
+
+def test_bad_input():
+    net = models.random_network("mlp", (2,), 2, depth=1, width=3)
+    x = torch.rand(1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown norm 'l2'.*linf, l1"):
+        minimal_perturbation(net, x, norm="l2")
+    with pytest.raises(ValueError, match="radius must be positive"):
+        minimal_perturbation(net, x, radius=0.0)
+    cnn = models.random_network("cnn", (1, 4, 4), 2, depth=1, width=2)
+    with pytest.raises(ValueError, match="Conv2d is not supported"):
+        minimal_perturbation(cnn, torch.rand(1, 1, 4, 4, dtype=torch.float64))
