@@ -81,7 +81,7 @@ def test_milp_matches_brute_force(norm, activation, slopes, seed):
         for i in range(len(x)):
             ref = brute_force(net, x[i], int(pred[i]), norm, box)
             if ref > radius:  # the optimum may lie outside the MILP's box: it cannot beat it
-                assert float(exact.radius[i]) >= ref - 10 * SOLVER_TOLERANCE * (1 + ref)
+                assert math.isinf(exact.radius[i]) or exact.radius[i] >= ref * (1 - 1e-5)
                 continue
             compared += 1
             assert abs(float(exact.radius[i]) - ref) <= 10 * SOLVER_TOLERANCE * (1 + ref)
