@@ -126,3 +126,22 @@ def test_bad_input():
     cnn = models.random_network("cnn", (1, 4, 4), 2, depth=1, width=2)
     with pytest.raises(ValueError, match="Conv2d is not supported"):
         minimal_perturbation(cnn, torch.rand(1, 1, 4, 4, dtype=torch.float64))
+
+
+def test_minimal_pgd_perturbation_is_an_upper_bound():
+    net = models.random_network("mlp", (4,), 3, depth=2, width=6, seed=7)
+    x = torch.rand(6, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    from robustreg.attacks import minimal_pgd_perturbation
+
+    found, points = minimal_pgd_perturbation(
+        net, x, eps_max=1.0, generator=torch.Generator().manual_seed(0), return_points=True
+    )
+    exact = minimal_perturbation(net, x, norm="linf", radius=1.0, box=True)
+    pred = net(x).argmax(1)
+    hit = torch.isfinite(found)
+    assert hit.any()
+    assert (net(points[hit]).argmax(1) != pred[hit]).all()  # verified points
+    assert torch.allclose((points - x).abs().flatten(1).amax(1)[hit], found[hit])
+    assert (exact.radius[hit] <= found[hit] + 10 * SOLVER_TOLERANCE).all()
+    # where the MILP proves no point within ε_max exists, the attack finds none either
+    assert not (torch.isinf(exact.radius) & hit).any()

@@ -12,6 +12,9 @@ Notation of book/notation.md: f(x) ∈ R^K logits, ℓ(x, y) = −log softmax(f(
   (exact for ℓ∞; for ℓ2 clipping only shrinks |δ_i|, so the point stays in the ball). Every
   iterate is scored and, per sample, the strongest point over all iterates and ``restarts`` is
   returned, "strongest" meaning misclassified first, then larger loss.
+- :func:`minimal_pgd_perturbation`: the smallest ε (ℓ∞ or ℓ2) at which PGD with the margin loss
+  changes the prediction, by bisection, each answer the norm of a verified point (an upper
+  bound on the minimal perturbation, in [0, 1]^d).
 - :func:`minimal_l2_perturbation`: the smallest ‖δ‖₂ found with argmax f(x + δ) ≠ c
   (c = y, or the predicted class when y is None): DeepFool iterations, a bisection along the
   DeepFool direction, then a per-sample bisection over ε with PGD-ℓ2 (margin loss, warm-started
@@ -38,6 +41,7 @@ __all__ = [
     "check_eps_norm",
     "fgsm",
     "minimal_l2_perturbation",
+    "minimal_pgd_perturbation",
     "per_sample",
     "pgd",
     "project",
@@ -427,3 +431,64 @@ def minimal_l2_perturbation(
     if return_points:
         return best, x_best
     return best
+
+
+def minimal_pgd_perturbation(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor | None = None,
+    norm: str = "linf",
+    *,
+    eps_max: float = 1.0,
+    search_steps: int = 12,
+    steps: int = 100,
+    restarts: int = 5,
+    generator: torch.Generator | None = None,
+    return_points: bool = False,
+):
+    """Smallest ‖δ‖_p found with argmax f(x + δ) ≠ c and x + δ ∈ [0, 1]^d, ``Tensor[B]``.
+
+    c = y (0 where x is already misclassified) or the predicted class. PGD with the margin loss
+    (``steps`` steps, ``restarts`` random starts) at ε = ``eps_max``; where it succeeds, a
+    bisection over ε ∈ [0, ``eps_max``] (``search_steps`` halvings), each success recording the
+    point's norm ‖δ‖_p (≤ ε). Every returned value is the norm of a point whose prediction was
+    checked to differ from c — an upper bound on the minimal perturbation; ``inf`` where
+    PGD at ``eps_max`` found none. ``return_points=True`` also returns those points.
+    """
+    check_eps_norm(eps_max, norm)
+    _check_xy(x, y, box=True)
+    if not (isinstance(search_steps, int) and search_steps >= 0):
+        raise ValueError(f"search_steps must be an integer ≥ 0, got {search_steps!r}")
+    x0 = x.detach()
+    ref = _predict(model, x0) if y is None else y
+    p = math.inf if norm == "linf" else 2.0
+    best = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
+    points = x0.clone()
+    already = _predict(model, x0) != ref
+    best[already] = 0.0
+
+    def attempt(idx: Tensor, eps: Tensor) -> Tensor:
+        cand = pgd(
+            model, x0[idx], ref[idx], eps, norm, steps, None, restarts, generator, loss="margin"
+        )
+        wrong = _predict(model, cand) != ref[idx]
+        norms = (cand - x0[idx]).flatten(1).norm(p=p, dim=1)
+        better = wrong & (norms < best[idx])
+        best[idx[better]] = norms[better]
+        points[idx[better]] = cand[better]
+        return wrong
+
+    idx = (~already).nonzero()[:, 0]
+    lo = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
+    hi = torch.full_like(lo, float(eps_max))
+    if len(idx):
+        found = attempt(idx, hi[idx])
+        idx = idx[found]
+    for _ in range(search_steps):
+        if len(idx) == 0:
+            break
+        mid = (lo[idx] + hi[idx]) / 2
+        wrong = attempt(idx, mid)
+        hi[idx] = torch.where(wrong, torch.minimum(mid, best[idx]), hi[idx])
+        lo[idx] = torch.where(wrong, lo[idx], mid)
+    return (best, points) if return_points else best
