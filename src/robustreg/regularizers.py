@@ -1,4 +1,4 @@
-"""The five regularizers as per-sample values, exact or estimated, for any PyTorch classifier.
+"""The five regularizers, and three later ones, as per-sample values for any PyTorch classifier.
 
 Every regularizer has the signature ``(model, x, y, **options) -> Tensor[B]``: ``model`` maps a
 batch ``x`` of shape ``[B, ...]`` to logits ``f(x)`` of shape ``[B, K]``, ``y`` holds int64 labels
@@ -12,6 +12,19 @@ in ``[0, K)``, and the result holds one value per sample with the normalizations
 ``cross_lipschitz``               R_CL = (1/K²) Σ_{l,m} ‖∇f_l − ∇f_m‖² = (2/K)‖CJ‖_F²  (T5)
 ``curvature``                     R_CURE = ‖∇ₓℓ(x + hz) − ∇ₓℓ(x)‖², z = sign(∇ₓℓ)/‖sign(∇ₓℓ)‖
 ``hessian_trace``                 R_H = tr ∇ₓ²ℓ = Σ_k p_k ‖∇f_k − Jᵀp‖²  (T7, T8; or E‖JᵀBv‖², BBᵀ = S)
+================================  ===============================================================
+
+Three later regularizers, functionals of the same logit gradients and region boundaries
+(book chapter "Later regularizers through the same lens"; not in :func:`names`, which lists the
+book's five, but found by :func:`get` and listed by :func:`later_names`):
+
+================================  ===============================================================
+``local_linearity``               R_LLR = g(δ*) + μ|δ*ᵀ∇ₓℓ|, g(δ) = |ℓ(x+δ) − ℓ(x) − δᵀ∇ₓℓ(x)|,
+                                  δ* ≈ argmax_{‖δ‖∞≤ε} g (Qin et al. 2019)
+``grad_align``                    R_GA = 1 − cos(∇ₓℓ(x), ∇ₓℓ(x + η)), η ~ U[−ε, ε]^d
+                                  (Andriushchenko & Flammarion 2020)
+``mmr``                           R_MMR = mean of the n_B smallest (1 − d_B,j/γ_B)₊ + mean of the
+                                  n_D smallest (1 − d_D,k/γ_D)₊ (Croce, Andriushchenko & Hein 2019)
 ================================  ===============================================================
 
 Common behaviour:
@@ -53,7 +66,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._lookup import lookup
-from .models import check_piecewise_linear
+from .models import RECTIFIERS, check_piecewise_linear
 
 __all__ = [
     "DEFAULT_H",
@@ -64,6 +77,10 @@ __all__ = [
     "hessian_trace",
     "input_gradient",
     "jacobian_frobenius",
+    "later_names",
+    "local_linearity",
+    "grad_align",
+    "mmr",
     "names",
 ]
 
@@ -328,11 +345,14 @@ def _finish(fw: _Forward, values: Tensor, return_logits: bool):
     """Detach under no_grad; a sample with a non-finite logit gets the value NaN (every
     regularizer alike: ReLU's backward would otherwise pass NaN as active and some values stay
     finite)."""
-    logits = fw.logits
+    return _finish_values(fw.logits, fw.create_graph, values, return_logits)
+
+
+def _finish_values(logits: Tensor, create_graph: bool, values: Tensor, return_logits: bool):
     finite = torch.isfinite(logits.detach()).all(-1)
     if not bool(finite.all()):
         values = torch.where(finite, values, torch.full_like(values, math.nan))
-    if not fw.create_graph:  # called under torch.no_grad()
+    if not create_graph:  # called under torch.no_grad()
         values, logits = values.detach(), logits.detach()
     return (values, logits) if return_logits else values
 
@@ -600,6 +620,235 @@ def hessian_trace(
 
 
 # ----------------------------------------------------------------------------------------------
+# later regularizers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+
+
+def _uniform(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U[−1, 1) draws on the generator's device, in float64 (the same draws for every dtype)."""
+    device = generator.device if generator is not None else like.device
+    u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+    return (2 * u - 1).to(device=like.device, dtype=like.dtype)
+
+
+def _ce(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def grad_align(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 0.1,
+    *,
+    clean_gradient: str = "differentiated",
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+):
+    """GradAlign (Andriushchenko & Flammarion 2020), per sample:
+
+        R_GA = 1 − cos(∇ₓℓ(x, y), ∇ₓℓ(x + η, y)),   η ~ U([−ε, ε]^d), one draw per sample,
+
+    x + η not clipped to the input box (as in the public code). A sample where either gradient
+    is 0 gets R_GA = 0 (the public code drops it from its batch mean). Inside the linear region
+    of x the two gradients differ only through the softmax: ∇ₓℓ(x + η) − ∇ₓℓ(x) = Jᵀ(p(x + η) −
+    p(x)), fact T10's softmax term with the step η.
+
+    ``clean_gradient``: ``"differentiated"`` (default; the paper's Ω, whose one-draw value and
+    parameter gradient are unbiased for E_η) or ``"detached"`` (the public code's FGSM recipe,
+    which backpropagates through the gradient at x + η only: a biased gradient of Ω).
+    """
+    _check_positive("eps", eps)
+    if clean_gradient not in ("differentiated", "detached"):
+        raise ValueError(
+            f"unknown clean_gradient {clean_gradient!r}; valid: 'differentiated', 'detached'"
+        )
+    _check_generator(generator)
+    fw = _forward(model, x, y)
+    with torch.enable_grad():
+        g0 = fw.to_input(fw.loss_grad(y)).flatten(1)
+        if clean_gradient == "detached":
+            g0 = g0.detach()
+        eta = eps * _uniform(x.shape, x, generator)
+        fw1 = _Forward(model, x + eta, fw.create_graph)
+        g1 = fw1.to_input(fw1.loss_grad(y)).flatten(1)
+        n0, n1 = g0.norm(dim=1), g1.norm(dim=1)
+        ok = (n0 > 0) & (n1 > 0)
+        cos = (g0 * g1).sum(1) / torch.where(ok, n0 * n1, torch.ones_like(n0))
+        values = torch.where(ok, 1 - cos, torch.zeros_like(cos))
+    return _finish(fw, values, return_logits)
+
+
+def local_linearity(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float = 0.1,
+    *,
+    mu: float = 0.3,
+    steps: int = 10,
+    box: bool = True,
+    generator: torch.Generator | None = None,
+    return_logits: bool = False,
+):
+    """Local linearity regularizer (Qin et al. 2019), per sample:
+
+        R_LLR = g(δ*) + μ |δ*ᵀ∇ₓℓ(x)|,   g(δ) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|,
+
+    δ* an approximate maximizer of g over ‖δ‖∞ ≤ ε (and x + δ ∈ [0, 1]^d when ``box``): from a
+    uniform random start, ``steps`` signed-gradient ascent steps of size 2.5ε/steps on g with
+    ∇ₓℓ(x) held fixed, projected after each, keeping the iterate with the largest g. δ* is then a
+    constant (Danskin's theorem: the gradient of the maximum is the gradient at the maximizer);
+    ℓ(x + δ*), ℓ(x) and ∇ₓℓ(x) are differentiated. g is the remainder of the first-order
+    expansion of fact T3: inside the linear region of x it is ∫₀¹ (1 − t) δᵀ Jᵀ S(x + tδ) J δ dt
+    with the Hessian of fact T7. The public code finds δ* with 10 Adam steps (learning rate 0.1)
+    and weights its terms as 2·ce + 4·(g + 0.3·|δᵀ∇ℓ|); ``mu = 0.3`` is its μ.
+    """
+    _check_positive("eps", eps)
+    if isinstance(mu, bool) or not isinstance(mu, int | float) or not mu >= 0 or math.isinf(mu):
+        raise ValueError(f"mu must be a finite number ≥ 0; got {mu!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer ≥ 0; got {steps!r}")
+    _check_generator(generator)
+    fw = _forward(model, x, y)
+    with torch.enable_grad():
+        loss0 = _ce(fw.logits, y)
+        g0 = fw.to_input(fw.loss_grad(y))
+    x0, l0, grad0 = x.detach(), loss0.detach(), g0.detach()
+
+    def remainder(delta: Tensor) -> Tensor:
+        lin = (delta * grad0).flatten(1).sum(1)
+        return (_ce(model(x0 + delta), y) - l0 - lin).abs()
+
+    def project(delta: Tensor) -> Tensor:
+        delta = delta.clamp(-eps, eps)
+        return (x0 + delta).clamp(0, 1) - x0 if box else delta
+
+    delta = project(eps * _uniform(x.shape, x, generator))
+    with torch.no_grad():
+        best, best_g = delta, remainder(delta)
+    alpha = 2.5 * eps / max(steps, 1)
+    for _ in range(steps):
+        with torch.enable_grad():
+            d = delta.detach().requires_grad_(True)
+            (step,) = torch.autograd.grad(remainder(d).sum(), d)
+        delta = project(delta + alpha * step.sign())
+        with torch.no_grad():
+            g_new = remainder(delta)
+            better = (g_new > best_g).view(-1, *[1] * (x.dim() - 1))
+            best, best_g = torch.where(better, delta, best), torch.maximum(g_new, best_g)
+    with torch.enable_grad():
+        lin = (best * g0).flatten(1).sum(1)
+        values = (_ce(model(x + best), y) - loss0 - lin).abs() + mu * lin.abs()
+    return _finish(fw, values, return_logits)
+
+
+def _preactivations(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, z)``: the model's logits and the inputs of all its rectifier modules [B, U]."""
+    records: list[Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: records.append(inp[0].flatten(1)))
+        for m in model.modules()
+        if isinstance(m, RECTIFIERS)
+    ]
+    try:
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not records:
+        raise ValueError("mmr needs rectifier modules (nn.ReLU, nn.LeakyReLU, nn.PReLU)")
+    return logits, torch.cat(records, 1)
+
+
+def _dual(v: Tensor, q: float) -> Tensor:
+    return v.abs().amax(-1) if q == math.inf else torch.linalg.vector_norm(v, q, dim=-1)
+
+
+def _hinge_of_smallest(dist: Tensor, n: int, gamma: float) -> Tensor:
+    """Mean over the n smallest distances per row of (1 − d/γ)₊ (inf distances give 0)."""
+    smallest = torch.topk(dist, min(n, dist.shape[1]), dim=1, largest=False).values
+    return F.relu(1 - smallest / gamma).sum(1) / n
+
+
+_MMR_NORMS = {"l2": 2.0, "linf": 1.0, "l1": math.inf}
+
+
+def mmr(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    norm: str = "l2",
+    gamma_b: float = 1.0,
+    gamma_d: float = 1.0,
+    n_b: int = 1,
+    n_d: int = 1,
+    return_logits: bool = False,
+):
+    """Maximum margin regularizer MMR (Croce, Andriushchenko & Hein 2019), per sample:
+
+        R_MMR = (1/n_B) Σ_{n_B smallest j} (1 − d_B,j/γ_B)₊ + (1/n_D) Σ_{n_D smallest k≠y} (1 − d_D,k/γ_D)₊,
+
+    d_B,j = |z_j(x)| / ‖∇ₓz_j‖_q the ℓp distance to the hyperplane of rectifier unit j (z_j its
+    pre-activation) and d_D,k = (f_y − f_k) / ‖∇f_y − ∇f_k‖_q the *signed* ℓp distance to the
+    decision hyperplane of class k of the local affine map (negative when k outscores y), q the
+    dual exponent of ``norm`` ("l2" → 2, "linf" → 1, "l1" → ∞). Units with ∇z_j = 0 (never met
+    inside the region) have d = inf. With n_B = n_D = 1 the two distances are the two terms of
+    fact T12: R_MMR = 0 iff the region radius is ≥ γ_B and the margin radius ≥ γ_D, so the
+    certified radius is ≥ min(γ_B, γ_D). Max-pool boundaries are not counted (MMR's networks
+    have none). The public code sums over the n_D closest classes *including* y (hinge 0) and
+    divides by n_D = K; here y is excluded. Cost: one backward pass per unit and per class
+    (∇ₓz_j for every j), for small networks.
+    """
+    if norm not in _MMR_NORMS:
+        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(map(repr, _MMR_NORMS))}")
+    _check_positive("gamma_b", gamma_b)
+    _check_positive("gamma_d", gamma_d)
+    for name, n in (("n_b", n_b), ("n_d", n_d)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{name} must be a positive int; got {n!r}")
+    _require_piecewise_linear(model, "mmr")
+    q = _MMR_NORMS[norm]
+    _check_x(x)
+    _check_y(y, x.shape[0])
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xg = x if x.requires_grad else x.detach().requires_grad_(True)
+        logits, z = _preactivations(model, xg)
+        _check_logits(logits, x)
+        _check_label_values(y, logits.shape[1])
+        k, u = logits.shape[1], z.shape[1]
+
+        def grads(out: Tensor, n: int) -> Tensor:  # [n, B, d]: ∇ₓ out[:, j] for every j
+            eye = torch.eye(n, dtype=out.dtype, device=out.device)
+            cot = eye[:, None, :].expand(n, out.shape[0], n)
+            (g,) = torch.autograd.grad(
+                out, xg, cot, create_graph=create_graph, retain_graph=True, is_grads_batched=True
+            )
+            return g.flatten(2)
+
+        gz, gf = grads(z, u), grads(logits, k)
+        nz = _dual(gz, q).T  # [B, U]
+        d_b = torch.where(nz > 0, z.abs() / torch.where(nz > 0, nz, 1.0), math.inf)
+        rows = torch.arange(len(y), device=y.device)
+        diff = gf[y, rows][None] - gf  # ∇f_y − ∇f_k, [K, B, d]
+        nd = _dual(diff, q).T  # [B, K]
+        margin = logits[rows, y][:, None] - logits
+        d_d = torch.where(nd > 0, margin / torch.where(nd > 0, nd, 1.0), math.inf)
+        d_d = d_d.masked_fill(F.one_hot(y, k).bool(), math.inf)
+        values = _hinge_of_smallest(d_b, n_b, gamma_b) + _hinge_of_smallest(d_d, n_d, gamma_d)
+    return _finish_values(logits, create_graph, values, return_logits)
+
+
+# ----------------------------------------------------------------------------------------------
 # registry
 # ----------------------------------------------------------------------------------------------
 
@@ -612,6 +861,18 @@ _REGISTRY: dict[str, Callable[..., Tensor]] = {
 }
 
 
+_LATER: dict[str, Callable[..., Tensor]] = {
+    "local_linearity": local_linearity,
+    "grad_align": grad_align,
+    "mmr": mmr,
+}
+
+
+def later_names() -> tuple[str, ...]:
+    """The three later regularizers, also accepted by :func:`get`."""
+    return tuple(_LATER)
+
+
 def names() -> tuple[str, ...]:
     """The regularizer names accepted by :func:`get`, in the order of the table of book/notation.md."""
     return tuple(_REGISTRY)
@@ -619,4 +880,4 @@ def names() -> tuple[str, ...]:
 
 def get(name: str) -> Callable[..., Tensor]:
     """The regularizer called ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
-    return lookup(_REGISTRY, name, "regularizer")
+    return lookup({**_REGISTRY, **_LATER}, name, "regularizer")

@@ -1,0 +1,193 @@
+"""The three later regularizers (GradAlign, local linearity, MMR): values against direct
+formulas, their relations to facts T3/T7, T10 and T12, the common contract, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from strategies import Case, networks
+from torch import nn
+
+from robustreg import geometry, models
+from robustreg import regularizers as R
+
+
+def input_grad(model, x, y):
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x)
+    return g
+
+
+@settings(deadline=None, max_examples=12)
+@given(networks(max_batch=4))
+def test_grad_align_matches_the_direct_formula(case: Case):
+    model, x, y = case.model, case.x, case.y
+    eps = 0.3
+    value = R.grad_align(model, x, y, eps, generator=torch.Generator().manual_seed(1))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    g0, g1 = (
+        input_grad(model, x, y).flatten(1),
+        input_grad(model, x + eps * (2 * u - 1), y).flatten(1),
+    )
+    ok = (g0.norm(dim=1) > 0) & (g1.norm(dim=1) > 0)
+    cos = F.cosine_similarity(g0, g1, dim=1, eps=0.0)
+    expected = torch.where(ok, 1 - cos, torch.zeros_like(cos))
+    assert torch.allclose(value.detach(), expected, rtol=0, atol=1e-12)  # terms of size 1
+
+
+@settings(deadline=None, max_examples=12)
+@given(networks(max_batch=4))
+def test_grad_align_difference_is_the_softmax_term_inside_the_region(case: Case):
+    """Inside the region of x: ∇ℓ(x + η) − ∇ℓ(x) = Jᵀ(p(x + η) − p(x)) (T10's softmax term)."""
+    model, x, y = case.model, case.x, case.y
+    dist = geometry.boundary_distance(model, x)
+    assume(bool(torch.isfinite(dist).all() and (dist > 1e-8).all()))
+    d = x[0].numel()
+    eta = (0.5 * dist / math.sqrt(d)).view(-1, *[1] * (x.dim() - 1)) * (
+        2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype) - 1
+    )  # ‖η‖₂ ≤ √d‖η‖∞ ≤ dist/2
+    assert geometry.same_region(model, x, x + eta).all()
+    J = geometry.logit_jacobian(model, x).flatten(2)
+    with torch.no_grad():
+        dp = model(x + eta).softmax(1) - model(x).softmax(1)
+    lhs = (input_grad(model, x + eta, y) - input_grad(model, x, y)).flatten(1)
+    rhs = torch.einsum("bkd,bk->bd", J, dp)
+    scale = J.flatten(1).norm(dim=1)  # the gradients that cancel are Jᵀ(p − e_y), |p − e_y| ≤ 2
+    assert ((lhs - rhs).norm(dim=1) <= 1e-10 * scale).all()
+
+
+def remainder_integral(f: torch.Tensor, u: torch.Tensor, nodes: int = 60) -> torch.Tensor:
+    """∫₀¹ (1 − t) uᵀ S(f + t u) u dt by Gauss–Legendre quadrature (S = diag(p) − ppᵀ)."""
+    t, w = np.polynomial.legendre.leggauss(nodes)
+    t, w = (t + 1) / 2, w / 2
+    total = torch.zeros(f.shape[0], dtype=f.dtype)
+    for ti, wi in zip(t, w, strict=True):
+        p = (f + ti * u).softmax(1)
+        quad = (p * u * u).sum(1) - (p * u).sum(1) ** 2  # uᵀ S u
+        total += wi * (1 - ti) * quad
+    return total
+
+
+@settings(deadline=None, max_examples=12)
+@given(networks(max_batch=4))
+def test_llr_remainder_is_the_hessian_integral_inside_the_region(case: Case):
+    """g(δ) = ℓ(x+δ) − ℓ(x) − δᵀ∇ℓ(x) = ∫₀¹ (1 − t) δᵀ Jᵀ S(x + tδ) J δ dt ≥ 0 (T7), δ ∈ region."""
+    model, x, y = case.model, case.x, case.y
+    dist = geometry.boundary_distance(model, x)
+    assume(bool(torch.isfinite(dist).all() and (dist > 1e-8).all()))
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
+    direction /= direction.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+    delta = 0.9 * dist.view(-1, *[1] * (x.dim() - 1)) * direction
+    g = input_grad(model, x, y)
+    with torch.no_grad():
+        l0, l1 = (
+            F.cross_entropy(model(x), y, reduction="none"),
+            F.cross_entropy(model(x + delta), y, reduction="none"),
+        )
+        f = model(x)
+    lin = (delta * g).flatten(1).sum(1)
+    direct = l1 - l0 - lin
+    u = torch.einsum("bkd,bd->bk", geometry.logit_jacobian(model, x).flatten(2), delta.flatten(1))
+    integral = remainder_integral(f, u)
+    scale = l0.abs() + l1.abs() + lin.abs()  # the terms that cancel
+    assert ((direct - integral).abs() <= 1e-10 * scale.clamp_min(1e-300)).all()
+    assert (integral >= 0).all() and (integral <= u.pow(2).sum(1) / 4 + 1e-15).all()
+
+
+def test_local_linearity_without_steps_is_the_formula_at_the_random_start():
+    model = models.random_network("mlp", (6,), 4, depth=2, width=8, seed=3)
+    x = torch.rand(5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    eps, mu = 0.2, 0.7
+    value = R.local_linearity(
+        model, x, y, eps, mu=mu, steps=0, generator=torch.Generator().manual_seed(4)
+    )
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    delta = (x + (eps * (2 * u - 1)).clamp(-eps, eps)).clamp(0, 1) - x
+    g = input_grad(model, x, y)
+    with torch.no_grad():
+        l0 = F.cross_entropy(model(x), y, reduction="none")
+        l1 = F.cross_entropy(model(x + delta), y, reduction="none")
+    lin = (delta * g).sum(1)
+    assert torch.allclose(value.detach(), (l1 - l0 - lin).abs() + mu * lin.abs(), atol=1e-13)
+    # ascent steps only raise g (the best iterate is kept)
+    more = R.local_linearity(
+        model, x, y, eps, mu=0.0, steps=10, generator=torch.Generator().manual_seed(4)
+    )
+    assert (more >= (l1 - l0 - lin).abs() - 1e-13).all()
+
+
+@settings(deadline=None, max_examples=12)
+@given(networks(max_pool=False, max_batch=4))
+def test_mmr_distances_are_the_two_terms_of_t12(case: Case):
+    """n_B = n_D = 1: the region term recovers boundary_distance, the decision term margin_radius."""
+    model, x = case.model, case.x
+    pred = model(x).argmax(1)
+    region, margin = geometry.boundary_distance(model, x), geometry.margin_radius(model, x)
+    assume(bool(torch.isfinite(region).all() and torch.isfinite(margin).all()))
+    assume(bool((region > 1e-6).all() and (margin > 1e-6).all()))
+    tiny = 1e-300  # makes the other term's hinge 0 (its distances are > 0)
+    gb, gd = 2 * float(region.max()), 2 * float(margin.max())
+    rb = R.mmr(model, x, pred, gamma_b=gb, gamma_d=tiny).detach()
+    rd = R.mmr(model, x, pred, gamma_b=tiny, gamma_d=gd).detach()
+    assert torch.allclose(gb * (1 - rb), region, rtol=1e-9, atol=0)
+    assert torch.allclose(gd * (1 - rd), margin, rtol=1e-9, atol=0)
+    # R_MMR = 0 exactly when both radii reach γ: then the certified radius is ≥ min(γ_B, γ_D)
+    cert = geometry.certified_radius(model, x)
+    gb0, gd0 = (float(r.min()) * (1 - 1e-9) for r in (region, margin))  # below, by rounding
+    zero = R.mmr(model, x, pred, gamma_b=gb0, gamma_d=gd0)
+    assert (zero == 0).all() and (cert >= min(gb0, gd0)).all()
+
+
+@pytest.mark.parametrize("name", R.later_names())
+def test_common_contract(name):
+    """Differentiable, mode and .grad untouched, detached under no_grad, NaN on NaN logits."""
+    model = models.random_network("mlp", (4,), 3, depth=2, width=5, seed=0).train()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    fn = R.get(name)
+    kwargs = {} if name == "mmr" else {"generator": torch.Generator().manual_seed(0)}
+    if name == "mmr":
+        model.eval()  # the piecewise-linear check wants eval mode for dropout/batch norm only
+    mode = model.training
+    values = fn(model, x, y, **kwargs)
+    assert values.shape == (3,) and values.requires_grad
+    assert all(p.grad is None for p in model.parameters()) and model.training == mode
+    grads = torch.autograd.grad(values.sum(), list(model.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with torch.no_grad():
+        assert not fn(model, x, y, **kwargs).requires_grad
+    values, logits = fn(model, x, y, return_logits=True, **kwargs)
+    assert torch.equal(logits.detach(), model(x).detach())
+    x_nan = x.clone()
+    x_nan[1, 0] = math.nan
+    assert torch.isnan(fn(model, x_nan, y, **kwargs)[1])
+    assert name in R.later_names() and name not in R.names()
+
+
+def test_bad_input():
+    model = models.random_network("mlp", (4,), 3, depth=1, width=5)
+    x, y = torch.rand(2, 4, dtype=torch.float64), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="eps must be a positive finite number; got -0.1"):
+        R.grad_align(model, x, y, -0.1)
+    with pytest.raises(ValueError, match="clean_gradient 'both'.*'differentiated', 'detached'"):
+        R.grad_align(model, x, y, clean_gradient="both")
+    with pytest.raises(ValueError, match="mu must be a finite number ≥ 0; got -1"):
+        R.local_linearity(model, x, y, mu=-1)
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 0; got 2.5"):
+        R.local_linearity(model, x, y, steps=2.5)
+    with pytest.raises(ValueError, match="unknown norm 'l3'.*'l2', 'linf', 'l1'"):
+        R.mmr(model, x, y, norm="l3")
+    with pytest.raises(ValueError, match="n_b must be a positive int; got 0"):
+        R.mmr(model, x, y, n_b=0)
+    smooth = models.smooth_copy(model)
+    with pytest.raises(ValueError, match="mmr needs a piecewise-linear model"):
+        R.mmr(smooth, x, y)
+    with pytest.raises(ValueError, match="unknown regularizer 'llr'"):
+        R.get("llr")
+    assert isinstance(R.get("mmr"), type(R.mmr)) and isinstance(model, nn.Module)
