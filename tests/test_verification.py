@@ -134,7 +134,13 @@ def test_minimal_pgd_perturbation_is_an_upper_bound():
     from robustreg.attacks import minimal_pgd_perturbation
 
     found, points = minimal_pgd_perturbation(
-        net, x, eps_max=1.0, generator=torch.Generator().manual_seed(0), return_points=True
+        net,
+        x,
+        eps_max=1.0,
+        steps=30,
+        restarts=2,
+        generator=torch.Generator().manual_seed(0),
+        return_points=True,
     )
     exact = minimal_perturbation(net, x, norm="linf", radius=1.0, box=True)
     pred = net(x).argmax(1)
