@@ -104,6 +104,21 @@ def test_jakubovitz_unsquared_frobenius():
         C.factor("jakubovitz2018", 4)
 
 
+def test_jakubovitz_public_code_first_sample():
+    """A transcription of their TF graph: tf.gradients of y_flat[i] (i < K) w.r.t. the whole
+    batch x, concatenated, then tf.norm (Frobenius over everything)."""
+    model, x, y = case(seed=3)
+    xg = x.clone().requires_grad_(True)
+    y_flat = model(xg).reshape(-1)
+    k = model(x[:1]).shape[1]
+    rows = [torch.autograd.grad(y_flat[i], xg, retain_graph=True)[0] for i in range(k)]
+    original = LAM * torch.cat(rows, 0).norm()
+    values = R.jacobian_frobenius(model, x, y)
+    close(C.to_original("jakubovitz2018_code", values, LAM), original)
+    paper = C.to_original("jakubovitz2018", values, LAM)
+    assert not torch.isclose(paper, original)  # the code is not the paper's batch mean
+
+
 # --- Ross & Doshi-Velez 2018 (dtak/adversarial-robustness-public) ----------------------------------
 
 
@@ -197,6 +212,7 @@ def test_registry_and_fields():
     assert set(C.names()) == {
         "hoffman2019",
         "jakubovitz2018",
+        "jakubovitz2018_code",
         "ross2018",
         "ross2018_l1",
         "hein2017",

@@ -11,7 +11,8 @@ size, K the number of classes and ``mean`` the batch average.
 ``name``           our regularizer     the original term, in our values
 =================  ==================  ========================================================
 ``hoffman2019``    jacobian_frobenius  (λ/2)·mean R_J   (in expectation over their projections)
-``jakubovitz2018`` jacobian_frobenius  λ·mean √R_J
+``jakubovitz2018`` jacobian_frobenius  λ·mean √R_J   (the paper)
+``jakubovitz2018_code`` jacobian_frobenius  λ·√R_J of the batch's first sample (their public code)
 ``ross2018``       input_gradient      λ·(1/(2B))·mean R_IG = λ·Σ_b R_IG,b / (2B²)
 ``ross2018_l1``    input_gradient l1   λ·mean ‖∇ₓℓ‖₁   (one factor 1/B, cancelled by the sum)
 ``hein2017``       cross_lipschitz     λ·mean R_CL   (identical)
@@ -24,7 +25,10 @@ Andriushchenko with λ = lam_ours (:func:`factor` gives these factors). Jakubovi
 the CURE code penalize the unsquared norm, which no constant factor converts: its gradient is
 that of ours divided by 2√R per sample, so samples with a small value weigh relatively more.
 The CURE code's defaults are h = 3 and λ = 4 (:func:`robustreg.regularizers.curvature`
-discusses h). Each entry's ``relation`` gives the derivation; ``tests/test_conventions.py``
+discusses h), and it evaluates the regularizer with the model in eval mode, whereas our
+regularizers run the model in whatever mode the caller set (training mode in a training step).
+Jakubovitz & Giryes' public code penalizes the first sample of each batch only
+(``jakubovitz2018_code``), where their paper averages over the batch (``jakubovitz2018``). Each entry's ``relation`` gives the derivation; ``tests/test_conventions.py``
 checks every conversion against a direct transcription of the original formula or code.
 """
 
@@ -113,6 +117,28 @@ _LIST = [
         convert=lambda v, lam: lam * v.sqrt().mean(),
     ),
     Convention(
+        name="jakubovitz2018_code",
+        regularizer="jacobian_frobenius",
+        citation="jakubovitz2018",
+        source=(
+            "Jakubovitz & Giryes (2018); code: danieljakubovitz/Jacobian_Regularization, "
+            "MNIST_JacobianRegularization.py (TensorFlow 1)"
+        ),
+        original=(
+            "λ · tf.norm(Jacobian), Jacobian = concat_i tf.gradients(y_flat[i], x) for "
+            "i < K, y_flat = reshape(logits, (−1,)): the K logits of the *first* sample of the "
+            "batch; λ = 0.1 in the post-processing phase (batches of 500)"
+        ),
+        relation=(
+            "y_flat[i] for i < K are the logits of sample 1, whose gradients vanish on every "
+            "other sample, so the Frobenius norm is ‖J(x_1)‖_F = √R_J,1: the term is λ·√R_J of "
+            "the first sample, not a batch mean (12 % from λ·mean √R_J on a test batch). With "
+            "shuffled batches the first sample is a uniform draw, so it is an unbiased one-sample "
+            "estimate of λ·E√R_J, with B times its variance"
+        ),
+        convert=lambda v, lam: lam * v[0].sqrt(),
+    ),
+    Convention(
         name="ross2018",
         regularizer="input_gradient",
         citation="ross2018",
@@ -168,7 +194,9 @@ _LIST = [
         original=(
             "λ · Σ_b ‖grad_diff_b‖₂ / B with grad_diff = autograd.grad(mean ℓ(x + z) − "
             "mean ℓ(x), x, grad_outputs=ones(B)), z = h·(sign(g) + 1e-7)/(‖sign(g)‖₂ + 1e-7), "
-            "g = ∇ₓ of the batch loss; defaults h = 3 (schedule 0.1, 0.4, 0.8, 1.8, 3) and λ = 4"
+            "g = ∇ₓ of the batch loss; its train() computes the regularizer with the model in "
+            "eval mode (batch norm with running statistics, no dropout) and a constant h = 3, "
+            "λ = 4; the warm-up schedule of h (0.1, 0.4, 0.8, 1.8, 3) is in its example notebook"
         ),
         relation=(
             "the norm is unsquared: ‖grad_diff_b‖ = √R_CURE,b, so the term is λ·mean √R_CURE. "
@@ -213,10 +241,11 @@ def factor(name: str, batch_size: int) -> float:
     """For the conventions linear in our values: the term per unit of ``lam * values.mean()``.
 
     ``hoffman2019``: 1/2; ``ross2018``: 1/(2B); ``ross2018_l1`` and ``hein2017``: 1. The
-    square-root conventions (``jakubovitz2018``, ``cure2019``) are not linear and raise.
+    square-root conventions (``jakubovitz2018``, ``jakubovitz2018_code``, ``cure2019``) are not
+    linear and raise.
     """
     conv = get(name)
-    if name in ("jakubovitz2018", "cure2019"):
+    if name in ("jakubovitz2018", "jakubovitz2018_code", "cure2019"):
         raise ValueError(f"convention {name!r} is not linear in our values ({conv.relation})")
     ones = torch.ones(int(batch_size), dtype=torch.float64)
     return float(conv(ones, 1.0))
