@@ -371,8 +371,8 @@ def load_model(result_file: str | os.PathLike) -> nn.Module:
     weights = path.with_suffix(".safetensors")
     if not weights.is_file():
         raise FileNotFoundError(
-            f"{weights}: no weights stored for this run (the profile publishes those of "
-            "plain training and of each regularizer at its largest λ)"
+            f"{weights}: no weights stored for this run (a profile publishes the seed-0 "
+            "models of its tables: see experiments.publishes_weights)"
         )
     with safe_open(str(weights), framework="pt") as f:
         stored_key = (f.metadata() or {}).get("key")
