@@ -2,7 +2,8 @@
 
 :func:`random_cases` draws piecewise-affine classifiers with :func:`robustreg.models.random_network`
 — MLPs and CNNs (and, on request, their residual forms) of depth 1–4, ReLU / leaky ReLU / PReLU
-with slopes a ∈ [0, 0.4), with and without max-pooling, K ∈ {2, …, 12} classes — together with
+with slopes a ∈ [0, 0.4) (leaky ReLU; PReLU draws per-unit slopes in [0, 0.5)), with and without
+max-pooling, K ∈ {2, …, 12} classes — together with
 inputs and labels, all in float64 and deterministic given the seed. The notebooks use it for their "(a) random networks" checks.
 """
 

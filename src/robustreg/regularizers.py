@@ -705,7 +705,8 @@ def local_linearity(
     δ* an approximate maximizer of g over ‖δ‖∞ ≤ ε (and x + δ ∈ [0, 1]^d when ``box``): from a
     uniform random start, ``steps`` signed-gradient ascent steps of size 2.5ε/steps on g with
     ∇ₓℓ(x) held fixed, projected after each, keeping the iterate with the largest g. δ* is then a
-    constant (Danskin's theorem: the gradient of the maximum is the gradient at the maximizer);
+    constant (Danskin's theorem: at the exact, unique maximizer the gradient of the maximum is
+    the gradient of g there; δ* is an approximation of it);
     ℓ(x + δ*), ℓ(x) and ∇ₓℓ(x) are differentiated. g is the remainder of the first-order
     expansion of fact T3: inside the linear region of x it is ∫₀¹ (1 − t) δᵀ Jᵀ S(x + tδ) J δ dt
     with the Hessian of fact T7. The public code finds δ* with 10 Adam steps (learning rate 0.1)
@@ -801,9 +802,10 @@ def mmr(
     pre-activation) and d_D,k = (f_y − f_k) / ‖∇f_y − ∇f_k‖_q the *signed* ℓp distance to the
     decision hyperplane of class k of the local affine map (negative when k outscores y), q the
     dual exponent of ``norm`` ("l2" → 2, "linf" → 1, "l1" → ∞). Units with ∇z_j = 0 (never met
-    inside the region) have d = inf. With n_B = n_D = 1 the two distances are the two terms of
-    fact T12: R_MMR = 0 iff the region radius is ≥ γ_B and the margin radius ≥ γ_D, so the
-    certified radius is ≥ min(γ_B, γ_D). Max-pool boundaries are not counted (MMR's networks
+    inside the region) have d = inf; a class k with ∇f_k = ∇f_y has d = +inf if it is behind y
+    and −inf if it is ahead. With n_B = n_D = 1 and y the predicted class, the two distances are
+    the two terms of fact T12 (in ℓp): R_MMR = 0 iff the region radius is ≥ γ_B and the margin
+    radius ≥ γ_D, so the certified radius is ≥ min(γ_B, γ_D). Max-pool boundaries are not counted (MMR's networks
     have none). The public code sums over the n_D closest classes *including* y (hinge 0) and
     divides by n_D = K; here y is excluded. Cost: one backward pass per unit and per class
     (∇ₓz_j for every j), for small networks.
@@ -842,7 +844,10 @@ def mmr(
         diff = gf[y, rows][None] - gf  # ∇f_y − ∇f_k, [K, B, d]
         nd = _dual(diff, q).T  # [B, K]
         margin = logits[rows, y][:, None] - logits
-        d_d = torch.where(nd > 0, margin / torch.where(nd > 0, nd, 1.0), math.inf)
+        # ∇f_y = ∇f_k on the region: the pair never crosses there; a class already ahead by a
+        # constant is at distance −inf (full penalty), one behind at +inf
+        unreachable = torch.where(margin < 0, -math.inf, math.inf)
+        d_d = torch.where(nd > 0, margin / torch.where(nd > 0, nd, 1.0), unreachable)
         d_d = d_d.masked_fill(F.one_hot(y, k).bool(), math.inf)
         values = _hinge_of_smallest(d_b, n_b, gamma_b) + _hinge_of_smallest(d_d, n_d, gamma_d)
     return _finish_values(logits, create_graph, values, return_logits)
