@@ -217,11 +217,13 @@ def test_registry_and_fields():
         "ross2018_l1",
         "hein2017",
         "cure2019",
+        "gradalign2020",
+        "llr2019",
     }
     for name in C.names():
         conv = C.get(name)
         assert conv.name == name
-        assert conv.regularizer.split("(")[0] in R.names()
+        assert conv.regularizer.split("(")[0] in R.names() + R.later_names()
         assert conv.source and conv.original and conv.relation
     with pytest.raises(ValueError, match=r"unknown convention 'ross'.*valid: hoffman2019"):
         C.get("ross")
@@ -249,3 +251,55 @@ def test_differentiable():
     term = C.to_original("ross2018", R.input_gradient(model, x, y), LAM)
     term.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --- the later regularizers (tml-epfl/understanding-fast-adv-training, deepmind LLR) ---------------
+
+
+def test_gradalign_public_code():
+    """A transcription of train.py's FGSM recipe: g1 detached at x, g2 at x + η with
+    create_graph, λ(1 − mean cos); value and parameter gradient equal ours."""
+    model, x, y = case(seed=4)
+    eps = 0.3
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    eta = eps * (2 * u - 1)
+    xg = x.clone().requires_grad_(True)
+    (g1,) = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
+    x2 = (x + eta).requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(model(x2), y), x2, create_graph=True)
+    g1, g2 = g1.detach().flatten(1), g2.flatten(1)
+    cos = (g1 / g1.norm(dim=1, keepdim=True) * (g2 / g2.norm(dim=1, keepdim=True))).sum(1)
+    original = LAM * (1 - cos.mean())
+    ours = C.to_original(
+        "gradalign2020",
+        R.grad_align(
+            model, x, y, eps, clean_gradient="detached", generator=torch.Generator().manual_seed(9)
+        ),
+        LAM,
+    )
+    close(ours, original)
+    params = list(model.parameters())
+    for a, b in zip(
+        torch.autograd.grad(ours, params), torch.autograd.grad(original, params), strict=True
+    ):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
+
+
+def test_llr_public_code_at_a_fixed_step():
+    """Their outer term for a given δ* (the step search differs): with steps=0 both start from the
+    same uniform draw, and the term is λ·mean R_LLR with μ = 0.3."""
+    model, x, y = case(seed=5)
+    x = x.clamp(0, 1)
+    eps, mu = 0.2, 0.3
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    delta = (x + (eps * (2 * u - 1)).clamp(-eps, eps)).clamp(0, 1) - x
+    xg = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(model(xg), y, reduction="none")
+    (grad,) = torch.autograd.grad(loss.sum(), xg, create_graph=True)  # per-sample G_i
+    lin = (delta * grad).flatten(1).sum(1)
+    new = F.cross_entropy(model(x + delta), y, reduction="none")
+    original = LAM * ((new - (loss + lin)).abs() + mu * lin.abs()).mean()
+    values = R.local_linearity(
+        model, x, y, eps, mu=mu, steps=0, generator=torch.Generator().manual_seed(3)
+    )
+    close(C.to_original("llr2019", values, LAM), original)
