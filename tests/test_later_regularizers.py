@@ -192,3 +192,43 @@ def test_bad_input():
     with pytest.raises(ValueError, match="unknown regularizer 'llr'"):
         R.get("llr")
     assert isinstance(R.get("mmr"), type(R.mmr)) and isinstance(model, nn.Module)
+
+
+def test_mmr_against_a_transcription_of_the_public_code():
+    """max-andr/provable-robustness-max-linear-regions, regularizers.mmr_fc: V_1 = W_1,
+    V_{l+1} = W_{l+1} D_l V_l (closed form through the ReLU masks), d_B = |z|/‖V‖_q, signed
+    d_D = (f_y − f_k)/‖∇f_k − ∇f_y‖_q, hinges over the n closest, the decision sum over the
+    n_db = K closest *including* y (hinge 0) divided by K. Without its 1e-5 stabilizers (they
+    matter only for entries below 1e-5) it equals ours with n_d = K − 1, rescaled by (K − 1)/K."""
+    torch.manual_seed(0)
+    model = models.mlp(6, 4, hidden=(8, 8)).double().eval()
+    x = torch.rand(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    n_rb, gamma_b, gamma_d, k, lam = 3, 0.3, 0.5, 4, 0.7
+    w1, w2, w3 = model[1].weight, model[3].weight, model[5].weight
+    z1 = x @ w1.T + model[1].bias
+    d1 = (z1 > 0).double()
+    z2 = (d1 * z1) @ w2.T + model[3].bias
+    d2 = (z2 > 0).double()
+    f = (d2 * z2) @ w3.T + model[5].bias
+    v1 = w1.expand(len(x), -1, -1)  # [B, 8, 6]: rows ∇z1_j
+    v2 = torch.einsum("uh,bh,bhd->bud", w2, d1, v1)
+    v3 = torch.einsum("kh,bh,bhd->bkd", w3, d2, v2)
+    q = 2
+    d_b = torch.cat([z1.abs() / v1.norm(p=q, dim=2), z2.abs() / v2.norm(p=q, dim=2)], 1)
+    rows = torch.arange(len(y))
+    diff = (v3 - v3[rows, y][:, None]).norm(p=q, dim=2)
+    margin = f[rows, y][:, None] - f
+    d_d = torch.where(F.one_hot(y, k).bool(), 2 * gamma_d + 100.0, margin / diff)
+    rb = F.relu(1 - d_b.topk(n_rb, largest=False).values / gamma_b).sum(1)
+    db = F.relu(1 - d_d.topk(k, largest=False).values / gamma_d).sum(1)
+    original = (lam * rb / n_rb + lam * db / k).mean()
+    # the region term does not depend on y: at the predicted class every decision distance is
+    # ≥ 0, so a vanishing γ_D turns that hinge off; a vanishing γ_B always turns the other off
+    pred = f.argmax(1)
+    ours_b = R.mmr(model, x, pred, gamma_b=gamma_b, gamma_d=1e-300, n_b=n_rb, n_d=k - 1)
+    ours_d = R.mmr(model, x, y, gamma_b=1e-300, gamma_d=gamma_d, n_b=n_rb, n_d=k - 1)
+    ours = (lam * ours_b + lam * ours_d * (k - 1) / k).mean()
+    assert torch.isclose(ours, original, rtol=1e-12), (ours, original)
+    assert (db > 0).any() and (rb > 0).any()  # both terms are exercised
+    assert (margin.min(1).values < 0).any()  # a misclassified sample: the signed distance
