@@ -19,10 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chapters import ROOT, chapter_notebooks  # noqa: E402
 
-# The full profile of chapter 10 is the Fashion-MNIST grid: hours of training on a CPU. It is read
+# The full profiles of chapters 10 and 12 are the Fashion-MNIST grids: hours of training on a CPU. It is read
 # from results/full once that grid has been run (`python -m robustreg run-grid --profile full
 # --results-dir results/full`, on a GPU); until then its full rerun is skipped, and said so.
-NEEDS_RESULTS = {("10_training", "full"): ROOT / "results" / "full"}
+NEEDS_RESULTS = {
+    ("10_training", "full"): ROOT / "results" / "full",
+    ("12_matched_strength", "full"): ROOT / "results" / "sweep-full",
+}
 
 
 def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, float, str]:
