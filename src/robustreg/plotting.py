@@ -10,6 +10,20 @@ from robustreg.extras import require
 
 from .geometry import activation_pattern
 
+#: How tables and legends name the training methods of the experiment grid
+#: (:func:`robustreg.experiments.label`): plain training, the five regularizers, and PGD
+#: adversarial training against ℓ∞ and against ℓ2.
+METHOD_NAMES = {
+    "plain": "plain",
+    "input_gradient": "input gradient",
+    "jacobian_frobenius": "Jacobian",
+    "cross_lipschitz": "cross-Lipschitz",
+    "curvature": "CURE",
+    "hessian_trace": "Hessian trace",
+    "adversarial": "PGD training ℓ∞",
+    "adversarial-l2": "PGD training ℓ2",
+}
+
 
 def grid_2d(
     xlim, ylim, resolution: int = 300, dtype=None
