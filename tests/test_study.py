@@ -298,3 +298,12 @@ def test_committed_study_models_load_and_reproduce_their_clean_accuracy():
         assert torch.equal(correct[~near], stored[~near]), weights.name
         if not near.any():
             assert correct.double().mean().item() == row["value"], weights.name
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_every_method_of_every_profile_has_a_display_name(profile):
+    """The chapters' tables and legends name each method by plotting.METHOD_NAMES."""
+    from robustreg.plotting import METHOD_NAMES
+
+    labels = {experiments.label(config) for config in experiments.grid(profile)}
+    assert labels <= set(METHOD_NAMES), labels - set(METHOD_NAMES)
