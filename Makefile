@@ -79,7 +79,7 @@ nbval-portable: $(VENV_STAMP)
 ## adversarial training) and compare their metrics with the committed result files.
 REPRODUCE_RUNS ?= plain_seed0 jacobian_frobenius_lam0.1_seed0 adversarial_seed0
 reproduction: $(VENV_STAMP)
-	$(PY) -m robustreg verify-results results/default $(REPRODUCE_RUNS) --quiet
+	$(PY) -m robustreg reproduce-results results/default $(REPRODUCE_RUNS) --quiet
 
 ## make reruns: the property tests at 400 random architectures each, then every chapter at its
 ## default profile with seeds 1–5 and at its full profile (what readers rerun; about an hour).

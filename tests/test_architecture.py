@@ -1,16 +1,24 @@
 """The module layout stays readable: no private names across modules, imports at the top, one
-definition of the profiles, and no copy of the training block in the chapters."""
+definition of the profiles, the experiment layer above the core and never below it, one module per
+concept named in the README, and no copy of the training block in the chapters."""
 
 import ast
 import json
 from pathlib import Path
 
+import subprocess
+import sys
+
 import robustreg
-from robustreg import experiments, notebook, profiles
+from robustreg import notebook, study
+from robustreg.study import config
 
 SRC = Path(robustreg.__file__).parent
 ROOT = SRC.parents[1]
-MODULES = {p.stem for p in SRC.glob("*.py")}
+PATHS = sorted(SRC.rglob("*.py"))
+MODULES = {p.stem for p in PATHS if p.stem != "__init__"} | {"study"}
+#: The core: formulas and their checks. It must not depend on the experiment layer.
+CORE = ("models", "geometry", "regularizers", "conventions", "reference", "attacks", "verification")
 
 #: Imports that may sit inside a function: optional dependencies (deferred so that the package
 #: imports with torch and numpy alone) and the CLI, which must set the numeric environment before
@@ -22,13 +30,14 @@ DEFERRED = {
     "pandas",
     "safetensors",
     "sklearn",
+    "submitit",
     "torchattacks",
     "tqdm",
 }
 
 
 def _trees():
-    for path in sorted(SRC.glob("*.py")):
+    for path in PATHS:
         yield path, ast.parse(path.read_text(), filename=str(path))
 
 
@@ -77,14 +86,71 @@ def test_imports_inside_functions_only_defer_optional_dependencies():
 
 
 def test_one_definition_of_the_profiles():
-    assert experiments.PROFILES is profiles.PROFILES
-    assert notebook.PROFILES is profiles.PROFILES
+    assert study.PROFILES is config.PROFILES
+    assert notebook.PROFILES is config.PROFILES
     main = (SRC / "__main__.py").read_text()
     assert '"smoke", "default", "full"' not in main and "choices=list(PROFILES)" in main
 
 
+def test_the_profiles_load_without_torch():
+    """The command line reads the profiles before it sets the numeric environment torch reads."""
+    code = "import sys; from robustreg.study import PROFILES; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_core_does_not_depend_on_the_experiment_layer():
+    offences = []
+    for path, tree in _trees():
+        if path.parent != SRC or path.stem not in CORE:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "robustreg.study"
+            ):
+                offences.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module == "robustreg":
+                offences += [f"{path.name}:{node.lineno}" for a in node.names if a.name == "study"]
+    assert not offences, offences
+
+
+def test_one_module_per_concept_each_named_in_its_docstring_and_the_readme():
+    assert not (SRC / "experiments.py").exists() and not (SRC / "runs.py").exists()
+    readme = (ROOT / "README.md").read_text()
+    for path in PATHS:
+        if path.name in ("__init__.py", "__main__.py") or path.stem.startswith("_"):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and doc.splitlines()[0].strip(), f"{path} states no concept"
+        assert f"`{path.stem}`" in readme, f"README's layout table misses {path.stem}"
+    for name in study.SUBMODULES:
+        assert (SRC / "study" / f"{name}.py").is_file()
+
+
+def test_the_command_line_and_chapters_use_the_study_packages_public_names():
+    offences = []
+    sources = [(SRC / "__main__.py", (SRC / "__main__.py").read_text())]
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        sources.append(
+            (path, "\n".join(l for l in code.splitlines() if not l.startswith(("%", "!"))))
+        )
+    for path, code in sources:
+        for node in ast.walk(ast.parse(code)):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Attribute | ast.Name)
+                and ast.unparse(node.value).split(".")[-1] in {*study.SUBMODULES, "study"}
+            ):
+                offences.append(f"{path.name}: {ast.unparse(node)}")
+        assert "robustreg.experiments" not in code and "robustreg.runs" not in code, path.name
+    assert not offences, offences
+
+
 def test_chapters_train_through_the_library():
-    """The digits network of chapters 02–07 comes from runs.digits_mlp, not from a copied
+    """The digits network of chapters 02–07 comes from cache.digits_mlp, not from a copied
     training block; no chapter calls training.train on the digits data itself."""
     for path in sorted((ROOT / "book").glob("0[2-7]_*.ipynb")):
         code = "\n".join(
@@ -92,6 +158,6 @@ def test_chapters_train_through_the_library():
             for c in json.loads(path.read_text())["cells"]
             if c["cell_type"] == "code"
         )
-        assert "runs.digits_mlp(" in code, path.name
+        assert "cache.digits_mlp(" in code, path.name
         assert "training.train(" not in code, path.name
         assert 'data.load("digits", "train")' not in code, path.name

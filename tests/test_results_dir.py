@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustreg import data, evaluation, experiments, regularizers, runs
+from robustreg import data, evaluation, regularizers, study
+from robustreg.study import cache
 
 FAST = dict(device="cpu", progress=False, epochs=1)
 
@@ -15,19 +16,17 @@ FAST = dict(device="cpu", progress=False, epochs=1)
 @pytest.fixture(scope="module")
 def grid_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("grid")
-    rows = experiments.run_grid(
-        "smoke", cache_dir=root / "cache", results_dir=root / "results", **FAST
-    )
+    rows = study.run_grid("smoke", cache_dir=root / "cache", results_dir=root / "results", **FAST)
     return root, rows
 
 
 def test_one_file_per_run_with_metadata(grid_dirs):
     root, rows = grid_dirs
-    configs = experiments.grid("smoke", epochs=1)
+    configs = study.grid.grid("smoke", epochs=1)
     names = sorted(p.name for p in (root / "results").glob("*.json"))
-    assert names == sorted(experiments.result_name(c) for c in configs)
+    assert names == sorted(study.grid.result_name(c) for c in configs)
     assert "plain_seed0.json" in names and "curvature_lam1_seed0.json" in names
-    for record in experiments.load_results(root / "results"):
+    for record in study.load_results(root / "results"):
         assert {"key", "config", "eval", "history", "rows", "machine", "eval_seconds"} <= set(
             record
         )
@@ -35,9 +34,7 @@ def test_one_file_per_run_with_metadata(grid_dirs):
         assert record["num_classes"] == 10 and record["input_shape"] == [1, 8, 8]
     published = sorted(p.stem for p in (root / "results").glob("*.safetensors"))
     expected = sorted(
-        experiments.result_name(c)[:-5]
-        for c in configs
-        if experiments.publishes_weights("smoke", c)
+        study.grid.result_name(c)[:-5] for c in configs if study.grid.publishes_weights("smoke", c)
     )
     assert published == expected and "plain_seed0" in published
     assert "adversarial_seed0" not in published
@@ -50,8 +47,8 @@ def test_results_are_reused_without_training(grid_dirs, monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError("trained although the results file exists")
 
-    monkeypatch.setattr(runs, "train_cached", forbidden)
-    again = experiments.run_grid(
+    monkeypatch.setattr(cache, "train_cached", forbidden)
+    again = study.run_grid(
         "smoke", cache_dir=tmp_path / "empty", results_dir=root / "results", **FAST
     )
     assert again == rows
@@ -68,26 +65,22 @@ def test_file_of_another_configuration_is_never_overwritten(grid_dirs, tmp_path)
     record["config"]["lr"] = 0.5
     text = json.dumps(record)
     (results / name).write_text(text)
-    with pytest.raises(experiments.StaleResultError, match=r"plain_seed0.json.*lr: 0.5.*refresh"):
-        experiments.run_grid(
-            "smoke", cache_dir=root / "cache", results_dir=results, seeds=[0], **FAST
-        )
+    with pytest.raises(study.StaleResultError, match=r"plain_seed0.json.*lr: 0.5.*refresh"):
+        study.run_grid("smoke", cache_dir=root / "cache", results_dir=results, seeds=[0], **FAST)
     assert (results / name).read_text() == text
     # a smoke run into a copy of the committed default results changes nothing there
     default = tmp_path / "default"
     default.mkdir()
     committed = Path(__file__).resolve().parent.parent / "results" / "default" / name
     (default / name).write_text(committed.read_text())
-    with pytest.raises(experiments.StaleResultError, match="epochs"):
-        experiments.run_grid(
-            "smoke", cache_dir=root / "cache", results_dir=default, seeds=[0], **FAST
-        )
+    with pytest.raises(study.StaleResultError, match="epochs"):
+        study.run_grid("smoke", cache_dir=root / "cache", results_dir=default, seeds=[0], **FAST)
     assert (default / name).read_text() == committed.read_text()
 
 
 def test_read_only_never_trains(grid_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no result file.*run-grid --profile smoke"):
-        experiments.run_grid("smoke", results_dir=tmp_path, read_only=True, **FAST)
+        study.run_grid("smoke", results_dir=tmp_path, read_only=True, **FAST)
     assert not list(tmp_path.iterdir())
 
 
@@ -96,15 +89,15 @@ def test_corrupt_result_file_names_itself(grid_dirs, tmp_path):
     bad = tmp_path / "plain_seed0.json"
     bad.write_text((root / "results" / "plain_seed0.json").read_text()[:100])
     with pytest.raises(ValueError, match="plain_seed0.json: not a valid result file"):
-        experiments.run_grid("smoke", results_dir=tmp_path, read_only=True, **FAST)
+        study.run_grid("smoke", results_dir=tmp_path, read_only=True, **FAST)
 
 
 def test_load_model_reproduces_the_stored_accuracy(grid_dirs):
     root, _ = grid_dirs
     path = root / "results" / "curvature_lam1_seed0.json"
-    model = experiments.load_model(path)
+    model = study.load_model(path)
     assert not model.training
-    record = experiments.read_result(path)
+    record = study.read_result(path)
     x, y = data.load("digits", "test")
     n = record["eval"]["n_test"]
     clean = next(r["value"] for r in record["rows"] if r["metric"] == "clean_accuracy")
@@ -117,31 +110,33 @@ def test_load_model_checks_the_weights_belong_to_the_run(grid_dirs, tmp_path):
         shutil.copy(root / "results" / f"plain_seed0{suffix}", tmp_path / f"plain_seed0{suffix}")
     shutil.copy(root / "results" / "curvature_lam1_seed0.safetensors", tmp_path / "x.safetensors")
     (tmp_path / "x.json").write_text((tmp_path / "plain_seed0.json").read_text())
-    with pytest.raises(experiments.StaleResultError, match="belongs to run"):
-        experiments.load_model(tmp_path / "x.json")
+    with pytest.raises(study.StaleResultError, match="belongs to run"):
+        study.load_model(tmp_path / "x.json")
     with pytest.raises(FileNotFoundError, match="no weights stored"):
-        experiments.load_model(root / "results" / "adversarial_seed0.json")
+        study.load_model(root / "results" / "adversarial_seed0.json")
 
 
 def test_effective_configuration_records_defaults():
     config = {"regularizer": "curvature", "lam": 1.0}
-    full = runs.normalize_config(config)
+    full = cache.normalize_config(config)
     assert full["regularizer_options"] == {"h": regularizers.DEFAULT_H}
-    assert runs.cache_key(config) == runs.cache_key(
+    assert cache.cache_key(config) == cache.cache_key(
         {**config, "regularizer_options": {"h": regularizers.DEFAULT_H}}
     )
-    assert runs.cache_key(config) != runs.cache_key({**config, "regularizer_options": {"h": 0.25}})
+    assert cache.cache_key(config) != cache.cache_key(
+        {**config, "regularizer_options": {"h": 0.25}}
+    )
     with pytest.raises(ValueError, match=r"unknown options \['step'\].*valid: \['h'\]"):
-        runs.normalize_config({**config, "regularizer_options": {"step": 1}})
+        cache.normalize_config({**config, "regularizer_options": {"step": 1}})
 
 
 def test_initialisation_ignores_default_dtype(tmp_path):
     config = {"data": "digits", "model": {"name": "mlp", "hidden": [8]}, "epochs": 1, "seed": 3}
-    m32, _ = runs.train_cached(config, cache_dir=tmp_path / "a", device="cpu", progress=False)
+    m32, _ = cache.train_cached(config, cache_dir=tmp_path / "a", device="cpu", progress=False)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        m64, _ = runs.train_cached(config, cache_dir=tmp_path / "b", device="cpu", progress=False)
+        m64, _ = cache.train_cached(config, cache_dir=tmp_path / "b", device="cpu", progress=False)
     finally:
         torch.set_default_dtype(previous)
     for a, b in zip(m32.state_dict().values(), m64.state_dict().values(), strict=True):
@@ -157,9 +152,9 @@ def test_refresh_rewrites_the_files(grid_dirs, tmp_path):
     stale = json.loads((results / name).read_text())
     stale["rows"] = []  # same key and settings: reused unless refreshed
     (results / name).write_text(json.dumps(stale))
-    kept = experiments.run_grid("smoke", cache_dir=root / "cache", results_dir=results, **FAST)
+    kept = study.run_grid("smoke", cache_dir=root / "cache", results_dir=results, **FAST)
     assert not [r for r in kept if r["method"] == "plain"]
-    fresh = experiments.run_grid(
+    fresh = study.run_grid(
         "smoke", cache_dir=root / "cache", results_dir=results, refresh=True, **FAST
     )
     assert fresh == rows and json.loads((results / name).read_text())["rows"]
@@ -168,12 +163,12 @@ def test_refresh_rewrites_the_files(grid_dirs, tmp_path):
 def test_one_read_gives_rows_and_records(grid_dirs):
     """A chapter gets the rows and the records of its runs from one call (no second read)."""
     root, rows = grid_dirs
-    again, records = experiments.run_grid(
+    again, records = study.run_grid(
         "smoke", results_dir=root / "results", read_only=True, with_records=True, **FAST
     )
     assert again == rows
-    stored = {r["name"]: r for r in experiments.load_results(root / "results")}
+    stored = {r["name"]: r for r in study.load_results(root / "results")}
     assert records == [stored[r["name"]] for r in records]
     assert [r["name"] for r in records] == [
-        experiments.result_name(c) for c in experiments.grid("smoke", epochs=1)
+        study.grid.result_name(c) for c in study.grid.grid("smoke", epochs=1)
     ]

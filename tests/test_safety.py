@@ -12,17 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustreg import (
-    attacks,
-    data,
-    evaluation,
-    experiments,
-    files,
-    models,
-    regularizers,
-    runs,
-    training,
-)
+from robustreg import attacks, data, evaluation, files, models, regularizers, study, training
+from robustreg.study import cache
 from robustreg.__main__ import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +47,8 @@ def test_smoke_grid_into_committed_results_replaces_nothing(tmp_path):
     for name in ("plain_seed0.json", "input_gradient_lam0.3_seed0.json"):
         shutil.copy(committed / name, target / name)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    with pytest.raises(experiments.StaleResultError, match="plain_seed0.json.*--refresh"):
-        experiments.run_grid("smoke", cache_dir=tmp_path / "cache", results_dir=target, **FAST)
+    with pytest.raises(study.StaleResultError, match="plain_seed0.json.*--refresh"):
+        study.run_grid("smoke", cache_dir=tmp_path / "cache", results_dir=target, **FAST)
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.suffix == ".json"} == before
 
 
@@ -128,10 +119,10 @@ def test_corrupt_checkpoint_is_discarded_with_a_warning(digits, tmp_path, garbag
 
 
 def test_cached_run_with_a_corrupt_partial_checkpoint_trains_afresh(tmp_path):
-    key = runs.cache_key(SMALL)
+    key = cache.cache_key(SMALL)
     (tmp_path / f"{key}.partial.pt").write_bytes(b"\x80\x02truncated")
     with pytest.warns(RuntimeWarning, match="corrupt checkpoint"):
-        _, record = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+        _, record = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
     assert record["cached"] is False and not (tmp_path / f"{key}.partial.pt").exists()
 
 
@@ -141,18 +132,18 @@ def test_cached_run_with_a_corrupt_partial_checkpoint_trains_afresh(tmp_path):
 def test_cache_cannot_be_fed_other_data(tmp_path, digits):
     """Measured: train_cached(config, data=20 samples) cached a model served for that config."""
     with pytest.raises(TypeError):
-        runs.train_cached(
+        cache.train_cached(
             SMALL, cache_dir=tmp_path, device="cpu", data=(digits[0][:20], digits[1][:20])
         )
     assert not list(tmp_path.glob("*.json"))
 
 
 def test_corrupt_cache_entry_names_the_file(tmp_path):
-    _, record = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+    _, record = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
     meta = tmp_path / f"{record['key']}.json"
     meta.write_text(meta.read_text()[:40])
     with pytest.raises(ValueError, match=f"{meta.name}.*not a valid cache entry.*delete"):
-        runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+        cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
 
 
 def test_files_have_the_default_mode_and_leftovers_are_cleaned(tmp_path):
@@ -163,13 +154,13 @@ def test_files_have_the_default_mode_and_leftovers_are_cleaned(tmp_path):
         os.utime(orphan, (time.time() - 3600, time.time() - 3600))
         recent = tmp_path / ".def.json.z3.tmp"  # a concurrent writer's file: kept
         recent.write_text("{")
-        _, record = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+        _, record = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
     finally:
         os.umask(old)
     assert not orphan.exists() and recent.exists()
     stale = tmp_path / f"{record['key']}.partial.pt"  # left by a run killed after its last write
     stale.write_bytes(b"old")
-    assert runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
+    assert cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
     assert not stale.exists()
     for suffix in (".json", ".safetensors"):
         mode = stat.S_IMODE((tmp_path / f"{record['key']}{suffix}").stat().st_mode)
@@ -285,14 +276,14 @@ LIGHT = dict(
 
 def test_shards_and_jobs_reproduce_the_serial_grid(tmp_path):
     serial = tmp_path / "serial"
-    rows = experiments.run_grid("smoke", cache_dir=tmp_path / "c1", results_dir=serial, **LIGHT)
+    rows = study.run_grid("smoke", cache_dir=tmp_path / "c1", results_dir=serial, **LIGHT)
     sharded = tmp_path / "sharded"
     for i in (1, 2, 3):  # the shards share the trained models (one cache), as on a cluster
-        experiments.run_grid(
+        study.run_grid(
             "smoke", cache_dir=tmp_path / "c1", results_dir=sharded, shard=f"{i}/3", **LIGHT
         )
     parallel = tmp_path / "parallel"  # trains afresh in two worker processes
-    rows_parallel = experiments.run_grid(
+    rows_parallel = study.run_grid(
         "smoke", cache_dir=tmp_path / "c9", results_dir=parallel, jobs=2, **LIGHT
     )
     reference = _comparable(serial)
@@ -303,13 +294,39 @@ def test_shards_and_jobs_reproduce_the_serial_grid(tmp_path):
     assert strip(rows_parallel) == strip(rows)
 
 
+def test_cluster_executor_reproduces_the_serial_grid_file_for_file(tmp_path):
+    """``executor="slurm"`` submits through submitit; its local backend runs the same submission
+    as processes on this machine, training afresh in each, and must write a serial run's files."""
+    pytest.importorskip("submitit")
+    small = dict(LIGHT, lambdas={"curvature": [1.0]}, adversarial=[{"eps": 0.1, "steps": 2}])
+    serial = tmp_path / "serial"
+    rows = study.run_grid("smoke", cache_dir=tmp_path / "c1", results_dir=serial, **small)
+    local = tmp_path / "local"
+    rows_local = study.run_grid(
+        "smoke",
+        cache_dir=tmp_path / "c2",
+        results_dir=local,
+        executor="local",
+        executor_options={"timeout_min": 10},
+        **small,
+    )
+    reference = _comparable(serial)
+    assert len(reference) == 3 + 2  # result files + published weights (plain, curvature)
+    assert _comparable(local) == reference
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    assert strip(rows_local) == strip(rows)
+    assert list((tmp_path / "c2" / "submitit").iterdir())  # submitit's job folders, in the cache
+
+
 def test_bad_shard_and_jobs_are_named():
     with pytest.raises(ValueError, match="I/N"):
-        experiments.run_grid("smoke", shard="2-3", **FAST)
+        study.run_grid("smoke", shard="2-3", **FAST)
     with pytest.raises(ValueError, match="1 ≤ I ≤ N"):
-        experiments.run_grid("smoke", shard="4/3", **FAST)
+        study.run_grid("smoke", shard="4/3", **FAST)
     with pytest.raises(ValueError, match="jobs"):
-        experiments.run_grid("smoke", jobs=0, **FAST)
+        study.run_grid("smoke", jobs=0, **FAST)
+    with pytest.raises(ValueError, match="unknown executor 'sge'; valid: serial, processes"):
+        study.run_grid("smoke", executor="sge", **FAST)
 
 
 # --- the I/O helpers ----------------------------------------------------------------------------

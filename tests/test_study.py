@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from robustreg import autoattack, comparison, data, evaluation, experiments, models, runs
-from robustreg.profiles import PROFILES
+from robustreg import autoattack, comparison, data, evaluation, models, study
+from robustreg.study import PROFILES, cache
 
 DT = torch.float64
 
@@ -42,11 +42,11 @@ def test_validation_split_partitions_the_training_split(name):
 
 def test_validation_key_leaves_earlier_keys_alone_and_selects_the_fit_split():
     config = {"data": "digits", "seed": 3}
-    assert "validation" not in runs.normalize_config(config)
-    assert runs.cache_key(config) == runs.cache_key({**config, "validation": False})
-    assert runs.cache_key(config) != runs.cache_key({**config, "validation": True})
-    assert runs.training_split(runs.normalize_config(config)) == "train"
-    assert runs.training_split(runs.normalize_config({**config, "validation": True})) == "fit"
+    assert "validation" not in cache.normalize_config(config)
+    assert cache.cache_key(config) == cache.cache_key({**config, "validation": False})
+    assert cache.cache_key(config) != cache.cache_key({**config, "validation": True})
+    assert cache.training_split(cache.normalize_config(config)) == "train"
+    assert cache.training_split(cache.normalize_config({**config, "validation": True})) == "fit"
 
 
 # --- PGD per image --------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_validation_key_leaves_earlier_keys_alone_and_selects_the_fit_split():
 @pytest.fixture(scope="module")
 def digits_model():
     config = {"data": "digits", "model": {"name": "mlp", "hidden": [32]}, "epochs": 3, "lr": 1e-2}
-    model, _ = runs.train_cached(config, progress=False)
+    model, _ = cache.train_cached(config, progress=False)
     x, y = data.load("digits", "test")
     return model, x[:120], y[:120]
 
@@ -150,7 +150,7 @@ def _val_rows(curves, plain):
 
 
 def test_select_lambdas_interpolates_log_lambda_at_the_target():
-    lambdas = PROFILES["sweep"]["lambdas"]
+    lambdas = PROFILES["sweep"].lambdas
     curves = {reg: [(lam, 0.95) for lam in lams] for reg, lams in lambdas.items()}
     # input gradient: 0.30 → 0.94, 1.0 → 0.90: −1 point at 0.94 exactly, −3 halfway in accuracy
     curves["input_gradient"] = [
@@ -162,7 +162,7 @@ def test_select_lambdas_interpolates_log_lambda_at_the_target():
         (10.0, 0.5),
     ]
     curves["curvature"] = [(lam, 0.90) for lam in lambdas["curvature"]]  # too strong from the start
-    sel = experiments.select_lambdas("sweep", _val_rows(curves, 0.95))
+    sel = study.select_lambdas("sweep", _val_rows(curves, 0.95))
     ig = sel["lambdas"]["input_gradient"]
     assert ig["1"]["lam"] == pytest.approx(0.3, rel=1e-2)
     w = (0.94 - 0.92) / (0.94 - 0.90)
@@ -171,7 +171,7 @@ def test_select_lambdas_interpolates_log_lambda_at_the_target():
     )
     assert sel["lambdas"]["jacobian_frobenius"]["1"]["lam"] is None  # never loses a point
     assert "extend the sweep" in sel["lambdas"]["curvature"]["1"]["reason"]
-    assert experiments.selected_runs(sel) == [
+    assert study.grid.selected_runs(sel) == [
         ("input_gradient", ig["1"]["lam"]),
         ("input_gradient", ig["3"]["lam"]),
     ]
@@ -179,16 +179,16 @@ def test_select_lambdas_interpolates_log_lambda_at_the_target():
 
 def test_selected_lambda_is_evaluated_with_autoattack_and_named_by_value():
     sel = {"lambdas": {"curvature": {"1": {"lam": 4.2}, "3": {"lam": None}}}}
-    configs = experiments.grid("sweep", selection=sel, seeds=[0])
+    configs = study.grid.grid("sweep", selection=sel, seeds=[0])
     lams = [c["lam"] for c in configs if c.get("regularizer") == "curvature"]
-    assert lams == [*PROFILES["sweep"]["lambdas"]["curvature"], 4.2]
+    assert lams == [*PROFILES["sweep"].lambdas["curvature"], 4.2]
     assert all(c.get("validation") for c in configs)
-    names = [experiments.result_name(c) for c in configs]
+    names = [study.grid.result_name(c) for c in configs]
     assert "curvature_lam4.2_seed0.json" in names and "adversarial-l2_seed0.json" in names
     chosen = next(c for c in configs if c.get("lam") == 4.2)
-    assert experiments.publishes_weights("sweep", chosen, sel)
-    assert not experiments.publishes_weights("sweep", {**chosen, "seed": 1}, sel)
-    assert not experiments.publishes_weights("sweep", {**chosen, "lam": 10.0}, sel)
+    assert study.grid.publishes_weights("sweep", chosen, sel)
+    assert not study.grid.publishes_weights("sweep", {**chosen, "seed": 1}, sel)
+    assert not study.grid.publishes_weights("sweep", {**chosen, "lam": 10.0}, sel)
 
 
 # --- the whole study, end to end ---------------------------------------------------------------
@@ -201,22 +201,17 @@ def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
         "epochs": 1,
         "lambdas": {"input_gradient": [0.1, 1.0, 10.0], "curvature": [1.0, 10.0, 100.0]},
         "adversarial": [{"eps": 1.0, "norm": "l2", "steps": 2}],
-        "eval": {**PROFILES["sweep-smoke"]["eval"], "n_test": 40, "steps": 5},
-        "autoattack": {
-            **PROFILES["sweep-smoke"]["autoattack"],
-            "n": 20,
-            "steps": 3,
-            "n_queries": 20,
-        },
+        "eval": PROFILES["sweep-smoke"].eval.replace(n_test=40, steps=5),
+        "autoattack": PROFILES["sweep-smoke"].autoattack.replace(n=20, steps=3, n_queries=20),
     }
     kw = dict(cache_dir=tmp_path / "cache", progress=False, device="cpu", **small)
     out = tmp_path / "res"
-    rows, sel = experiments.run_study("sweep-smoke", results_dir=out, **kw)
+    rows, sel = study.run_study("sweep-smoke", results_dir=out, **kw)
     stored = json.loads((out / "selection.json").read_text())
     assert stored == json.loads(json.dumps(sel))
     attacked = {r["method"] + f"@{r['lam']:g}" for r in rows if r.get("attack") == "autoattack"}
     expected = {"plain@0", "adversarial-l2@0"}
-    expected |= {f"{reg}@{lam:g}" for reg, lam in experiments.selected_runs(sel)}
+    expected |= {f"{reg}@{lam:g}" for reg, lam in study.grid.selected_runs(sel)}
     assert attacked == expected
     # per-image flags: worst case = AutoAttack ∧ PGD at that radius
     by = {
@@ -232,19 +227,19 @@ def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     published = sorted(out.glob("*.safetensors"))
     assert len(published) == len(expected)
     for weights in published:
-        model = experiments.load_model(weights.with_suffix(".json"))
-        record = experiments.read_result(weights.with_suffix(".json"))
+        model = study.load_model(weights.with_suffix(".json"))
+        record = study.read_result(weights.with_suffix(".json"))
         clean = next(r["value"] for r in record["rows"] if r["metric"] == "clean_accuracy")
         n = record["eval"]["n_test"]
         dtype = models.device_dtype(model)[1]
         assert evaluation.accuracy(model, x[:n].to(dtype), y[:n]) == clean
     # a rerun reads everything back; read_only never trains
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again, _ = experiments.run_study("sweep-smoke", results_dir=out, read_only=True, **kw)
+    again, _ = study.run_study("sweep-smoke", results_dir=out, read_only=True, **kw)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(again) == len(rows)
     # per-image outcomes for paired comparisons
-    records = [experiments.read_result(p) for p in sorted(out.glob("*_seed0.json"))]
+    records = [study.read_result(p) for p in sorted(out.glob("*_seed0.json"))]
     clean = comparison.outcomes(records, "plain", 0.0, "clean", [0])
     plain = next(rec for rec in records if rec["method"] == "plain")
     stored = next(row["value"] for row in plain["rows"] if row["metric"] == "clean_accuracy")
@@ -279,12 +274,12 @@ def test_committed_study_models_load_and_reproduce_their_clean_accuracy():
     """Every published model of results/sweep: load_model, then the stored per-image clean outcomes
     and clean accuracy. Exactly, except on an image whose two largest logits lie within float32
     rounding of each other (another CPU may break that tie the other way)."""
-    published = sorted((experiments.RESULTS_ROOT / "sweep").glob("*.safetensors"))
+    published = sorted((study.results_root() / "sweep").glob("*.safetensors"))
     if not published:
         pytest.skip("no committed study models yet")
     for weights in published:
-        record = experiments.read_result(weights.with_suffix(".json"))
-        model = experiments.load_model(weights.with_suffix(".json"))
+        record = study.read_result(weights.with_suffix(".json"))
+        model = study.load_model(weights.with_suffix(".json"))
         x, y = data.load(record["config"]["data"], "test")
         n = record["eval"]["n_test"]
         with torch.no_grad():
@@ -305,5 +300,5 @@ def test_every_method_of_every_profile_has_a_display_name(profile):
     """The chapters' tables and legends name each method by plotting.METHOD_NAMES."""
     from robustreg.plotting import METHOD_NAMES
 
-    labels = {experiments.label(config) for config in experiments.grid(profile)}
+    labels = {study.grid.label(config) for config in study.grid.grid(profile)}
     assert labels <= set(METHOD_NAMES), labels - set(METHOD_NAMES)

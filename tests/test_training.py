@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustreg import data, evaluation, experiments, models, regularizers, runs, training
+from robustreg import data, evaluation, models, regularizers, study, training
 from robustreg.__main__ import main as cli
+from robustreg.study import cache
 
 torch.set_num_threads(1)
 
@@ -187,51 +188,51 @@ SMALL = {"data": "digits", "model": {"name": "mlp", "hidden": [16]}, "epochs": 2
 
 
 def test_train_cached_hit(tmp_path, digits):
-    m1, r1 = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
+    m1, r1 = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
     assert r1["cached"] is False
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"{r1['key']}.json", f"{r1['key']}.safetensors"]  # no temp or partial files
-    m2, r2 = runs.train_cached(dict(SMALL), cache_dir=tmp_path, device="cpu")
+    m2, r2 = cache.train_cached(dict(SMALL), cache_dir=tmp_path, device="cpu")
     assert r2["cached"] is True  # loaded, not trained (no timing: CI machines are shared)
     assert same(params(m1), params(m2)) and r2["history"] == r1["history"]
     assert not m2.training
     # key: order/tuple-insensitive, sensitive to every setting, defaults filled in
-    assert runs.cache_key(SMALL) == runs.cache_key(
+    assert cache.cache_key(SMALL) == cache.cache_key(
         {**SMALL, "model": {"hidden": (16,), "name": "mlp"}, "seed": 0}
     )
-    assert runs.cache_key(SMALL) != runs.cache_key({**SMALL, "lr": 1e-3})
-    assert runs.cache_key(SMALL) == runs.cache_key(
+    assert cache.cache_key(SMALL) != cache.cache_key({**SMALL, "lr": 1e-3})
+    assert cache.cache_key(SMALL) == cache.cache_key(
         {**SMALL, "regularizer": "curvature", "lam": 0.0}  # λ = 0 is plain training
     )
     with pytest.raises(ValueError, match=r"unknown configuration keys \['epoch'\]"):
-        runs.cache_key({**SMALL, "epoch": 3})
+        cache.cache_key({**SMALL, "epoch": 3})
 
 
 def test_train_cached_atomic(tmp_path, monkeypatch):
     """A crash while writing leaves no result behind; the next call trains again and succeeds."""
-    import safetensors.torch
+    from robustreg.study import weights  # the one weight path
 
-    real = safetensors.torch.save_file
+    real = weights.save_file
 
     def crash(tensors, filename, *a, **k):
         with open(filename, "wb") as fh:
             fh.write(b"partial")
         raise Interrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    monkeypatch.setattr(weights, "save_file", crash)
     with pytest.raises(Interrupt):
-        runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
+        cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
     assert not any(p.suffix in (".json", ".safetensors") for p in tmp_path.iterdir())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp file removed
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
-    _, record = runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
+    monkeypatch.setattr(weights, "save_file", real)
+    _, record = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu")
     assert record["cached"] is False
-    assert runs.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
+    assert cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu")[1]["cached"] is True
 
 
 def test_adversarial_config_is_kept(tmp_path):
     cfg = {**SMALL, "epochs": 1, "adversarial": {"eps": 0.1, "steps": 1}}
-    _, record = runs.train_cached(cfg, cache_dir=tmp_path, device="cpu")
+    _, record = cache.train_cached(cfg, cache_dir=tmp_path, device="cpu")
     assert record["config"]["adversarial"]["eps"] == 0.1
     assert (
         json.loads((tmp_path / f"{record['key']}.json").read_text())["config"] == record["config"]
@@ -242,21 +243,21 @@ def test_adversarial_config_is_kept(tmp_path):
 
 
 def test_grid_definition():
-    configs = experiments.grid("default")
-    n_lams = sum(len(v) for v in experiments.PROFILES["default"]["lambdas"].values())
+    configs = study.grid.grid("default")
+    n_lams = sum(len(v) for v in study.PROFILES["default"].lambdas.values())
     assert len(configs) == 3 * (1 + n_lams + 1)
-    labels = {experiments.label(c) for c in configs}
+    labels = {study.grid.label(c) for c in configs}
     assert labels == {"plain", "adversarial", *regularizers.names()}
-    assert len({runs.cache_key(c) for c in configs}) == len(configs)
+    assert len({cache.cache_key(c) for c in configs}) == len(configs)
     with pytest.raises(ValueError, match="unknown profile 'fast'"):
-        experiments.grid("fast")
-    with pytest.raises(ValueError, match=r"unknown grid settings \['seed'\]"):
-        experiments.grid("smoke", seed=[1])
+        study.grid.grid("fast")
+    with pytest.raises(ValueError, match=r"unknown settings \['seed'\]"):
+        study.grid.grid("smoke", seed=[1])
 
 
 def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
     settings = dict(cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
-    n = len(experiments.grid("smoke"))
+    n = len(study.grid.grid("smoke"))
     real = training.train
     calls = {"n": 0}
 
@@ -268,11 +269,11 @@ def test_run_grid_resumes_and_caches(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "train", flaky)
     with pytest.raises(Interrupt):
-        experiments.run_grid("smoke", evaluate_models=False, **settings)
+        study.run_grid("smoke", evaluate_models=False, **settings)
     done = len(list(tmp_path.glob("*.json")))
     assert done == 2
     calls["n"] = -100  # no more failures
-    rows = experiments.run_grid("smoke", evaluate_models=False, **settings)
+    rows = study.run_grid("smoke", evaluate_models=False, **settings)
     assert len(rows) == n and calls["n"] == -100 + (n - done)  # adversarial training too
     assert len(list(tmp_path.glob("*.json"))) == n
 
@@ -297,7 +298,7 @@ def test_run_grid_evaluates_and_cli(tmp_path, capsys, monkeypatch):
     )
     assert code == 0
     frame = evaluation.to_frame(__import__("pandas").read_csv(out).to_dict("records"))
-    n = len(experiments.grid("smoke"))
+    n = len(study.grid.grid("smoke"))
     assert frame.key.nunique() == n
     metrics = set(frame.metric)
     assert {
@@ -318,5 +319,5 @@ def test_run_grid_evaluates_and_cli(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(training, "train", forbidden)
     monkeypatch.setattr(training, "adversarial_training", forbidden)
-    rows = experiments.run_grid("smoke", cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
+    rows = study.run_grid("smoke", cache_dir=tmp_path, device="cpu", progress=False, epochs=1)
     assert len(rows) == len(frame)

@@ -1,7 +1,7 @@
 """Cross-check the study's AutoAttack against a second implementation, on published models.
 
 For each published model of a results directory (``<stem>.safetensors`` beside its result file,
-loaded with ``robustreg.experiments.load_model``) and each AutoAttack radius of its result file,
+loaded with ``robustreg.study.load_model``) and each AutoAttack radius of its result file,
 runs ART's AutoAttack (``robustreg.art_attacks.autoattack``: APGD-CE and APGD-DLR, 100 iterations
 each, then Square with 1,000 queries; written independently of torchattacks) on the same test
 images and compares its robust accuracy with the stored one of the standard AutoAttack
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from robustreg import art_attacks, data, evaluation, experiments, files
+from robustreg import art_attacks, data, evaluation, files, study
 
 AGREEMENT = 0.01  # the issue's criterion: within one point
 
@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     stems = args.stems or sorted(p.stem for p in results.glob("*.safetensors"))
     worst = 0.0
     for stem in stems:
-        record = experiments.read_result(results / f"{stem}.json")
-        model = experiments.load_model(results / f"{stem}.json")
+        record = study.read_result(results / f"{stem}.json")
+        model = study.load_model(results / f"{stem}.json")
         settings = record["eval"]
         x, y = data.load(record["config"]["data"], "test")
         n = settings["n_test"] if settings.get("autoattack_n") is None else settings["autoattack_n"]

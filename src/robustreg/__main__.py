@@ -1,6 +1,6 @@
 """Command line: ``python -m robustreg run-grid --profile smoke|default|full``.
 
-Runs the experiment grid of :data:`robustreg.experiments.PROFILES` outside Jupyter (e.g. on a
+Runs the experiment grid of a profile (:data:`robustreg.study.config.PROFILES`) outside Jupyter (e.g. on a
 GPU machine): every configuration is trained or loaded from the cache, evaluated (also cached),
 and the tidy result rows are written to ``--out`` (``.csv`` or ``.json``). Interrupt it at any
 time; rerunning the same command resumes. The device is CUDA, then MPS, then the CPU unless
@@ -12,9 +12,13 @@ at an empty directory and add ``--refresh``::
     ROBUSTREG_CACHE=$(mktemp -d) python -m robustreg run-grid --profile default \
         --results-dir results/default --refresh
 
-``python -m robustreg verify-results results/default plain_seed0 ...`` retrains committed runs
+``--executor slurm`` submits one Slurm job per run through submitit (``--executor local``: the same
+through submitit's local backend); ``--jobs N`` runs N local processes; ``--shard I/N`` runs one of
+N parts for any other scheduler's job array. All write the files of a serial run.
+
+``python -m robustreg reproduce-results results/default plain_seed0 ...`` retrains committed runs
 and compares every metric with its file, within a tolerance derived from the seed-to-seed spread
-(:func:`robustreg.experiments.check_reproduction`); it exits 1 when one differs.
+(:func:`robustreg.study.reproduce.check_reproduction`); it exits 1 when one differs.
 
 ``python -m robustreg data NAME...`` loads data sets (verifying their checksums) and prints
 their shapes — a quick check that the files are where the loader looks.
@@ -28,30 +32,36 @@ import sys
 import time
 from pathlib import Path
 
-from robustreg.profiles import PROFILES  # plain data: torch is not loaded yet
+from robustreg.study.config import PROFILES  # plain data: torch is not loaded yet
 
 # The package is imported inside the commands, not at the top: PORTABLE_ENVIRONMENT must be set
 # before torch loads.
 
 
+#: The executors of run-grid (robustreg.study.execute.EXECUTORS, named here before torch loads).
+EXECUTORS = ("serial", "processes", "slurm", "local")
+
+
 def _run_grid(args) -> int:
     import torch
 
-    from robustreg import evaluation, experiments, files, runs, training
+    from robustreg import evaluation, files, training
+    from robustreg.study import cache, execute, grid, matched
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device) if args.device else training.default_device()
+    executor = args.executor or ("processes" if args.jobs > 1 else "serial")
     overrides = {}
     if args.seeds is not None:
         overrides["seeds"] = args.seeds
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    n = len(experiments.grid(args.profile, **overrides))
+    n = len(grid.grid(args.profile, **overrides))
     shard = f", shard {args.shard}" if args.shard else ""
     print(
-        f"profile {args.profile}: {n} training runs{shard} on {device}, {args.jobs} process(es); cache "
-        f"{args.cache_dir or runs.default_cache_dir()}",
+        f"profile {args.profile}: {n} training runs{shard} on {device}, executor {executor}; cache "
+        f"{args.cache_dir or cache.default_cache_dir()}",
         file=sys.stderr,
     )
     t0 = time.perf_counter()
@@ -62,20 +72,19 @@ def _run_grid(args) -> int:
         progress=not args.quiet,
         shard=args.shard,
         jobs=args.jobs,
+        executor=executor,
         **overrides,
     )
-    if experiments.PROFILES[args.profile].get("targets"):  # the matched-strength study
+    if PROFILES[args.profile].study is not None:  # the matched-strength study
         if args.no_eval or not args.results_dir:
             print("a matched-strength profile needs --results-dir and evaluation", file=sys.stderr)
             return 2
-        rows, selection = experiments.run_study(
-            args.profile, results_dir=args.results_dir, **kwargs
-        )
+        rows, selection = matched.run_study(args.profile, results_dir=args.results_dir, **kwargs)
         for reg, targets in selection["lambdas"].items():
             chosen = ", ".join(f"−{t} pts: λ = {e['lam']}" for t, e in targets.items())
             print(f"selected {reg}: {chosen}", file=sys.stderr)
     else:
-        rows = experiments.run_grid(
+        rows = execute.run_grid(
             args.profile,
             results_dir=args.results_dir,
             evaluate_models=not args.no_eval,
@@ -111,13 +120,13 @@ def _run_grid(args) -> int:
     return 0
 
 
-def _verify(args) -> int:
+def _reproduce(args) -> int:
     import torch
 
-    from robustreg import experiments
+    from robustreg.study import reproduce
 
     torch.set_num_threads(args.threads)
-    rows = experiments.check_reproduction(
+    rows = reproduce.check_reproduction(
         args.results_dir, args.runs, fraction=args.fraction, progress=not args.quiet
     )
     width = max(len(r["metric"]) for r in rows)
@@ -181,11 +190,18 @@ def main(argv: list[str] | None = None) -> int:
         help="run every N-th configuration from the I-th (1 ≤ I ≤ N): one job of an array",
     )
     g.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1; joblib)")
+    g.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=None,
+        help="serial, processes (--jobs), slurm (one Slurm job per run, submitit) or local "
+        "(submitit's local backend); default: processes with --jobs > 1, else serial",
+    )
     g.add_argument("--out", default=None, help="write the result rows to this .csv or .json")
     g.add_argument("--no-eval", action="store_true", help="train only")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(func=_run_grid)
-    v = sub.add_parser("verify-results", help="retrain committed runs and compare their metrics")
+    v = sub.add_parser("reproduce-results", help="retrain committed runs and compare their metrics")
     v.add_argument("results_dir", help="a directory of result files, e.g. results/default")
     v.add_argument("runs", nargs="+", help="result file stems, e.g. plain_seed0")
     v.add_argument(
@@ -196,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
-    v.set_defaults(func=_verify)
+    v.set_defaults(func=_reproduce)
     d = sub.add_parser("data", help="load data sets and print their shapes")
     d.add_argument("names", nargs="+")
     d.set_defaults(func=_data)
     args = parser.parse_args(argv)
-    if args.command in ("run-grid", "verify-results"):
+    if args.command in ("run-grid", "reproduce-results"):
         if "torch" not in sys.modules:
             for k, v in PORTABLE_ENVIRONMENT.items():
                 os.environ.setdefault(k, v)

@@ -16,7 +16,7 @@ Metrics on a test set {(x_i, y_i)}_{i=1..n} (NOTATION symbols):
 
 :func:`evaluate` returns them as tidy rows ``{"metric", "attack", "norm", "eps", "regularizer",
 "value"}`` (:func:`to_frame` makes a pandas DataFrame, :func:`wide` one row per run). The grid of
-training runs that the book evaluates lives in :mod:`robustreg.experiments`.
+training runs that the book evaluates lives in :mod:`robustreg.study`.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from robustreg.extras import require
-from robustreg.profiles import PROFILES
+from robustreg.study.config import PROFILES
 
 THREADS = 2
 

@@ -11,7 +11,7 @@ from robustreg.extras import require
 from .geometry import activation_pattern
 
 #: How tables and legends name the training methods of the experiment grid
-#: (:func:`robustreg.experiments.label`): plain training, the five regularizers, and PGD
+#: (:func:`robustreg.study.grid.label`): plain training, the five regularizers, and PGD
 #: adversarial training against ℓ∞ and against ℓ2.
 METHOD_NAMES = {
     "plain": "plain",

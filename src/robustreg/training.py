@@ -31,7 +31,7 @@ Data are checked before training (:func:`check_data`): floating inputs in [0, 1]
 labels in [0, K). Checkpoints (``checkpoint=``) hold the run's identity (:func:`run_identity`: the
 objective, the optimizer settings, a hash of the data and of the initial weights); a checkpoint
 of another run is refused, a corrupt one is discarded with a warning, a finished run deletes it.
-Trained models cached by configuration live in :mod:`robustreg.runs`.
+Trained models cached by configuration live in :mod:`robustreg.study.cache`.
 """
 
 from __future__ import annotations

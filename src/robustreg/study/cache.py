@@ -1,4 +1,4 @@
-"""One training run named by its configuration, and the disk cache that keeps it.
+"""One training run named by its configuration: the run's identity (its key) and the disk cache.
 
 A *configuration* is a plain dictionary (:data:`DEFAULT_CONFIG`: data set, model, regularizer,
 λ and options, or PGD adversarial training, optimizer settings, seed, dtype). Its *effective* form
@@ -10,12 +10,15 @@ canonical JSON) changes whenever anything that changes the trained network does.
 split of its data set (always loaded by name, so a cache entry cannot hold a model trained on other
 data) and keeps, under the cache directory::
 
-    <key>.safetensors   the weights          (written first)
+    <key>.safetensors   the weights, labelled with the key (written first)
     <key>.json          configuration, history, device, time  (written last: marks a finished run)
     <key>.partial.pt    per-epoch resume state while training (its run identity checked)
 
 A rerun with the same configuration loads the files instead of training; an interrupted run
-resumes from its last finished epoch; a corrupt ``.json`` is an error that names the file.
+resumes from its last finished epoch; a corrupt ``.json`` is an error that names the file. The key
+is the one identity of a run: it names the cache entry, labels its weights
+(:mod:`robustreg.study.weights`) and is stored in the run's result file
+(:mod:`robustreg.study.store`).
 :func:`digits_mlp` is the small digits network the theory chapters (02–07) share.
 """
 
@@ -37,7 +40,7 @@ from torch import nn
 
 from robustreg import data as data_module
 from robustreg import files, models, regularizers, training
-from robustreg.extras import require
+from robustreg.study import weights as weight_files
 
 __all__ = [
     "CACHE_VERSION",
@@ -206,9 +209,6 @@ def train_cached(
     is on ``device`` (default :func:`robustreg.training.default_device`), in eval mode. The data
     are always the configuration's (loaded by name, memoized by :mod:`robustreg.data`).
     """
-    require("safetensors")
-    from safetensors.torch import load_file, save_file
-
     full = normalize_config(config)
     key = cache_key(full)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -240,7 +240,8 @@ def train_cached(
         )
         if record.get("key") != key:
             raise ValueError(f"{meta}: holds run {record.get('key')!r}, not {key!r}; delete it")
-        model.load_state_dict(load_file(str(weights), device=str(device)))
+        state = weight_files.read_weights(weights, key, device=device, unlabelled_ok=True)
+        model.load_state_dict(state)
         model.eval()
         partial.unlink(missing_ok=True)  # a leftover of a run killed after its last write
         record["cached"] = True
@@ -264,8 +265,7 @@ def train_cached(
         _, history = training.train(
             model, (x, y), full["regularizer"], full["lam"], **common, **full["regularizer_options"]
         )
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    files.atomic_write(weights, lambda tmp: save_file(state, tmp))
+    weight_files.write_weights(model, weights, key)
     record = {
         "key": key,
         "config": full,
