@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from robustreg import attacks, data, evaluation, files, models, regularizers, study, training
-from robustreg.study import cache
 from robustreg.__main__ import main as cli
+from robustreg.study import cache
 
 ROOT = Path(__file__).resolve().parent.parent
 DT = torch.float64
