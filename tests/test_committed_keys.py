@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from robustreg import study
 from robustreg.study import PROFILES, cache, grid, store
 
 ROOT = Path(__file__).resolve().parents[1] / "results"
@@ -56,4 +57,7 @@ def test_every_published_weight_file_is_the_profiles_and_carries_its_key(profile
     for name in weights:
         with safe_open(str(directory / name.replace(".json", ".safetensors")), "pt") as f:
             key = (f.metadata() or {}).get("key")
-        assert key == store.read_result(directory / name)["key"], name
+        record = store.read_result(directory / name)
+        assert key == record["key"], name
+        model = store.load_model(directory / name)  # verifies label, layout and SHA-256
+        assert study.weights.digest(model.state_dict()) == record["weights_sha256"], name

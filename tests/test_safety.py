@@ -255,6 +255,8 @@ VOLATILE = ("machine", "train_seconds", "eval_seconds", "eval_cpu_seconds")
 def _comparable(directory: Path) -> dict[str, object]:
     out = {}
     for p in sorted(directory.iterdir()):
+        if p.name == study.execute.SHARD_PLAN:  # how the directory was split, not a run
+            continue
         if p.suffix == ".json":
             record = json.loads(p.read_text())
             for k in VOLATILE:

@@ -161,6 +161,22 @@ def _data(args) -> int:
 PORTABLE_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 
 
+def _count(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer in [minimum, maximum], else a message naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" and ≤ {maximum}" if maximum is not None else ""
+            raise argparse.ArgumentTypeError(f"{value} must be ≥ {minimum}{upper}")
+        return value
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m robustreg", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,16 +196,20 @@ def main(argv: list[str] | None = None) -> int:
         "--refresh", action="store_true", help="ignore the files of --results-dir and rewrite them"
     )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: automatic)")
-    g.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds")
-    g.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
-    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    g.add_argument(
+        "--seeds", type=_count(0, 2**32 - 1), nargs="+", default=None, help="override the seeds"
+    )
+    g.add_argument("--epochs", type=_count(1), default=None, help="override the number of epochs")
+    g.add_argument("--threads", type=_count(1), default=None, help="torch.set_num_threads")
     g.add_argument(
         "--shard",
         default=None,
         metavar="I/N",
         help="run every N-th configuration from the I-th (1 ≤ I ≤ N): one job of an array",
     )
-    g.add_argument("--jobs", type=int, default=1, help="local worker processes (default 1; joblib)")
+    g.add_argument(
+        "--jobs", type=_count(1), default=1, help="local worker processes (default 1; joblib)"
+    )
     g.add_argument(
         "--executor",
         choices=EXECUTORS,
@@ -210,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="tolerance as a fraction of the seed-to-seed standard deviation (default 1)",
     )
-    v.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    v.add_argument("--threads", type=_count(1), default=1, help="torch.set_num_threads (default 1)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=_reproduce)
     d = sub.add_parser("data", help="load data sets and print their shapes")

@@ -11,10 +11,12 @@ split of its data set (always loaded by name, so a cache entry cannot hold a mod
 data) and keeps, under the cache directory::
 
     <key>.safetensors   the weights, labelled with the key (written first)
-    <key>.json          configuration, history, device, time  (written last: marks a finished run)
+    <key>.json          configuration, the weights' SHA-256, history, device, time (written
+                        last: marks a finished run)
     <key>.partial.pt    per-epoch resume state while training (its run identity checked)
 
-A rerun with the same configuration loads the files instead of training; an interrupted run
+A rerun with the same configuration loads the files instead of training, after verifying the
+weights (:func:`robustreg.study.weights.read_weights`: label, layout, SHA-256); an interrupted run
 resumes from its last finished epoch; a corrupt ``.json`` is an error that names the file. The key
 is the one identity of a run: it names the cache entry, labels its weights
 (:mod:`robustreg.study.weights`) and is stored in the run's result file
@@ -189,6 +191,22 @@ def torch_dtype(name: str) -> torch.dtype:
     return valid[name]
 
 
+def _cached_record(meta: Path, weights: Path, key: str) -> dict[str, Any] | None:
+    """The record of a finished cache entry, or None when there is none (or only one written
+    before entries recorded their weights' SHA-256: such an entry is trained again)."""
+    if not (meta.is_file() and weights.is_file()):
+        return None
+    record = files.read_json(
+        meta, "cache entry", f"delete it and {weights.name} to retrain the run"
+    )
+    if not isinstance(record, dict) or record.get("key") != key:
+        got = record.get("key") if isinstance(record, dict) else record
+        raise ValueError(f"{meta}: holds run {got!r}, not {key!r}; delete it")
+    if "weights_sha256" not in record:
+        return None
+    return record
+
+
 def train_cached(
     config: Mapping[str, Any],
     *,
@@ -234,16 +252,22 @@ def train_cached(
             torch.set_default_dtype(default_dtype)
     model = model.to(device)
 
-    if meta.is_file() and weights.is_file():
-        record = files.read_json(
-            meta, "cache entry", f"delete it and {weights.name} to retrain the run"
-        )
-        if record.get("key") != key:
-            raise ValueError(f"{meta}: holds run {record.get('key')!r}, not {key!r}; delete it")
-        state = weight_files.read_weights(weights, key, device=device, unlabelled_ok=True)
+    record = _cached_record(meta, weights, key)
+    if record is not None:
+        expected = weight_files.expected_layout(model)
+        try:
+            state = weight_files.read_weights(
+                weights, key, sha256=record["weights_sha256"], expected=expected, device=device
+            )
+        except weight_files.WeightsError as err:
+            raise weight_files.WeightsError(
+                f"{err}. The cache entry is not used; delete {weights.name} and {meta.name} "
+                f"in {root} to retrain the run"
+            ) from None
         model.load_state_dict(state)
         model.eval()
-        partial.unlink(missing_ok=True)  # a leftover of a run killed after its last write
+        if partial.exists():  # a leftover of a run killed after its last write
+            partial.unlink(missing_ok=True)
         record["cached"] = True
         return model, record
 
@@ -265,9 +289,10 @@ def train_cached(
         _, history = training.train(
             model, (x, y), full["regularizer"], full["lam"], **common, **full["regularizer_options"]
         )
-    weight_files.write_weights(model, weights, key)
+    sha256 = weight_files.write_weights(model, weights, key)
     record = {
         "key": key,
+        "weights_sha256": sha256,
         "config": full,
         "history": history.as_dict(),
         "device": str(device),

@@ -67,6 +67,17 @@ def _positive_int(where: str, name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
+#: Seeds are used by torch and numpy; numpy accepts 0 … 2³² − 1.
+MAX_SEED = 2**32 - 1
+
+
+def _seed(where: str, name: str, value: Any) -> int:
+    _positive_int(where, name, value, minimum=0)
+    if value > MAX_SEED:
+        raise _fail(where, name, f"must be at most {MAX_SEED} (numpy's range), got {value!r}")
+    return value
+
+
 def _positive_float(where: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise _fail(where, name, f"must be a positive number, got {value!r}")
@@ -116,7 +127,7 @@ class EvalSettings:
         object.__setattr__(self, "l2_eps", _radii(w, "l2_eps", self.l2_eps))
         _positive_int(w, "steps", self.steps)
         _positive_int(w, "restarts", self.restarts)
-        _positive_int(w, "seed", self.seed, minimum=0)
+        _seed(w, "seed", self.seed)
         if self.n_certified is not None:
             _positive_int(w, "n_certified", self.n_certified, minimum=0)
         if not isinstance(self.regularizers, bool):
@@ -256,7 +267,7 @@ class Profile:
         _positive_float(w, "lr", self.lr)
         if isinstance(self.seeds, str | int) or not self.seeds:
             raise _fail(w, "seeds", f"must be a non-empty list of seeds, got {self.seeds!r}")
-        seeds = tuple(_positive_int(w, "seeds", s, minimum=0) for s in self.seeds)
+        seeds = tuple(_seed(w, "seeds", s) for s in self.seeds)
         if len(set(seeds)) != len(seeds):
             raise _fail(w, "seeds", f"repeats a seed: {list(seeds)}")
         object.__setattr__(self, "seeds", seeds)

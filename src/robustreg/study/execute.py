@@ -13,15 +13,22 @@ of the :data:`EXECUTORS`, all of which write the files of a serial run, bit for 
   machine: how the Slurm path is tested without a cluster).
 
 ``shard="I/N"`` keeps every N-th run from the I-th, for any other scheduler's job array sharing one
-results directory. An interrupted grid resumes where it stopped: every training is cached and every
+results directory; the directory records the split (:data:`SHARD_PLAN`) and refuses a shard of
+another. ``jobs`` is capped at the cores available, and a worker process exits when the grid that
+started it is killed. An interrupted grid resumes where it stopped: every training is cached and every
 finished run has its result file.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import os
 import statistics
 import sys
+import threading
+import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,7 @@ from typing import Any
 import torch
 
 from robustreg import data as data_module
-from robustreg import evaluation, training
+from robustreg import evaluation, files, training
 from robustreg.extras import missing, require
 from robustreg.study import cache, provenance
 from robustreg.study.config import profile as get_profile
@@ -43,9 +50,63 @@ try:  # the experiment stack: pip install "robustreg[experiments]"
 except ImportError as err:  # pragma: no cover - exercised without the extra
     raise ImportError(missing(err.name)) from err
 
-__all__ = ["EXECUTORS", "run_grid", "run_one", "select_shard"]
+__all__ = ["EXECUTORS", "SHARD_PLAN", "available_cores", "run_grid", "run_one", "select_shard"]
 
 EXECUTORS = ("serial", "processes", "slurm", "local")
+#: The file of a results directory that records how a sharded grid is split.
+SHARD_PLAN = "shard-plan.json"
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+_watching_parent = False
+
+
+def _exit_with_parent() -> None:
+    """In a worker process: exit as soon as the process that started it is gone (a SIGKILLed
+    grid leaves no worker writing files behind it). Started once per process."""
+    global _watching_parent
+    if _watching_parent:
+        return
+    _watching_parent = True
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _check_shard_plan(results: Path, profile: str, which, total: int) -> None:
+    """Record the split of a sharded grid in its results directory, and refuse a shard of
+    another split (which would leave runs that no shard computes)."""
+    if isinstance(which, str):
+        n = int(which.split("/")[1])
+    else:
+        n = which[1]
+    plan = {"profile": profile, "shards": n, "runs": total}
+    path = results / SHARD_PLAN
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != plan:
+            raise ValueError(
+                f"{path}: this results directory is split into {stored.get('shards')} shards of "
+                f"{stored.get('runs')} runs of profile {stored.get('profile')!r}; --shard {which} "
+                f"would leave runs that no shard computes. Run the missing shards with --shard "
+                f"I/{stored.get('shards')} (I = 1 … {stored.get('shards')}), or without --shard "
+                "to compute every missing run here"
+            )
+        return
+    files.write_json(path, plan)
 
 
 def select_shard(configs: list, which: str | tuple[int, int] | None) -> list:
@@ -83,6 +144,8 @@ def run_one(
     """Train (or load) and evaluate one run of a grid; write its result file; return its rows
     and its record. ``threads`` and ``environment``: what a worker process must compute with
     (the caller's thread count and :func:`robustreg.study.provenance.numeric_environment`)."""
+    if environment is not None:  # a worker process: it dies with the grid that started it
+        _exit_with_parent()
     if threads is not None:  # a worker process computes with the caller's thread count
         torch.set_num_threads(threads)
     if environment is not None and provenance.numeric_environment() != environment:
@@ -212,15 +275,26 @@ def run_grid(
     """
     if not (isinstance(jobs, int) and not isinstance(jobs, bool) and jobs >= 1):
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    cores = available_cores()
+    if jobs > cores:
+        warnings.warn(
+            f"jobs={jobs} exceeds the {cores} cores available: running {cores} processes",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        jobs = cores
     executor = executor or ("processes" if jobs > 1 else "serial")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
-    configs = select_shard(grid(profile, selection=selection, **overrides), shard)
+    everything = grid(profile, selection=selection, **overrides)
+    configs = select_shard(everything, shard)
     results = Path(results_dir) if results_dir is not None and evaluate_models else None
     if read_only and results is None:
         raise ValueError("read_only=True needs a results_dir to read from")
     if results is not None:
         ResultStore(results).remove_leftovers()
+        if shard is not None and not read_only:
+            _check_shard_plan(results, str(profile), shard, len(everything))
     task = functools.partial(
         run_one,
         profile=profile,

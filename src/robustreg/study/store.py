@@ -14,8 +14,9 @@ writes them safely:
   which replaces it on purpose);
 - files are written atomically, the weights first (a result file never lacks its weights); a
   corrupt file is an error naming it;
-- a weight file carries its run's key and :func:`load_model` checks it, and checks that the stored
-  configuration still hashes to the stored key.
+- a weight file carries its run's key, the result file the SHA-256 of its tensors; :func:`load_model`
+  checks both, the tensors' shapes against the configuration before it reads them, and that the
+  stored configuration still hashes to the stored key.
 
 :func:`results_root` finds the published results: ``$ROBUSTREG_RESULTS`` when set, else the
 ``results/`` folder of the checkout the package runs from.
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from robustreg import files
@@ -64,19 +66,60 @@ def results_root() -> Path:
     )
 
 
+#: The fields every result file has, with their types.
+RESULT_FIELDS = {
+    "name": str,
+    "method": str,
+    "key": str,
+    "config": dict,
+    "eval": dict,
+    "input_shape": list,
+    "num_classes": int,
+    "rows": list,
+}
+
+
 def read_result(path: str | os.PathLike) -> dict[str, Any]:
-    """One result file; a truncated or corrupt file raises ``ValueError`` naming it."""
-    return files.read_json(path, "result file", "delete it and rerun the grid to recreate it")
+    """One result file; a truncated, corrupt or malformed file raises ``ValueError`` naming it
+    and the field that is wrong."""
+    recover = "delete it and rerun the grid to recreate it (or restore it with git checkout)"
+    try:
+        record = files.read_json(path, "result file", recover)
+    except RecursionError:
+        raise ValueError(
+            f"{path}: not a valid result file (nested too deeply); {recover}"
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path}: not a valid result file (a JSON {type(record).__name__}, not an object); "
+            + recover
+        )
+    for name, kind in RESULT_FIELDS.items():
+        if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
+            got = "missing" if name not in record else f"a {type(record[name]).__name__}"
+            raise ValueError(
+                f"{path}: not a valid result file (field {name!r} is {got}, a "
+                f"{kind.__name__} expected); {recover}"
+            )
+    shape = record["input_shape"]
+    if not shape or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape
+    ):
+        raise ValueError(f"{path}: field 'input_shape' must list positive sizes, got {shape!r}")
+    if record["num_classes"] < 2:
+        raise ValueError(f"{path}: field 'num_classes' must be ≥ 2, got {record['num_classes']!r}")
+    return record
 
 
 def load_results(directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every result file of a results directory, sorted by name (other JSON files, such as a
-    study's ``selection.json``, are left out)."""
+    """Every result file of a results directory, sorted by name. Other JSON files (a study's
+    ``selection.json``, a sharded grid's plan, a cross-check) are left out: a result file is one
+    whose name is its record's ``name``."""
     out = []
     for f in sorted(Path(directory).glob("*.json")):
-        record = read_result(f)
-        if isinstance(record, dict) and "key" in record and "config" in record:
-            out.append(record)
+        head = files.read_json(f, "JSON file", "delete it or restore it")
+        if isinstance(head, dict) and head.get("name") == f.name:
+            out.append(read_result(f))
     return out
 
 
@@ -106,19 +149,32 @@ def load_model(result_file: str | os.PathLike) -> nn.Module:
             "models of its tables: see robustreg.study.grid.publishes_weights)"
         )
     config = record["config"]
-    if cache.cache_key(config) != record["key"]:
-        raise StaleResultError(
-            f"{path}: its configuration hashes to {cache.cache_key(config)!r}, not to the stored "
-            f"key {record['key']!r} (the file was edited, or a default changed since it was "
-            "written); recompute it with --refresh"
-        )
     try:
-        state = weights.read_weights(weight_file, record["key"])
-    except weights.WeightsMismatchError as err:
-        raise StaleResultError(f"{err} ({path.name})") from None
+        key = cache.cache_key(config)
+    except (ValueError, TypeError) as err:
+        raise StaleResultError(f"{path}: its configuration is not valid ({err})") from None
+    if key != record["key"]:
+        raise StaleResultError(
+            f"{path}: its configuration hashes to {key!r}, not to the stored key "
+            f"{record['key']!r} (the file was edited, or a default changed since it was "
+            "written); restore it (git checkout) or recompute it with --refresh"
+        )
+    if not isinstance(record.get("weights_sha256"), str):
+        raise StaleResultError(
+            f"{path}: no SHA-256 of its weights is recorded (field 'weights_sha256'), so "
+            f"{weight_file.name} cannot be verified; recompute the run with --refresh"
+        )
     dtype = cache.torch_dtype(config["dtype"])
-    model = cache.build_model(config["model"], tuple(record["input_shape"]), record["num_classes"])
-    model = model.to(dtype)
+    shape, k = tuple(record["input_shape"]), record["num_classes"]
+    with torch.device("meta"):  # shapes only: nothing is allocated before the file is checked
+        expected = weights.expected_layout(cache.build_model(config["model"], shape, k).to(dtype))
+    try:
+        state = weights.read_weights(
+            weight_file, record["key"], sha256=record["weights_sha256"], expected=expected
+        )
+    except weights.WeightsError as err:
+        raise StaleResultError(f"{err} ({path.name} is not loaded)") from None
+    model = cache.build_model(config["model"], shape, k).to(dtype)
     model.load_state_dict(state)
     return model.eval()
 
@@ -178,11 +234,14 @@ class ResultStore:
 
     def write(self, record: Mapping[str, Any], model: nn.Module | None = None) -> Path:
         """Write a run's record (``record["name"]`` in this directory), and first, when ``model``
-        is given, its weights labelled with ``record["key"]``."""
+        is given, its weights labelled with ``record["key"]``, whose SHA-256 the record then
+        carries (``weights_sha256``)."""
         path = self.directory / record["name"]
+        record = dict(record)
         if model is not None:
-            weights.write_weights(model, path.with_suffix(".safetensors"), record["key"])
-        return files.write_json(path, dict(record))
+            weight_file = path.with_suffix(".safetensors")
+            record["weights_sha256"] = weights.write_weights(model, weight_file, record["key"])
+        return files.write_json(path, record)
 
     def records(self) -> list[dict[str, Any]]:
         """Every result file of the directory (:func:`load_results`)."""

@@ -1,0 +1,288 @@
+"""Trust what is loaded, refuse what is unsound (issue 23's probes of the experiment layer, each a
+test): weights verified by content, result files checked before use, bounded processes."""
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from robustreg import study
+from robustreg.__main__ import main as cli
+from robustreg.study import cache, weights
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = ROOT / "results" / "default"
+SMALL = {"data": "digits", "model": {"name": "mlp", "hidden": [16]}, "epochs": 1, "lr": 3e-3}
+FAST = dict(device="cpu", progress=False, epochs=1)
+LIGHT = dict(
+    FAST,
+    eval={"n_test": 20, "n_certified": 0, "linf_eps": [0.1], "l2_eps": [], "steps": 2},
+    lambdas={"curvature": [1.0]},
+    adversarial=[],
+)
+
+
+@pytest.fixture
+def published(tmp_path):
+    """A copy of one published run (result file and weights) and of a second run's weights."""
+    for name in ("plain_seed0", "curvature_lam10_seed0"):
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(PUBLISHED / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    return tmp_path
+
+
+def _flip(path: Path, offset_from_end: int, mask: int = 0xFF, count: int = 1) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(count):
+        data[len(data) - offset_from_end - i] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def test_published_model_loads_and_its_digest_is_recorded(published):
+    record = study.read_result(published / "plain_seed0.json")
+    model = study.load_model(published / "plain_seed0.json")
+    assert weights.digest(model.state_dict()) == record["weights_sha256"]
+
+
+@pytest.mark.parametrize("count, mask", [(64, 0xFF), (1, 0x01)], ids=["64 bytes", "one bit"])
+def test_flipped_bytes_are_refused(published, count, mask):
+    _flip(published / "plain_seed0.safetensors", 1000, mask, count)
+    with pytest.raises(study.StaleResultError, match="SHA-256.*altered or damaged"):
+        study.load_model(published / "plain_seed0.json")
+
+
+def test_another_runs_weights_with_a_forged_key_are_refused(published):
+    target = published / "plain_seed0.safetensors"
+    key = study.read_result(published / "plain_seed0.json")["key"]
+    other = load_file(str(published / "curvature_lam10_seed0.safetensors"))
+    save_file(other, str(target), metadata={"key": key})
+    with pytest.raises(study.StaleResultError, match="SHA-256"):
+        study.load_model(published / "plain_seed0.json")
+
+
+def test_an_edited_configuration_is_refused(published):
+    path = published / "plain_seed0.json"
+    record = json.loads(path.read_text())
+    record["config"]["model"]["activation"] = "leaky_relu"
+    path.write_text(json.dumps(record))
+    with pytest.raises(study.StaleResultError, match="hashes to .* not to the stored key"):
+        study.load_model(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x80\x04\x95pickle", struct.pack("<Q", 10**12) + b"{}", "truncate"],
+    ids=["empty", "pickle", "huge header", "truncated"],
+)
+def test_a_file_that_is_not_safetensors_says_so(published, content):
+    target = published / "plain_seed0.safetensors"
+    if content == "truncate":
+        target.write_bytes(target.read_bytes()[:-100])
+        match = "truncated"
+    else:
+        target.write_bytes(content)
+        match = "not a safetensors file"
+    with pytest.raises(study.StaleResultError, match=match):
+        study.load_model(published / "plain_seed0.json")
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r.update(input_shape=[10**10]),
+        lambda r: r["config"]["model"].update(hidden=[10**6] * 3),
+    ],
+    ids=["input_shape 1e10", "hidden 1e6x3"],
+)
+def test_absurd_shapes_are_refused_before_anything_is_allocated(published, edit):
+    path = published / "plain_seed0.json"
+    record = json.loads(path.read_text())
+    edit(record)
+    # a consistent but absurd file: its key is its configuration's, its weights carry that key
+    record["key"] = cache.cache_key(record["config"])
+    state = load_file(str(published / "plain_seed0.safetensors"))
+    save_file(state, str(published / "plain_seed0.safetensors"), metadata={"key": record["key"]})
+    path.write_text(json.dumps(record))
+    t0 = time.perf_counter()
+    with pytest.raises(study.StaleResultError, match="does not hold the network"):
+        study.load_model(path)
+    assert time.perf_counter() - t0 < 30  # nothing of 10¹² parameters was allocated
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply|not a valid result file"),
+        ("[1, 2, 3]", "a JSON list, not an object"),
+        ('{"name": "x"}', "field 'method' is missing"),
+    ],
+    ids=["nested", "list", "missing fields"],
+)
+def test_malformed_result_files_name_themselves(tmp_path, text, match):
+    path = tmp_path / "plain_seed0.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as err:
+        study.read_result(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_input_shape_is_named(published):
+    path = published / "plain_seed0.json"
+    record = json.loads(path.read_text())
+    del record["input_shape"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="'input_shape' is missing"):
+        study.load_model(path)
+
+
+# --- the run cache ------------------------------------------------------------------------------
+
+
+def test_a_swapped_cache_entry_is_never_published(tmp_path):
+    a, b = {**SMALL, "seed": 0}, {**SMALL, "seed": 1}
+    cache.train_cached(a, cache_dir=tmp_path, device="cpu", progress=False)
+    cache.train_cached(b, cache_dir=tmp_path, device="cpu", progress=False)
+    ka, kb = cache.cache_key(a), cache.cache_key(b)
+    shutil.copy(tmp_path / f"{kb}.safetensors", tmp_path / f"{ka}.safetensors")
+    with pytest.raises(weights.WeightsError, match=f"belongs to run '{kb}'.*delete"):
+        cache.train_cached(a, cache_dir=tmp_path, device="cpu", progress=False)
+    # relabelled: the content check still refuses it
+    state = load_file(str(tmp_path / f"{kb}.safetensors"))
+    save_file(state, str(tmp_path / f"{ka}.safetensors"), metadata={"key": ka})
+    with pytest.raises(weights.WeightsError, match="SHA-256"):
+        cache.train_cached(a, cache_dir=tmp_path, device="cpu", progress=False)
+
+
+def test_a_cache_entry_without_a_digest_is_trained_again(tmp_path):
+    _, first = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+    meta = tmp_path / f"{first['key']}.json"
+    record = json.loads(meta.read_text())
+    del record["weights_sha256"]  # an entry written before entries carried it
+    meta.write_text(json.dumps(record))
+    _, again = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+    assert again["cached"] is False and again["weights_sha256"] == first["weights_sha256"]
+
+
+def test_a_complete_cache_on_a_read_only_file_system_is_usable(tmp_path, monkeypatch):
+    cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+
+    def read_only(self, *a, **k):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    _, record = cache.train_cached(SMALL, cache_dir=tmp_path, device="cpu", progress=False)
+    assert record["cached"] is True
+
+
+# --- bounded, well-behaved processes ------------------------------------------------------------
+
+
+def test_jobs_are_capped_at_the_cores(tmp_path):
+    cores = study.execute.available_cores()
+    with pytest.warns(RuntimeWarning, match=f"jobs=1000 exceeds the {cores} cores"):
+        rows = study.run_grid(
+            "smoke", cache_dir=tmp_path, jobs=1000, evaluate_models=False, **LIGHT
+        )
+    assert len(rows) == 2
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.add(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_workers_die_with_their_killed_parent(tmp_path):
+    argv = [sys.executable, "-m", "robustreg", "run-grid", "--profile", "smoke", "--jobs", "2"]
+    argv += ["--epochs", "30", "--device", "cpu", "--quiet", "--no-eval"]
+    argv += ["--cache-dir", str(tmp_path / "c")]
+    parent = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        workers: set[int] = set()
+        deadline = time.time() + 120
+        # until both workers are training (each has written a checkpoint of its run)
+        while time.time() < deadline and len(list((tmp_path / "c").glob("*.partial.pt"))) < 2:
+            time.sleep(0.5)
+        workers = {c for c in _children(parent.pid) if "resource_tracker" not in _cmdline(c)}
+        assert len(workers) == 2, [_cmdline(w) for w in workers]
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    t0 = time.time()
+    while time.time() - t0 < 5 and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors, f"workers {survivors} outlived their killed parent by 5 s"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_shard_of_another_plan_is_refused(tmp_path):
+    kw = dict(cache_dir=tmp_path / "c", results_dir=tmp_path / "r", **LIGHT)
+    study.run_grid("smoke", shard="1/2", **kw)
+    with pytest.raises(ValueError, match=r"split into 2 shards.*--shard I/2"):
+        study.run_grid("smoke", shard="2/3", **kw)
+    study.run_grid("smoke", shard="2/2", **kw)  # the plan's other shard completes the grid
+    assert len(study.load_results(tmp_path / "r")) == 2  # plain and curvature
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "-1"], "-1 must be ≥ 0"),
+        (["--seeds", str(2**32)], "must be ≥ 0 and ≤ 4294967295"),
+        (["--jobs", "0"], "0 must be ≥ 1"),
+        (["--epochs", "x"], "'x' is not an integer"),
+    ],
+)
+def test_the_command_line_checks_ranges(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli(["run-grid", "--profile", "smoke", *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"seeds": [-1]}, "seeds must be an integer ≥ 0, got -1"),
+        ({"seeds": [2**32]}, "seeds must be at most 4294967295"),
+        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"lambdas": {"jacobian": [0.1]}}, "lambdas is 'jacobian'; valid: input_gradient"),
+        ({"eval": {"steps": 0}}, "steps must be a positive integer, got 0"),
+        ({"eval": {"stepz": 3}}, r"unknown settings \['stepz'\]"),
+        ({"autoattack": {"eps": {"l3": 0.1}}}, "eps is 'l3'; valid: linf, l2"),
+    ],
+)
+def test_a_bad_setting_is_an_error_when_the_profile_is_built(change, message):
+    with pytest.raises(ValueError, match=message):
+        study.PROFILES["smoke"].replace(**change)
