@@ -37,7 +37,7 @@ reproduce: $(VENV_STAMP)
 	@for nb in $(CHAPTERS); do \
 	  echo "== executing $$nb"; \
 	  $(PY) -m papermill "$$nb" "$$nb" --cwd book -k python3 --progress-bar || exit 1; \
-	  $(PY) -m robustreg.notebook strip "$$nb" || exit 1; \
+	  $(PY) tools/strip_notebooks.py "$$nb" || exit 1; \
 	done
 
 ## make html: build the book from the committed outputs (no execution).

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from robustreg import reference
 from robustreg import regularizers as R
 from robustreg.models import random_network
 
@@ -68,19 +69,9 @@ def draws(label: str, model, x, y, n: int, count: int = N, seed: int = 0, **extr
     return values.detach().view(count, len(x))
 
 
-def per_sample_jacobian(model, x) -> torch.Tensor:
-    """J flattened, [B, K, d], by a batched backward pass (the regularizer tests check these)."""
-    xg = x.clone().requires_grad_(True)
-    f = model(xg)
-    K = f.shape[1]
-    cot = torch.eye(K, dtype=f.dtype)[:, None, :].expand(K, len(x), K)
-    (J,) = torch.autograd.grad(f, xg, cot, is_grads_batched=True)
-    return J.transpose(0, 1).flatten(2).detach()
-
-
 def closed_form_variance(name: str, model, x, y) -> torch.Tensor:
     """Variance of one draw (n = 1), per sample."""
-    J = per_sample_jacobian(model, x)
+    J = reference.logit_jacobian(model, x)
     K = J.shape[1]
     if name == "hessian_trace":  # Var ‖JᵀBv‖² = 2‖BᵀJJᵀB‖_F² = 2 tr((G S)²)
         with torch.no_grad():

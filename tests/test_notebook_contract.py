@@ -15,7 +15,9 @@ from robustreg import notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import strip_notebooks  # noqa: E402
 from chapters import chapter_notebooks, toc_files  # noqa: E402
+from strip_notebooks import strip_volatile, volatile_metadata  # noqa: E402
 
 NOTEBOOKS = chapter_notebooks()
 IDS = [p.stem for p in NOTEBOOKS]
@@ -69,7 +71,7 @@ def test_parameters_cell_comes_first_with_typed_defaults(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_committed_outputs_present_and_no_volatile_metadata(path):
     nb, cells = _code_cells(path)
-    assert notebook.volatile_metadata(nb) == [], "run `python -m robustreg.notebook strip` on it"
+    assert volatile_metadata(nb) == [], "run `python tools/strip_notebooks.py` on it"
     unexecuted = [
         i for i, c in enumerate(cells) if c.get("execution_count") is None and _source(c).strip()
     ]
@@ -193,21 +195,6 @@ def test_setup_rejects_profile_setting_undeclared_name():
         notebook.setup(_namespace(), {"default": {"m": 1}}, show=False)
 
 
-def test_verify_identity_and_inequality_fail_loudly(capsys):
-    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
-    assert notebook.verify_identity("same", a, a.clone()) == 0.0
-    assert "✔ same: relative error ≤ 1e-10 on all 2 cases" in capsys.readouterr().out
-    with pytest.raises(AssertionError, match="worst relative error"):
-        notebook.verify_identity("off", a * (1 + 1e-8), a)
-    with pytest.raises(AssertionError, match="fails on 1 of 2 cases"):
-        notebook.verify_inequality("le", torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
-    with pytest.raises(AssertionError):
-        notebook.verify_identity("nan", torch.tensor([float("nan")]), torch.tensor([1.0]))
-    assert (
-        notebook.verify_inequality("le", torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0])) == 1.0
-    )
-
-
 def test_strip_removes_volatile_metadata():
     nb = {
         "metadata": {
@@ -224,11 +211,26 @@ def test_strip_removes_volatile_metadata():
             }
         ],
     }
-    assert notebook.volatile_metadata(nb)
-    clean = notebook.strip_volatile(nb)
-    assert notebook.volatile_metadata(clean) == []
+    assert volatile_metadata(nb)
+    clean = strip_volatile(nb)
+    assert volatile_metadata(clean) == []
     assert clean["cells"][0]["metadata"] == {"tags": ["x"]}
     assert clean["metadata"]["language_info"] == {"name": "python"}
+
+
+def test_strip_command_rewrites_in_place(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nb = {
+        "metadata": {"papermill": {}, "kernelspec": {"name": "python3"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "cells": [{"cell_type": "code", "metadata": {"execution": {}}, "source": "π = 3"}],
+    }
+    path.write_text(json.dumps(nb), encoding="utf-8")
+    assert strip_notebooks.main([str(path)]) == 0
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("}\n") and "π = 3" in text  # Jupyter's layout: UTF-8, final newline
+    assert volatile_metadata(json.loads(text)) == [] and not list(tmp_path.glob(".*.tmp"))
 
 
 def _defined_functions(path):

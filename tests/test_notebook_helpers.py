@@ -1,10 +1,12 @@
-"""robustreg.notebook's helpers for joining per-case results of different shapes."""
+"""The chapters' helpers: robustreg.tensors (joining per-case results of different shapes) and
+robustreg.checks (the one tolerance rule, its assertions and their printed lines)."""
 
 import numpy as np
 import pytest
 import torch
 
-from robustreg.notebook import cat_cases, flatten_cat, pad_cat, pad_stack, quartiles, relative_error
+from robustreg.checks import relative_error, check_identity, check_inequality
+from robustreg.tensors import cat_cases, flatten_cat, pad_cat, pad_stack, quartiles
 
 
 def test_cat_cases_by_key_callable_and_whole_dicts():
@@ -34,7 +36,7 @@ def test_pad_cat_and_pad_stack_keep_norms():
     )
     ref = pad_cat([a + 1, b])
     direct = torch.cat([relative_error(a, a + 1), relative_error(b, b)])
-    assert torch.allclose(relative_error(out, ref), direct)
+    check_identity("padding keeps norms", relative_error(out, ref), direct)
     s = pad_stack([torch.ones(2), torch.ones(4)])
     assert s.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
@@ -44,33 +46,42 @@ def test_flatten_cat_and_quartiles():
     v = np.random.default_rng(0).normal(size=(4, 11))
     q = quartiles(v, dim=1)
     assert q.shape == (3, 4)
-    assert np.allclose(q.numpy(), np.quantile(v, [0.25, 0.5, 0.75], axis=1))
-    assert np.allclose(q[1].numpy(), np.median(v, axis=1))
+    check_identity("quartiles", q.T, torch.from_numpy(np.quantile(v, [0.25, 0.5, 0.75], axis=1)).T)
+    check_identity("median", q[1], torch.from_numpy(np.median(v, axis=1)))
 
 
-def test_verify_identity_scales_by_the_terms_that_cancel(capsys):
-    from robustreg.notebook import verify_identity
-
+def test_check_identity_scales_by_the_terms_that_cancel(capsys):
     f64 = dict(dtype=torch.float64)
     big = torch.tensor([1.0, 1.0], **f64) * 1e8
     computed = (big + torch.tensor([3e-9, 1.0], **f64)) - big  # rounding of the 1e8 terms: ~1e-8
     reference = torch.tensor([3e-9, 1.0], **f64)
     with pytest.raises(AssertionError, match="worst relative error"):
-        verify_identity("cancellation, relative", computed, reference)
-    verify_identity("cancellation, scaled", computed, reference, scale=("|terms|", big))
+        check_identity("cancellation, relative", computed, reference)
+    check_identity("cancellation, scaled", computed, reference, scale=("|terms|", big))
     assert "error / (|terms|) ≤ 1e-10 on all 2 cases" in capsys.readouterr().out
     # one part in 10⁶ of a result that is not swamped by cancellation still fails
     with pytest.raises(AssertionError, match="fails"):
-        verify_identity("wrong", reference * (1 + 1e-6), reference, scale=("|result|", reference))
+        check_identity("wrong", reference * (1 + 1e-6), reference, scale=("|result|", reference))
 
 
-def test_verify_identity_reports_nan_and_accepts_empty_selections(capsys):
-    from robustreg.notebook import verify_identity, verify_inequality
-
+def test_check_identity_reports_nan_and_accepts_empty_selections(capsys):
     with pytest.raises(AssertionError, match="NaN or infinite.*case 1 of 2"):
-        verify_identity("nan", torch.tensor([1.0, float("nan")]), torch.ones(2))
+        check_identity("nan", torch.tensor([1.0, float("nan")]), torch.ones(2))
     empty = torch.ones(3)[torch.zeros(3, dtype=torch.bool)]
-    assert verify_identity("empty", empty, empty) == 0.0
+    assert check_identity("empty", empty, empty) == 0.0
     assert "on all 0 cases" in capsys.readouterr().out
     with pytest.raises(AssertionError):
-        verify_inequality("nan", torch.tensor([float("nan")]), torch.ones(1))
+        check_inequality("nan", torch.tensor([float("nan")]), torch.ones(1))
+
+
+def test_check_identity_and_inequality_fail_loudly(capsys):
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    assert check_identity("same", a, a.clone()) == 0.0
+    assert "✔ same: relative error ≤ 1e-10 on all 2 cases" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="worst relative error"):
+        check_identity("off", a * (1 + 1e-8), a)
+    with pytest.raises(AssertionError, match="fails on 1 of 2 cases"):
+        check_inequality("le", torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0]))
+    with pytest.raises(AssertionError):
+        check_identity("nan", torch.tensor([float("nan")]), torch.tensor([1.0]))
+    assert check_inequality("le", torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0])) == 1.0

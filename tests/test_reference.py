@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustreg import geometry, reference, regularizers
+from robustreg import checks, geometry, reference, regularizers
 from robustreg.cases import random_case
 
 torch.set_num_threads(1)
@@ -28,9 +28,10 @@ def linear_case(B=4, d=5, K=4, seed=0, scale=1.0):
 
 
 def close(a, b, tol=1e-12):
+    """The whole tensor as one case of :func:`robustreg.checks.check_identity` (the book's rule,
+    scale ‖b‖): ‖a − b‖ ≤ tol·‖b‖ over all entries, the relative error these tests always used."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    err = ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-    assert err <= tol, err
+    checks.check_identity("reference", a.reshape(1, -1), b.reshape(1, -1), tol)
 
 
 def test_linear_model_closed_forms():
@@ -131,3 +132,53 @@ def test_against_the_library_on_random_networks():
             torch.cat([t.flatten() for t in lib]),
             tol=1e-10,
         )
+
+
+def test_boundary_distance_of_a_known_network():
+    """One ReLU layer: ρ_B = min_u |w_uᵀx + b_u|/‖w_u‖; a max-pool of two units adds
+    |z_1 − z_2|/‖w_1 − w_2‖ (the distance to the tie); no rectifier: +∞."""
+    w = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, -2.0]], dtype=D64)
+    bias = torch.tensor([0.2, -1.0, 1.5], dtype=D64)
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).to(D64)
+    with torch.no_grad():
+        net[0].weight.copy_(w)
+        net[0].bias.copy_(bias)
+    x = torch.tensor([[0.5, 0.5], [3.0, -1.0]], dtype=D64)
+    z = x @ w.T + bias
+    close(reference.boundary_distance(net, x), (z.abs() / w.norm(dim=1)).amin(1))
+    pooled = nn.Sequential(
+        nn.Linear(2, 2), nn.Unflatten(1, (1, 2)), nn.MaxPool1d(2), nn.Flatten(), nn.Linear(1, 2)
+    ).to(D64)
+    with torch.no_grad():
+        pooled[0].weight.copy_(w[:2])
+        pooled[0].bias.copy_(bias[:2])
+    close(reference.boundary_distance(pooled, x), (z[:, 0] - z[:, 1]).abs() / (w[0] - w[1]).norm())
+    affine = nn.Sequential(nn.Linear(2, 2)).to(D64)
+    assert torch.isinf(reference.boundary_distance(affine, x)).all()
+    with pytest.raises(ValueError, match="windows of 2"):
+        reference.boundary_distance(
+            nn.Sequential(nn.Linear(2, 4), nn.Unflatten(1, (1, 4)), nn.MaxPool1d(3)).to(D64), x
+        )
+
+
+def test_cure_direction_and_regularizer_values():
+    g = torch.tensor([[3.0, -0.5, 0.0], [0.0, 0.0, 0.0]], dtype=D64)
+    z = reference.cure_direction(g)
+    close(
+        z,
+        torch.tensor([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]], dtype=D64)
+        / torch.tensor([[2**0.5], [1.0]], dtype=D64),
+    )
+    model, x, y, p, W = linear_case()
+    values = reference.regularizer_values(model, x, y, h=0.1)
+    K = W.shape[0]
+    E = torch.eye(K, dtype=D64)
+    grad = (p - E[y]) @ W
+    close(values["input_gradient"], grad.pow(2).sum(1))
+    close(values["jacobian_frobenius"], W.pow(2).sum().expand(len(x)))
+    S = reference.softmax_jacobian(p)
+    close(values["hessian_trace"], (W.T @ S @ W).diagonal(dim1=1, dim2=2).sum(1))
+    pairs = (W[:, None] - W[None]).pow(2).sum() / K**2
+    close(values["cross_lipschitz"], pairs.expand(len(x)))
+    dp = reference.probability_jacobian(model, x)
+    close(dp, S @ W)  # T6: ∂p/∂x = S J

@@ -5,10 +5,18 @@
 with slopes a ∈ [0, 0.4) (leaky ReLU; PReLU draws per-unit slopes in [0, 0.5)), with and without
 max-pooling, K ∈ {2, …, 12} classes — together with
 inputs and labels, all in float64 and deterministic given the seed. The notebooks use it for their "(a) random networks" checks.
+
+:func:`degenerate_cases` builds, on purpose, the networks a random draw almost never meets but a
+trained network can: a *dead* network (the last hidden layer's rectifiers all off at the samples,
+so no active path reaches the logits: J = 0, constant logits on the region, an infinite margin
+radius), a *constant* one (the output layer ignores its input: J = 0 everywhere) and a *tied* one
+(two coinciding logit rows, ∇f_k = ∇f_l for every x). Every fact must hold there too, with the
+infinite radii that such networks have.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +26,8 @@ from torch import nn
 from .models import KINDS, random_network
 
 ACTIVATIONS = ("relu", "leaky_relu", "prelu")
+#: The kinds of :func:`degenerate_cases`.
+DEGENERACIES = ("dead", "constant", "tied")
 
 
 @dataclass
@@ -93,3 +103,61 @@ def random_cases(
         raise ValueError(f"n must be ≥ 1, got {n!r}")
     for index in range(n):
         yield random_case(index, seed=seed, batch=batch, dtype=dtype, kinds=kinds)
+
+
+def degenerate(case: Case, how: str) -> Case:
+    """A copy of ``case`` made degenerate (see the module docstring): ``"dead"`` (the last hidden
+    layer's biases lowered so that its ReLUs are off at every sample of ``case.x``), ``"constant"``
+    (the output layer's weights zeroed) or ``"tied"`` (the output layer's second row set to its
+    first: f₁ ≡ f₀)."""
+    if how not in DEGENERACIES:
+        raise ValueError(f"unknown degeneracy {how!r}; valid: {', '.join(DEGENERACIES)}")
+    model = copy.deepcopy(case.model)
+    affine = [m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    last = affine[-1]
+    with torch.no_grad():
+        if how == "constant":
+            last.weight.zero_()
+        elif how == "tied":
+            last.weight[1] = last.weight[0]
+            last.bias[1] = last.bias[0]
+        else:  # dead: a hidden layer whose pre-activations are < 0 at every sample
+            hidden = affine[-2]
+            captured = []
+            handle = hidden.register_forward_hook(lambda m, i, o: captured.append(o))
+            model(case.x)
+            handle.remove()
+            z = captured[0].transpose(0, 1).flatten(1)  # [units or channels, everything else]
+            hidden.bias -= z.max(1).values + 1.0
+    description = f"{case.description} ({how})"
+    return Case(model.eval(), case.x, case.y, case.K, description)
+
+
+def degenerate_cases(
+    seed: int = 0, batch: int = 3, dtype: torch.dtype = torch.float64
+) -> list[Case]:
+    """Degenerate networks of every kind in :data:`DEGENERACIES`, built from ReLU MLPs and CNNs
+    without max-pooling (one of each, K ≥ 2), deterministic given ``seed``."""
+    out = []
+    for kind in ("mlp", "cnn"):
+        for i, how in enumerate(DEGENERACIES):
+            case_seed = 7_000_003 * (seed + 1) + 10 * i + (kind == "cnn")
+            in_shape = (12,) if kind == "mlp" else (1, 6, 6)
+            K = 2 + i  # the two-class case included (dead networks have an infinite margin)
+            model = random_network(
+                kind=kind,
+                in_shape=in_shape,
+                num_classes=K,
+                depth=2,
+                width=6,
+                activation="relu",
+                max_pool=False,
+                seed=case_seed,
+                dtype=dtype,
+            )
+            gen = torch.Generator().manual_seed(case_seed)
+            x = torch.randn(batch, *in_shape, generator=gen, dtype=dtype)
+            y = torch.randint(K, (batch,), generator=gen)
+            base = Case(model, x, y, K, f"{kind} depth 2 width 6 relu K={K}")
+            out.append(degenerate(base, how))
+    return out

@@ -3,8 +3,10 @@
 Everything here is computed from the model's forward pass with plain autograd
 (``torch.autograd.grad``, ``torch.autograd.functional.jacobian`` / ``hessian``, ``torch.func``),
 mostly one sample at a time. Nothing goes through :mod:`robustreg.regularizers` or
-:mod:`robustreg.geometry`, so agreement with those modules is evidence, not a tautology. The
-functions are slow by design and meant for float64 checks on small networks.
+:mod:`robustreg.geometry` (nothing here imports the package), so agreement with those modules is
+evidence, not a tautology. The functions are slow by design and meant for float64 checks on small
+networks. The tests and the chapters compare with these same references, by the one tolerance
+rule of :mod:`robustreg.checks`.
 
 Notation (the book's notation page, book/notation.md): logits f ∈ R^K, p = softmax(f), ℓ(x, y) = −log p_y, J = ∂f/∂x ∈ R^{K×d}
 (row k is ∇f_k), S = diag(p) − ppᵀ. Inputs ``x`` are batches [B, ...]; inputs of any shape are
@@ -12,6 +14,8 @@ flattened to d = x[0].numel() where a formula needs vectors.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +54,15 @@ def logit_jacobian(model: nn.Module, x: Tensor) -> Tensor:
     """J(x) = ∂f/∂x per sample, [B, K, d], by ``torch.autograd.functional.jacobian``."""
     logits = _per_sample(model, x)
     return torch.stack([jacobian(logits, xi.flatten(), vectorize=True) for xi in x])
+
+
+def probability_jacobian(model: nn.Module, x: Tensor) -> Tensor:
+    """∂p/∂x per sample, [B, K, d], p = softmax(f(x)), by ``torch.autograd.functional.jacobian``
+    of the composed map (differentiating softmax itself, not the formula S J of fact T6)."""
+    logits = _per_sample(model, x)
+    return torch.stack(
+        [jacobian(lambda v: torch.softmax(logits(v), 0), xi.flatten(), vectorize=True) for xi in x]
+    )
 
 
 def loss_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -127,6 +140,134 @@ def loss_increase(model: nn.Module, x: Tensor, y: Tensor, delta: Tensor) -> Tens
         D = model(x + delta) - f0
         D = D - D.gather(1, y[:, None])
         return torch.log1p((torch.softmax(f0, 1) * torch.expm1(D)).sum(1))
+
+
+def cure_direction(g: Tensor) -> Tensor:
+    """CURE's direction z = sign(g)/‖sign(g)‖₂ per row of ``g`` [B, d] (z = 0 where g = 0)."""
+    s = torch.sign(g)
+    n = s.norm(dim=1, keepdim=True)
+    return torch.where(n > 0, s / torch.where(n > 0, n, 1.0), s)
+
+
+def regularizer_values(model: nn.Module, x: Tensor, y: Tensor, h: float) -> dict[str, Tensor]:
+    """Every regularizer per sample, [B], straight from its definition (book/notation.md):
+
+    ``input_gradient`` ‖∇ₓℓ‖₂², ``input_gradient-l1`` ‖∇ₓℓ‖₁, ``jacobian_frobenius`` ‖J‖_F²,
+    ``cross_lipschitz`` (1/K²) Σ_{l,m} ‖∇f_l − ∇f_m‖₂², ``hessian_trace`` tr ∇ₓ²ℓ and
+    ``curvature`` ‖∇ₓℓ(x + hz) − ∇ₓℓ(x)‖₂² with z = :func:`cure_direction` (∇ₓℓ(x)); from
+    :func:`logit_jacobian`, :func:`loss_gradient` and :func:`loss_hessian`.
+    """
+    J = logit_jacobian(model, x)
+    K = J.shape[1]
+    g = loss_gradient(model, x, y)
+    H = loss_hessian(model, x, y)
+    z = cure_direction(g)
+    g_h = loss_gradient(model, x + h * z.reshape(x.shape), y)
+    pair = J[:, :, None, :] - J[:, None, :, :]
+    return {
+        "input_gradient": g.pow(2).sum(1),
+        "input_gradient-l1": g.abs().sum(1),
+        "jacobian_frobenius": J.pow(2).sum((1, 2)),
+        "cross_lipschitz": pair.pow(2).sum((1, 2, 3)) / K**2,
+        "hessian_trace": H.diagonal(dim1=1, dim2=2).sum(1),
+        "curvature": (g_h - g).pow(2).sum(1),
+    }
+
+
+_RECTIFIERS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+
+
+def _constraint_inputs(model: nn.Module, x: Tensor) -> list[tuple[nn.Module, Tensor]]:
+    """(module, its input) for every rectifier and max-pool along the forward pass of ``x``.
+
+    Walks ``nn.Sequential`` containers and skip connections x ↦ x + block(x) (a module named
+    ``Residual`` with a ``block``, as in robustreg.models); any other module that contains a
+    rectifier or a max-pool is rejected, since its constraints would be missed.
+    """
+    found = []
+
+    def run(module: nn.Module, h: Tensor) -> Tensor:
+        if isinstance(module, nn.Sequential):
+            for layer in module:
+                h = run(layer, h)
+            return h
+        if type(module).__name__ == "Residual" and isinstance(
+            getattr(module, "block", None), nn.Module
+        ):
+            return h + run(module.block, h)
+        if isinstance(module, _RECTIFIERS + (nn.MaxPool1d, nn.MaxPool2d)):
+            found.append((module, h))
+        elif any(
+            isinstance(m, _RECTIFIERS + (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))
+            or "AdaptiveMaxPool" in type(m).__name__
+            for m in module.modules()
+        ):
+            raise ValueError(
+                f"reference.boundary_distance cannot look inside {type(module).__name__}"
+            )
+        return module(h)
+
+    run(model, x)
+    return found
+
+
+def _check_pool(pool: nn.Module) -> int:
+    """The number of spatial dimensions of a max-pool with non-overlapping windows of 2."""
+    n = 1 if isinstance(pool, nn.MaxPool1d) else 2
+    two = (2,) * n
+    as_tuple = lambda v: tuple(v) if isinstance(v, tuple | list) else (v,) * n  # noqa: E731
+    if not (
+        as_tuple(pool.kernel_size) == two
+        and as_tuple(pool.stride or pool.kernel_size) == two
+        and as_tuple(pool.padding) == (0,) * n
+        and as_tuple(pool.dilation) == (1,) * n
+        and not pool.ceil_mode
+    ):
+        raise ValueError(
+            f"reference.boundary_distance handles max-pools over windows of 2 (MaxPool1d(2), "
+            f"MaxPool2d(2)) only; got {pool}"
+        )
+    return n
+
+
+def boundary_distance(model: nn.Module, x: Tensor) -> Tensor:
+    """ρ_B(x), the ℓ2 distance from x to the boundary of its linear region, per sample, [B]:
+
+    ρ_B(x) = min_s |s(x)| / ‖∇ₓs(x)‖₂ over the region's constraints s, which are the input of every
+    rectifier unit (the unit switches where it changes sign) and, for each window of a max-pool,
+    v_max − v_j for its argmax v_max and every other entry v_j; constraints with ∇ₓs = 0 never
+    switch and are skipped (+∞ when none is left). Brute force: ∇ₓs for every constraint by
+    ``torch.autograd.functional.jacobian`` of the forward pass (samples are independent, so one
+    call differentiates the batch sums). Max-pools must have windows of 2 (``MaxPool1d(2)``,
+    ``MaxPool2d(2)``); the library's general pools are checked by the region test.
+    """
+    B = x.shape[0]
+    x = x.detach()
+    with torch.no_grad():
+        sites = _constraint_inputs(model, x)
+    ratios = [torch.full((B, 1), math.inf, dtype=x.dtype)]
+    if sites:
+        grads = jacobian(
+            lambda z: tuple(v.sum(0) for _, v in _constraint_inputs(model, z)), x, vectorize=True
+        )
+        for (module, v), g in zip(sites, grads, strict=True):
+            g = g.reshape(*v.shape[1:], B, -1).movedim(-2, 0)  # [B, *v.shape[1:], d]
+            if isinstance(module, _RECTIFIERS):
+                s, ds = v.reshape(B, -1), g.reshape(B, v[0].numel(), -1)
+            else:
+                n = _check_pool(module)
+                u, du = v, g
+                for dim in range(2, 2 + n):  # windows of 2 along each spatial dimension
+                    u, du = u.unfold(dim, 2, 2), du.unfold(dim, 2, 2)
+                d = du.shape[2 + n]
+                u = u.reshape(B, -1, 2**n)
+                du = du.movedim(2 + n, -1).reshape(B, -1, 2**n, d)
+                top = u.argmax(2, keepdim=True)
+                s = (u.gather(2, top) - u).reshape(B, -1)
+                ds = (du.gather(2, top[..., None].expand(-1, -1, 1, d)) - du).reshape(B, -1, d)
+            norm = ds.norm(dim=2)
+            ratios.append(torch.where(norm > 0, s.abs() / norm, math.inf))
+    return torch.cat(ratios, 1).amin(1)
 
 
 def linear_maximizer(g: Tensor, eps: Tensor, norm: str) -> Tensor:
