@@ -478,9 +478,7 @@ def test_T1_constant_jacobian_check_fails_on_a_smooth_copy(case: Case, seed: int
     x2, ok = in_region_step(model, x, torch.Generator().manual_seed(seed))
     assert ok.all()
     jac = logit_jacobian(model, x)
-    checks.check_identity(
-        "T1: J′ = J", logit_jacobian(model, x2), jac, TOL, scale=batch_scale(jac)
-    )
+    checks.check_identity("T1: J′ = J", logit_jacobian(model, x2), jac, TOL, scale=batch_scale(jac))
     assume((x2 - x).flatten(1).norm(dim=1).max() >= 1e-3)  # a step the smooth net can feel
     smooth = smooth_copy(model)
     before, after = logit_jacobian(smooth, x), logit_jacobian(smooth, x2)

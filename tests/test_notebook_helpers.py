@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustreg.checks import relative_error, check_identity, check_inequality
+from robustreg.checks import check_identity, check_inequality, relative_error
 from robustreg.tensors import cat_cases, flatten_cat, pad_cat, pad_stack, quartiles
 
 
