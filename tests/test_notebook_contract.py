@@ -182,12 +182,38 @@ def test_setup_fills_profile_values_and_explicit_values_win():
         ({"seed": True}, "expected int"),
         ({"lr": "fast"}, "expected float"),
         ({"profile": "quick"}, "unknown profile 'quick'; valid profiles: smoke, default, full"),
+        ({"n": 0}, "parameter 'n' = 0 is a count and must be ≥ 1"),
+        ({"n": -4}, "parameter 'n' = -4 is a count and must be ≥ 1"),
+        ({"seed": -1}, "parameter 'seed' = -1 must be in 0 … 4294967295"),
+        ({"seed": 2**32}, "must be in 0 … 4294967295 (numpy's range)"),
     ],
 )
 def test_setup_rejects_bad_parameters(values, message):
     with pytest.raises(ValueError) as err:
         notebook.setup(_namespace(**values), {"default": {"n": 1}}, show=False)
     assert message in str(err.value)
+
+
+def test_setup_checks_only_the_parameters_and_injected_cells():
+    """A variable of an earlier cell is no parameter; a misspelt injected name still fails."""
+    params = 'profile: str = "default"\nseed: int = 0\nn: int | None = None\nlr: float = 0.1'
+    history = [
+        "",
+        'REPO = "https://example.org/book"',
+        params,
+        "# Parameters\nn = 3\n",
+        "P = setup()",
+    ]
+    dtype = torch.get_default_dtype()
+    try:
+        ns = _namespace(REPO="https://example.org/book", n=3, In=history)
+        assert notebook.setup(ns, {"default": {"n": 1}}, show=False).n == 3
+        history[3] = "# Parameters\nnn = 3\n"
+        with pytest.raises(ValueError, match="unknown parameter 'nn'"):
+            notebook.setup(_namespace(nn=3, In=history), {"default": {"n": 1}}, show=False)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(False)
 
 
 def test_setup_rejects_profile_setting_undeclared_name():

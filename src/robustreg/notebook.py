@@ -12,8 +12,9 @@ and follows it with::
     P = setup(globals(), profiles={"smoke": dict(n_networks=3), "default": dict(n_networks=40)})
 
 :func:`setup` rejects names that are not declared parameters (papermill only warns on them),
-checks each value against its annotation, fills ``None`` values from the chosen profile, and makes
-the run reproducible (seeds, thread count, deterministic algorithms, float64, fixed figure style).
+checks each value against its annotation and its range (``seed`` in numpy's range, every other
+integer a count ≥ 1), fills ``None`` values from the chosen profile, and makes the run
+reproducible (seeds, thread count, deterministic algorithms, float64, fixed figure style).
 
 The chapters' checks are in :mod:`robustreg.checks`, the helpers that join their per-case results
 in :mod:`robustreg.tensors`; ``tools/strip_notebooks.py`` drops volatile metadata from committed
@@ -22,6 +23,7 @@ notebooks.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import random
@@ -75,12 +77,44 @@ def _type_name(annotation) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+def _assigned(source: str) -> list[str]:
+    """Names a cell's source assigns at its top level (``x = …``, ``x: T = …``)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython magics and the like: not a parameters cell
+        return []
+    names = []
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        names += [t.id for t in targets if isinstance(t, ast.Name)]
+    return names
+
+
+def _injected(namespace: Mapping) -> list[str] | None:
+    """The names assigned from the parameters cell up to the current cell (papermill's injected
+    cell comes right after the parameters cell), from IPython's input history ``In``; None
+    without a history that holds the parameters cell. Variables of earlier cells are not
+    parameters and are left alone."""
+    history = list(namespace.get("In") or [])
+    starts = [
+        i
+        for i, source in enumerate(history[:-1])
+        if isinstance(source, str) and "profile" in _assigned(source) and "profile:" in source
+    ]
+    if not starts:
+        return None
+    return [name for source in history[starts[-1] : -1] for name in _assigned(source)]
+
+
 def check_parameters(namespace: Mapping) -> dict[str, object]:
     """Return the declared parameters of a notebook namespace, or raise ``ValueError``.
 
     A declared parameter is a name annotated in the parameters cell. The error names an undeclared
-    (misspelt) name with the closest declared ones, or a value whose type does not match its
-    annotation.
+    (misspelt) name with the closest declared ones — among the names the parameters cell and
+    papermill's injected cell assign (or, without an input history, every variable of the
+    namespace) — or a value whose type does not match its annotation.
     """
     declared = _declared(namespace)
     if not declared:
@@ -88,15 +122,17 @@ def check_parameters(namespace: Mapping) -> dict[str, object]:
             "no parameters declared: the cell tagged 'parameters' must annotate its names, "
             'e.g. `profile: str = "default"`'
         )
-    unknown = [
-        name
-        for name, value in namespace.items()
-        if not name.startswith("_")
-        and name not in _NAMESPACE_NAMES
-        and name not in declared
-        and not isinstance(value, types.ModuleType)
-        and not callable(value)
-    ]
+    candidates = _injected(namespace)
+    if candidates is None:
+        candidates = [
+            name
+            for name, value in namespace.items()
+            if not name.startswith("_")
+            and name not in _NAMESPACE_NAMES
+            and not isinstance(value, types.ModuleType)
+            and not callable(value)
+        ]
+    unknown = [name for name in candidates if name not in declared]
     if unknown:
         name = unknown[0]
         close = difflib.get_close_matches(name, declared, n=3)
@@ -149,6 +185,21 @@ def _figure_style() -> None:
     )
 
 
+#: Seeds reach numpy, which accepts 0 … 2³² − 1.
+MAX_SEED = 2**32 - 1
+
+
+def _check_ranges(values: Mapping[str, object]) -> None:
+    """``seed`` in numpy's range; every other integer parameter is a count (of networks, seeds,
+    epochs, test points, grid points …) and must be ≥ 1."""
+    seed = values["seed"]
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"parameter 'seed' = {seed!r} must be in 0 … {MAX_SEED} (numpy's range)")
+    for name, value in values.items():
+        if name != "seed" and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"parameter {name!r} = {value!r} is a count and must be ≥ 1")
+
+
 def setup(
     namespace: Mapping,
     profiles: Mapping[str, Mapping[str, object]] | None = None,
@@ -192,6 +243,7 @@ def setup(
         if value is None and any(name in p for p in profiles.values()):
             raise ValueError(f"parameter {name!r} is None and profile {profile!r} gives no value")
         resolved[name] = value
+    _check_ranges(resolved)
     threads = int(os.environ.get("ROBUSTREG_THREADS", threads))  # the portability check's override
     reproducible(int(resolved["seed"]), threads=threads, dtype=dtype)
     _figure_style()
