@@ -161,3 +161,20 @@ def test_chapters_train_through_the_library():
         assert "cache.digits_mlp(" in code, path.name
         assert "training.train(" not in code, path.name
         assert 'data.load("digits", "train")' not in code, path.name
+
+
+def test_one_tolerance_rule_for_the_tests_and_the_chapters():
+    """The tests and the chapters decide identities by robustreg.checks alone: no test module or
+    chapter defines a rule of its own."""
+    rules = {"assert_identity", "assert_leq", "rel_err", "relative_error", "scaled_error"}
+    offences = []
+    sources = [(p.name, p.read_text()) for p in sorted((ROOT / "tests").glob("*.py"))]
+    for path in sorted((ROOT / "book").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        sources.append((path.name, "\n".join(l for l in code.splitlines() if l[:1] not in "%!")))
+    for name, code in sources:
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.FunctionDef) and node.name in rules:
+                offences.append(f"{name}: def {node.name}")
+    assert not offences, offences

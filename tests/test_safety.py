@@ -300,9 +300,8 @@ def test_cluster_executor_reproduces_the_serial_grid_file_for_file(tmp_path):
     """``executor="slurm"`` submits through submitit; its local backend runs the same submission
     as processes on this machine, training afresh in each, and must write a serial run's files."""
     pytest.importorskip("submitit")
-    small = dict(LIGHT, lambdas={"curvature": [1.0]}, adversarial=[{"eps": 0.1, "steps": 2}])
     serial = tmp_path / "serial"
-    rows = study.run_grid("smoke", cache_dir=tmp_path / "c1", results_dir=serial, **small)
+    rows = study.run_grid("smoke", cache_dir=tmp_path / "c1", results_dir=serial, **LIGHT)
     local = tmp_path / "local"
     rows_local = study.run_grid(
         "smoke",
@@ -310,10 +309,10 @@ def test_cluster_executor_reproduces_the_serial_grid_file_for_file(tmp_path):
         results_dir=local,
         executor="local",
         executor_options={"timeout_min": 10},
-        **small,
+        **LIGHT,
     )
     reference = _comparable(serial)
-    assert len(reference) == 3 + 2  # result files + published weights (plain, curvature)
+    assert len(reference) == 7 + 6  # the whole smoke grid: result files + published weights
     assert _comparable(local) == reference
     strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
     assert strip(rows_local) == strip(rows)
