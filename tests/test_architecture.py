@@ -178,3 +178,44 @@ def test_one_tolerance_rule_for_the_tests_and_the_chapters():
             if isinstance(node, ast.FunctionDef) and node.name in rules:
                 offences.append(f"{name}: def {node.name}")
     assert not offences, offences
+
+
+def test_one_norms_table_one_dual_norm_one_set_of_argument_checks():
+    """robustreg.validation holds the norms (name → dual exponent), the dual norm and the checks;
+    a module that accepts some norms names them from that table; no module re-implements a check,
+    the dual norm or the activation tracer (MMR uses geometry's)."""
+    from robustreg import validation
+
+    banned = {
+        "_dual",
+        "_dual_norm",
+        "_check_batch",
+        "_check_x",
+        "_check_y",
+        "_check_norm",
+        "_check_count",
+        "_check_generator",
+        "_check_positive",
+        "_check_logits",
+        "_check_label_values",
+        "_preactivations",
+    }
+    offences = []
+    for path, tree in _trees():
+        if path.stem == "reference":  # the independent references share nothing on purpose
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in banned:
+                offences.append(f"{path.name}: def {node.name}")
+            if (
+                isinstance(node, ast.Assign)
+                and path.stem != "validation"
+                and any(isinstance(t, ast.Name) and t.id.endswith("NORMS") for t in node.targets)
+            ):
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:  # not literal names (e.g. models.BATCH_NORMS, layer types)
+                    continue
+                if not (isinstance(value, tuple) and set(value) <= set(validation.NORMS)):
+                    offences.append(f"{path.name}:{node.lineno} a norms table of its own")
+    assert not offences, offences

@@ -184,7 +184,7 @@ def test_attack_argument_errors(trained):
         attacks.pgd(model, x, y, 0.1, step_size=0)
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
         attacks.pgd(model, x + 2, y, 0.1)
-    with pytest.raises(ValueError, match="y must be integer labels of shape"):
+    with pytest.raises(ValueError, match=r"y must have shape \(100,\), one label per row of x"):
         attacks.pgd(model, x, y[:3], 0.1)
     with pytest.raises(ValueError, match="batch dimension"):
         attacks.fgsm(model, x[0, 0, 0], y[:1], 0.1)
@@ -286,16 +286,16 @@ def test_autoattack_runs_and_is_consistent(trained):
 
     model, x, y = trained
     xs, ys = x[:30], y[:30]
-    x_aa = art_attacks.autoattack(model, xs, ys, 0.1, "linf", seed=0)
+    x_aa = art_attacks.art_autoattack(model, xs, ys, 0.1, "linf", seed=0)
     assert ((x_aa - xs).abs().flatten(1).max(1).values <= 0.1 + 1e-12).all()
     aa = accuracy(model, x_aa, ys)
     pgd_acc = evaluation.robust_accuracy(model, xs, ys, [0.1], steps=40)[0.1]
     assert aa <= accuracy(model, xs, ys)
     assert abs(aa - pgd_acc) <= 0.1  # no gradient masking on a plain network
     with pytest.raises(ValueError, match=r"image-shaped inputs \[B, C, H, W\]"):
-        art_attacks.autoattack(model, xs.flatten(1), ys, 0.1)
+        art_attacks.art_autoattack(model, xs.flatten(1), ys, 0.1)
     with pytest.raises(ValueError, match="unknown version"):
-        art_attacks.autoattack(model, xs, ys, 0.1, version="plus")
+        art_attacks.art_autoattack(model, xs, ys, 0.1, version="plus")
 
 
 def test_evaluate_rows(trained):

@@ -102,7 +102,7 @@ def test_autoattack_components_carry_the_published_settings(digits_model):
 def test_autoattack_breaks_at_least_what_its_first_component_does(digits_model, norm, eps):
     pytest.importorskip("torchattacks")
     model, x, y = digits_model
-    out = autoattack.autoattack(model, x, y, eps, norm, steps=10, n_queries=50)
+    out = autoattack.standard_autoattack(model, x, y, eps, norm, steps=10, n_queries=50)
     correct = evaluation.predict(model, x) == y
     robust = out["robust"]
     assert bool((robust <= correct).all())
@@ -120,7 +120,7 @@ def test_autoattack_works_under_a_float64_default_dtype(digits_model):
     saved = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        out = autoattack.autoattack(model, x[:20], y[:20], 0.1, steps=2, n_queries=5)
+        out = autoattack.standard_autoattack(model, x[:20], y[:20], 0.1, steps=2, n_queries=5)
         assert torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(saved)
@@ -133,7 +133,7 @@ def test_autoattack_leaves_torch_global_generator_alone(digits_model):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    autoattack.autoattack(model, x[:10], y[:10], 0.1, steps=2, n_queries=5)
+    autoattack.standard_autoattack(model, x[:10], y[:10], 0.1, steps=2, n_queries=5)
     assert torch.equal(torch.rand(3), expected)
 
 

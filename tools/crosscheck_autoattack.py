@@ -2,7 +2,7 @@
 
 For each published model of a results directory (``<stem>.safetensors`` beside its result file,
 loaded with ``robustreg.study.load_model``) and each AutoAttack radius of its result file,
-runs ART's AutoAttack (``robustreg.art_attacks.autoattack``: APGD-CE and APGD-DLR, 100 iterations
+runs ART's AutoAttack (``robustreg.art_attacks.art_autoattack``: APGD-CE and APGD-DLR, 100 iterations
 each, then Square with 1,000 queries; written independently of torchattacks) on the same test
 images and compares its robust accuracy with the stored one of the standard AutoAttack
 (torchattacks' components). Writes ``<results_dir>/crosscheck.json`` (atomically; models already
@@ -49,7 +49,7 @@ def main(argv=None) -> int:
                     for r in record["rows"]
                     if r.get("attack") == "autoattack" and r["norm"] == norm and r["eps"] == eps
                 )
-                x_adv = art_attacks.autoattack(model, x, y, eps, norm, seed=0, version="light")
+                x_adv = art_attacks.art_autoattack(model, x, y, eps, norm, seed=0, version="light")
                 art = evaluation.predict(model, x_adv) == y
                 ours = evaluation.parse_flags(stored["flags"])
                 done[key] = {

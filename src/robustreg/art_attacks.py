@@ -1,7 +1,7 @@
 """Attacks of the adversarial-robustness-toolbox (ART) on our networks: a cross-check of ours.
 
 :func:`art_pgd` is ART's ``ProjectedGradientDescent`` with the settings of
-:func:`robustreg.attacks.pgd`; :func:`autoattack` is ART's ``AutoAttack`` (Croce & Hein's
+:func:`robustreg.attacks.pgd`; :func:`art_autoattack` is ART's ``AutoAttack`` (Croce & Hein's
 parameter-free ensemble). Both return x_adv on the exact ε-ball ∩ [0, 1] around x. ART ships in
 the ``experiments`` extra (``pip install robustreg[experiments]``); it is imported when an attack
 runs, so the rest of the package works without it.
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from robustreg import attacks, models
 from robustreg.extras import require
 
-__all__ = ["AUTOATTACK_VERSIONS", "art_classifier", "art_pgd", "autoattack"]
+__all__ = ["AUTOATTACK_VERSIONS", "art_autoattack", "art_classifier", "art_pgd"]
 
 
 def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: int):
@@ -98,7 +98,7 @@ def art_pgd(
 AUTOATTACK_VERSIONS = ("light", "standard")
 
 
-def autoattack(
+def art_autoattack(
     model: nn.Module,
     x: Tensor,
     y: Tensor,

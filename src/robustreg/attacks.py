@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustreg.geometry import logit_jacobian
+from robustreg.validation import check_batch, check_labels, check_norm
 
 __all__ = [
     "NORMS",
@@ -47,6 +48,7 @@ __all__ = [
     "project",
 ]
 
+#: The norms of the attacks (names of :data:`robustreg.validation.NORMS`).
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "margin")
 
@@ -57,8 +59,7 @@ LOSSES = ("ce", "margin")
 def check_eps_norm(eps, norm: str) -> None:
     """Raise ``ValueError`` unless ``norm`` is one of :data:`NORMS` and ``eps`` is finite, ≥ 0
     (a number, or a tensor of per-sample radii)."""
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    check_norm(norm, NORMS)
     if torch.is_tensor(eps):
         if not (torch.isfinite(eps).all() and (eps >= 0).all()):
             raise ValueError("eps must be finite and ≥ 0")
@@ -67,29 +68,9 @@ def check_eps_norm(eps, norm: str) -> None:
 
 
 def _check_xy(x: Tensor, y: Tensor | None, box: bool) -> None:
-    if not torch.is_tensor(x) or x.ndim < 2:
-        raise ValueError(
-            f"x must be a batch [B, ...] with a batch dimension, got shape {tuple(getattr(x, 'shape', ()))}"
-        )
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+    check_batch(x, finite=True, box=box)
     if y is not None:
-        if (
-            not torch.is_tensor(y)
-            or y.shape != x.shape[:1]
-            or y.dtype not in (torch.int64, torch.int32)
-        ):
-            raise ValueError(
-                f"y must be integer labels of shape [{x.shape[0]}], got "
-                f"{getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}"
-            )
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        raise ValueError(f"x holds NaN or infinite values (in {bad} of {x.shape[0]} samples)")
-    if box and x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError(
-            f"x must lie in [0, 1] (got values in [{x.min().item():.4g}, {x.max().item():.4g}])"
-        )
+        check_labels(y, x.shape[0], dtypes=(torch.int64, torch.int32))
 
 
 def per_sample(eps, x: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from robustreg import attacks, models
 from robustreg.extras import require
 
-__all__ = ["COMPONENTS", "STANDARD", "autoattack"]
+__all__ = ["COMPONENTS", "STANDARD", "standard_autoattack"]
 
 #: The components in the order they run.
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -37,7 +37,9 @@ COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 #: The published settings of the standard version.
 STANDARD = {"steps": 100, "n_queries": 5000}
 
-_NORMS = {"linf": "Linf", "l2": "L2"}
+#: torchattacks' names of the norms of :data:`robustreg.attacks.NORMS` (a translation, not a table
+#: of norms: the norms and their dual exponents are :data:`robustreg.validation.NORMS`).
+_TORCHATTACKS_NAME = {"linf": "Linf", "l2": "L2"}
 
 
 @contextlib.contextmanager
@@ -55,7 +57,7 @@ def _components(model, eps, norm, k, seed, steps, n_queries):
     require("torchattacks", "AutoAttack's standard components")
     import torchattacks
 
-    common = {"norm": _NORMS[norm], "eps": float(eps), "seed": seed}
+    common = {"norm": _TORCHATTACKS_NAME[norm], "eps": float(eps), "seed": seed}
     targets = {"n_classes": k}
     built = {
         "apgd-ce": torchattacks.APGD(model, loss="ce", steps=steps, n_restarts=1, **common),
@@ -70,7 +72,7 @@ def _components(model, eps, norm, k, seed, steps, n_queries):
     return built
 
 
-def autoattack(
+def standard_autoattack(
     model: nn.Module,
     x: Tensor,
     y: Tensor,

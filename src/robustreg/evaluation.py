@@ -268,7 +268,7 @@ def evaluate(
     ``median_region_radius``, ``median_minimal_perturbation``) and ``region_cap_fraction``, the
     share of samples whose certificate is capped by the region's boundary; ``regularizer_mean`` for each regularizer (``regularizers``: True for all five,
     a list of names, or False). ``autoattack_eps`` (e.g. ``{"linf": 0.1}``) also runs
-    :func:`autoattack` on the first ``autoattack_n`` samples, giving ``robust_accuracy`` rows with
+    :func:`robustreg.art_attacks.art_autoattack` on the first ``autoattack_n`` samples, giving ``robust_accuracy`` rows with
     attack ``autoattack``, ``pgd-subset`` (our PGD on the same subset) and ``worst-case`` (a sample
     counts as robust only if it survives both) — AutoAttack well below PGD signals gradient
     masking.
@@ -276,7 +276,7 @@ def evaluate(
     ``per_image=True`` (the matched-strength study): PGD through :func:`robust_flags` (``restarts``
     on the survivors, radii nested) and each robust-accuracy row carries ``flags``, the per-image
     outcome (:func:`flags_string`), so that comparisons can be paired image by image;
-    ``autoattack_version="standard"`` then runs :func:`robustreg.autoattack.autoattack` on the first
+    ``autoattack_version="standard"`` then runs :func:`robustreg.autoattack.standard_autoattack` on the first
     ``autoattack_n`` images (None: all) with rows ``autoattack`` (alone), ``worst-case`` (robust
     under AutoAttack and PGD at that ε; ``eps`` must be among the PGD radii) and
     ``autoattack_broken_by`` (images each component broke first). ``autoattack_steps`` and
@@ -311,7 +311,9 @@ def evaluate(
     device, dtype = models.device_dtype(model)
     for norm, e in (autoattack_eps or {}).items():
         xs, ys = x[:autoattack_n], y[:autoattack_n]
-        x_aa = art_attacks.autoattack(model, xs, ys, e, norm, seed=seed, version=autoattack_version)
+        x_aa = art_attacks.art_autoattack(
+            model, xs, ys, e, norm, seed=seed, version=autoattack_version
+        )
         ok_aa = predict(model, x_aa) == ys
         gen = torch.Generator(device=device).manual_seed(seed)
         x_pgd = attacks.pgd(
@@ -373,7 +375,7 @@ def _evaluate_per_image(
         if (norm, float(e)) not in pgd_flags:
             raise ValueError(f"AutoAttack's radius {norm} {e} must be one of the PGD radii")
         n = len(x) if autoattack_n is None else autoattack_n
-        out = autoattack.autoattack(
+        out = autoattack.standard_autoattack(
             model,
             x[:n],
             y[:n],

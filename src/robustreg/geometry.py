@@ -40,27 +40,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import MAX_POOLS, RECTIFIERS, check_piecewise_linear
+from .validation import check_batch, dual_exponent, dual_norm
 
 __all__ = [
     "logit_jacobian",
     "activation_pattern",
     "same_region",
     "affine_map",
+    "preactivations",
     "boundary_distance",
     "nearest_boundary",
     "margin_radius",
     "certified_radius",
 ]
-
-
-def _check_batch(x: Tensor, name: str = "x") -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(
-            f"{name} must have a batch dimension, [B, ...] (e.g. x.unsqueeze(0)); "
-            f"got shape {tuple(x.shape)}"
-        )
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
@@ -88,7 +80,7 @@ def logit_jacobian(model: nn.Module, x: Tensor, create_graph: bool = False) -> T
     to ``x`` when ``x`` requires grad), for training with Jacobian penalties. The model's mode and
     the parameters' ``.grad`` are left untouched.
     """
-    _check_batch(x)
+    check_batch(x)
     keep = create_graph and x.requires_grad
     xg = x if keep else x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -173,11 +165,11 @@ def _pool_windows(pool: nn.Module, spatial: tuple[int, ...], out: tuple[int, ...
     return flat.permute(order).reshape(math.prod(out), -1)
 
 
-def _trace(model: nn.Module, x: Tensor, site: Callable) -> list:
+def _trace(model: nn.Module, x: Tensor, site: Callable, with_logits: bool = False):
     """Run ``model(x)`` and collect ``site(module, input, output)`` for every rectifier and
-    max-pool call, in call order."""
+    max-pool call, in call order (and the logits, ``with_logits``)."""
     check_piecewise_linear(model)
-    _check_batch(x)
+    check_batch(x)
     records: list = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: records.append(site(mod, inp[0], out)))
@@ -185,11 +177,24 @@ def _trace(model: nn.Module, x: Tensor, site: Callable) -> list:
         if isinstance(m, RECTIFIERS + MAX_POOLS)
     ]
     try:
-        _logits(model, x)
+        logits = _logits(model, x)
     finally:
         for h in hooks:
             h.remove()
-    return records
+    return (records, logits) if with_logits else records
+
+
+def preactivations(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits [B, K], z [B, U])``: the logits and the pre-activation z_j of every rectifier
+    unit, in call order, differentiable in ``x`` (one forward pass). On the region of x each z_j
+    is affine and its hyperplane z_j = 0 is part of the region's boundary (fact T1)."""
+    sites, logits = _trace(
+        model, x, lambda m, inp, out: inp.flatten(1) if isinstance(m, RECTIFIERS) else None, True
+    )
+    z = [s for s in sites if s is not None]
+    if not z:
+        return logits, torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
+    return logits, torch.cat(z, 1)
 
 
 def _primal(t: Tensor) -> Tensor:
@@ -271,20 +276,6 @@ def _quiet_jit():
         yield
 
 
-#: The norms of the radii, and the dual norm q (1/p + 1/q = 1) that divides by the gradient.
-NORMS = {"l1": math.inf, "l2": 2.0, "linf": 1.0}
-
-
-def _check_norm(norm: str) -> float:
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
-    return NORMS[norm]
-
-
-def _dual_norm(v: Tensor, q: float, dim: int) -> Tensor:
-    return v.abs().amax(dim) if q == math.inf else torch.linalg.vector_norm(v, q, dim=dim)
-
-
 def _constraints(
     model: nn.Module, x: Tensor, chunk_elements: int, q: float = 2.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -350,7 +341,8 @@ def boundary_distance(
     coordinate (B·d dual evaluations of the model, in chunks of about ``chunk_elements``
     numbers of constraint tangents), cost ≈ d forward passes per sample.
     """
-    c, valid, gnorm = _constraints(model, x, chunk_elements, _check_norm(norm))
+    check_batch(x, finite=True)
+    c, valid, gnorm = _constraints(model, x, chunk_elements, dual_exponent(norm))
     if c.shape[1] == 0:
         return torch.full((x.shape[0],), math.inf, dtype=x.dtype, device=x.device)
     return _distances(c, valid, gnorm).min(1).values
@@ -366,6 +358,7 @@ def nearest_boundary(
     (x + t·u stays in the region for t < dist and crosses the hyperplane at t = dist). Where no
     constraint exists (dist = inf) u is 0.
     """
+    check_batch(x, finite=True)
     c, valid, gnorm = _constraints(model, x, chunk_elements)
     n = x.shape[0]
     if c.shape[1] == 0:
@@ -388,7 +381,8 @@ def margin_radius(model: nn.Module, x: Tensor, norm: str = "l2") -> Tensor:
     c = argmax_k f_k(x) and q the dual exponent of ``norm`` (see :func:`boundary_distance`);
     the smallest ℓp step that lets some class overtake c *if f were affine* (exact for an
     affine classifier). Pairs with ∇f_c = ∇f_k are never overtaken: ``inf``."""
-    q = _check_norm(norm)
+    q = dual_exponent(norm)
+    check_batch(x, finite=True)
     jac = logit_jacobian(model, x).flatten(2)
     with torch.no_grad():
         f = _logits(model, x)
@@ -397,7 +391,7 @@ def margin_radius(model: nn.Module, x: Tensor, norm: str = "l2") -> Tensor:
     c = f.argmax(1)
     rows = torch.arange(f.shape[0], device=f.device)
     margin = f[rows, c][:, None] - f  # [B, K], ≥ 0
-    gap = _dual_norm(jac[rows, c][:, None] - jac, q, dim=2)  # ‖∇f_c − ∇f_k‖_q
+    gap = dual_norm(jac[rows, c][:, None] - jac, q, dim=2)  # ‖∇f_c − ∇f_k‖_q
     r = torch.where(gap > 0, margin / gap, torch.full_like(margin, math.inf))
     r[rows, c] = math.inf
     return r.min(1).values

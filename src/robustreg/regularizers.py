@@ -66,7 +66,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._lookup import lookup
-from .models import RECTIFIERS, check_piecewise_linear
+from .geometry import preactivations
+from .models import check_piecewise_linear
+from .validation import (
+    check_batch,
+    check_count,
+    check_generator,
+    check_labels,
+    check_logits,
+    check_norm,
+    check_positive,
+    dual_exponent,
+    dual_norm,
+)
 
 __all__ = [
     "DEFAULT_H",
@@ -88,70 +100,14 @@ __all__ = [
 #: units (``z`` has unit ℓ2 norm). See :func:`curvature` for the choice.
 DEFAULT_H = 0.5
 
-_NORMS = ("l2", "l1")
+#: The norms of :func:`input_gradient` and of :func:`mmr` (names of :data:`robustreg.validation.NORMS`).
+INPUT_GRADIENT_NORMS = ("l2", "l1")
+MMR_NORMS = ("l2", "linf", "l1")
 
 
 # ----------------------------------------------------------------------------------------------
 # validation and the shared forward pass
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_x(x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape [B, ...]; got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must have a floating-point dtype (float32 or float64); got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(
-            f"x must have a batch dimension, shape [B, ...]; got shape {tuple(x.shape)} "
-            "(for a single sample pass x.unsqueeze(0))"
-        )
-
-
-def _check_y(y, batch_size: int) -> None:
-    if not isinstance(y, Tensor):
-        raise TypeError(f"y must be a torch.Tensor of int64 labels; got {type(y).__name__}")
-    if y.dtype != torch.int64:
-        raise ValueError(f"y must have dtype torch.int64 (class indices); got {y.dtype}")
-    if tuple(y.shape) != (batch_size,):
-        raise ValueError(
-            f"y must have shape ({batch_size},), one label per row of x; got shape {tuple(y.shape)}"
-        )
-
-
-def _check_logits(f, x: Tensor) -> None:
-    if not isinstance(f, Tensor) or f.dim() != 2 or f.shape[0] != x.shape[0]:
-        shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-        raise ValueError(
-            f"model must map x of shape [B, ...] to logits of shape [B, K]; x has shape "
-            f"{tuple(x.shape)} and the model returned {shape} (does x have a batch dimension?)"
-        )
-
-
-def _check_label_values(y: Tensor, num_classes: int) -> None:
-    if y.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(y))
-    if lo < 0 or hi >= num_classes:
-        bad = lo if lo < 0 else hi
-        raise ValueError(
-            f"label {bad} is out of range: labels must lie in [0, {num_classes}) "
-            f"for a model with K = {num_classes} classes"
-        )
-
-
-def _check_count(name: str, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be None (exact) or a positive int; got {value!r}")
-
-
-def _check_generator(generator) -> None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"generator must be a torch.Generator or None; got {type(generator).__name__}"
-        )
 
 
 _RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
@@ -333,11 +289,11 @@ def _residual(p: Tensor, labels: Tensor) -> Tensor:
 
 def _forward(model: nn.Module, x: Tensor, y: Tensor) -> _Forward:
     """Validate ``x`` and ``y``, evaluate ``f = model(x)`` (see :class:`_Forward`), validate ``f``."""
-    _check_x(x)
-    _check_y(y, x.shape[0])
+    check_batch(x)
+    check_labels(y, x.shape[0])
     fw = _Forward(model, x, torch.is_grad_enabled())
-    _check_logits(fw.logits, x)
-    _check_label_values(y, fw.logits.shape[1])
+    check_logits(fw.logits, x)
+    check_labels(y, x.shape[0], fw.logits.shape[1])
     return fw
 
 
@@ -404,8 +360,7 @@ def input_gradient(
     cotangent p − e_y, whose y-entry is computed as −Σ_{k≠y} p_k: unlike autograd through the
     cross-entropy (p_y − 1), this keeps full relative accuracy for confident predictions.
     """
-    if norm not in _NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(map(repr, _NORMS))}")
+    check_norm(norm, INPUT_GRADIENT_NORMS)
     fw = _forward(model, x, y)
     with torch.enable_grad():
         a = fw.loss_grad(y)
@@ -433,8 +388,8 @@ def jacobian_frobenius(
     parameters, so the gradient of the estimate is an unbiased estimate of ∇R_J as well. ``y`` is
     only validated (R_J does not depend on the label).
     """
-    _check_count("n_proj", n_proj)
-    _check_generator(generator)
+    check_count("n_proj", n_proj, none="exact")
+    check_generator(generator)
     fw = _forward(model, x, y)
     B, K = fw.logits.shape
     with torch.enable_grad():
@@ -479,8 +434,8 @@ def cross_lipschitz(
     draws do not depend on the parameters, so the gradient is unbiased too. ``y`` is only
     validated.
     """
-    _check_count("n_proj", n_proj)
-    _check_generator(generator)
+    check_count("n_proj", n_proj, none="exact")
+    check_generator(generator)
     fw = _forward(model, x, y)
     B, K = fw.logits.shape
     with torch.enable_grad():
@@ -584,8 +539,8 @@ def hessian_trace(
 
     The labels are drawn from ``p`` detached (sampling is not differentiable).
     """
-    _check_count("n_samples", n_samples)
-    _check_generator(generator)
+    check_count("n_samples", n_samples, none="exact")
+    check_generator(generator)
     if estimator not in HESSIAN_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(HESSIAN_ESTIMATORS)}")
     _require_piecewise_linear(model, "hessian_trace")
@@ -624,13 +579,6 @@ def hessian_trace(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-
-
 def _uniform(shape, like: Tensor, generator: torch.Generator | None) -> Tensor:
     """U[−1, 1) draws on the generator's device, in float64 (the same draws for every dtype)."""
     device = generator.device if generator is not None else like.device
@@ -665,12 +613,12 @@ def grad_align(
     parameter gradient are unbiased for E_η) or ``"detached"`` (the public code's FGSM recipe,
     which backpropagates through the gradient at x + η only: a biased gradient of Ω).
     """
-    _check_positive("eps", eps)
+    check_positive("eps", eps)
     if clean_gradient not in ("differentiated", "detached"):
         raise ValueError(
             f"unknown clean_gradient {clean_gradient!r}; valid: 'differentiated', 'detached'"
         )
-    _check_generator(generator)
+    check_generator(generator)
     fw = _forward(model, x, y)
     with torch.enable_grad():
         g0 = fw.to_input(fw.loss_grad(y)).flatten(1)
@@ -712,12 +660,12 @@ def local_linearity(
     with the Hessian of fact T7. The public code finds δ* with 10 Adam steps (learning rate 0.1)
     and weights its terms as 2·ce + 4·(g + 0.3·|δᵀ∇ℓ|); ``mu = 0.3`` is its μ.
     """
-    _check_positive("eps", eps)
+    check_positive("eps", eps)
     if isinstance(mu, bool) or not isinstance(mu, int | float) or not mu >= 0 or math.isinf(mu):
         raise ValueError(f"mu must be a finite number ≥ 0; got {mu!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer ≥ 0; got {steps!r}")
-    _check_generator(generator)
+    check_generator(generator)
     fw = _forward(model, x, y)
     with torch.enable_grad():
         loss0 = _ce(fw.logits, y)
@@ -751,35 +699,10 @@ def local_linearity(
     return _finish(fw, values, return_logits)
 
 
-def _preactivations(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(logits, z)``: the model's logits and the inputs of all its rectifier modules [B, U]."""
-    records: list[Tensor] = []
-    hooks = [
-        m.register_forward_hook(lambda mod, inp, out: records.append(inp[0].flatten(1)))
-        for m in model.modules()
-        if isinstance(m, RECTIFIERS)
-    ]
-    try:
-        logits = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not records:
-        raise ValueError("mmr needs rectifier modules (nn.ReLU, nn.LeakyReLU, nn.PReLU)")
-    return logits, torch.cat(records, 1)
-
-
-def _dual(v: Tensor, q: float) -> Tensor:
-    return v.abs().amax(-1) if q == math.inf else torch.linalg.vector_norm(v, q, dim=-1)
-
-
 def _hinge_of_smallest(dist: Tensor, n: int, gamma: float) -> Tensor:
     """Mean over the n smallest distances per row of (1 − d/γ)₊ (inf distances give 0)."""
     smallest = torch.topk(dist, min(n, dist.shape[1]), dim=1, largest=False).values
     return F.relu(1 - smallest / gamma).sum(1) / n
-
-
-_MMR_NORMS = {"l2": 2.0, "linf": 1.0, "l1": math.inf}
 
 
 def mmr(
@@ -810,23 +733,22 @@ def mmr(
     divides by n_D = K; here y is excluded. Cost: one backward pass per unit and per class
     (∇ₓz_j for every j), for small networks.
     """
-    if norm not in _MMR_NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(map(repr, _MMR_NORMS))}")
-    _check_positive("gamma_b", gamma_b)
-    _check_positive("gamma_d", gamma_d)
-    for name, n in (("n_b", n_b), ("n_d", n_d)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{name} must be a positive int; got {n!r}")
+    q = dual_exponent(norm, MMR_NORMS)
+    check_positive("gamma_b", gamma_b)
+    check_positive("gamma_d", gamma_d)
+    check_count("n_b", n_b)
+    check_count("n_d", n_d)
     _require_piecewise_linear(model, "mmr")
-    q = _MMR_NORMS[norm]
-    _check_x(x)
-    _check_y(y, x.shape[0])
+    check_batch(x)
+    check_labels(y, x.shape[0])
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
-        logits, z = _preactivations(model, xg)
-        _check_logits(logits, x)
-        _check_label_values(y, logits.shape[1])
+        logits, z = preactivations(model, xg)
+        if z.shape[1] == 0:
+            raise ValueError("mmr needs rectifier modules (nn.ReLU, nn.LeakyReLU, nn.PReLU)")
+        check_logits(logits, x)
+        check_labels(y, x.shape[0], logits.shape[1])
         k, u = logits.shape[1], z.shape[1]
 
         def grads(out: Tensor, n: int) -> Tensor:  # [n, B, d]: ∇ₓ out[:, j] for every j
@@ -838,11 +760,11 @@ def mmr(
             return g.flatten(2)
 
         gz, gf = grads(z, u), grads(logits, k)
-        nz = _dual(gz, q).T  # [B, U]
+        nz = dual_norm(gz, q, dim=-1).T  # [B, U]
         d_b = torch.where(nz > 0, z.abs() / torch.where(nz > 0, nz, 1.0), math.inf)
         rows = torch.arange(len(y), device=y.device)
         diff = gf[y, rows][None] - gf  # ∇f_y − ∇f_k, [K, B, d]
-        nd = _dual(diff, q).T  # [B, K]
+        nd = dual_norm(diff, q, dim=-1).T  # [B, K]
         margin = logits[rows, y][:, None] - logits
         # ∇f_y = ∇f_k on the region: the pair never crosses there; a class already ahead by a
         # constant is at distance −inf (full penalty), one behind at +inf

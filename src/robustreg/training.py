@@ -28,10 +28,12 @@ from torch's global generator, which :func:`train` seeds with ``seed + 1`` insid
 model initialisation and device → identical weights (on CUDA, up to nondeterministic kernels).
 
 Data are checked before training (:func:`check_data`): floating inputs in [0, 1], finite, integer
-labels in [0, K). Checkpoints (``checkpoint=``) hold the run's identity (:func:`run_identity`: the
-objective, the optimizer settings, a hash of the data and of the initial weights); a checkpoint
-of another run is refused, a corrupt one is discarded with a warning, a finished run deletes it.
-Trained models cached by configuration live in :mod:`robustreg.study.cache`.
+labels in [0, K). Checkpoints (``checkpoint=``) hold the fingerprint of the training call's inputs
+(:func:`checkpoint_fingerprint`: the objective, the optimizer settings, a hash of the data and of
+the initial weights); a checkpoint of another call is refused, a corrupt one is discarded with a
+warning, a finished run deletes it. The identity of a *run* is its configuration's key
+(:func:`robustreg.study.cache.cache_key`), which names the cache entry, its checkpoint file and its
+result file; the fingerprint only guards a checkpoint against being resumed by other inputs.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from torch import nn
 
 from robustreg import attacks, files, models, regularizers
 from robustreg.extras import require
+from robustreg.validation import check_batch
 
 __all__ = [
     "OPTIMIZERS",
@@ -65,7 +68,7 @@ __all__ = [
     "check_data",
     "default_device",
     "progress_enabled",
-    "run_identity",
+    "checkpoint_fingerprint",
     "train",
 ]
 
@@ -176,21 +179,7 @@ def check_data(data, num_classes: int | None = None) -> tuple[torch.Tensor, torc
             f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)} do not form a data set "
             "(need x [N, ...] and y [N] with N ≥ 1)"
         )
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
-    finite = torch.isfinite(x).flatten(1).all(1)
-    if not bool(finite.all()):
-        first = int((~finite).nonzero()[0, 0])
-        raise ValueError(
-            f"x holds NaN or infinite values in {int((~finite).sum())} of {len(x)} samples "
-            f"(first: sample {first})"
-        )
-    lo, hi = x.min().item(), x.max().item()
-    if lo < 0 or hi > 1:
-        raise ValueError(
-            f"x must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-            + (" (0–255 pixels? divide by 255)" if hi > 1.5 else "")
-        )
+    check_batch(x, finite=True, box=True)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"y must hold integer labels, got {y.dtype}")
     _check_labels(y, num_classes)
@@ -225,10 +214,11 @@ def _digest(tensors) -> str:
     return h.hexdigest()
 
 
-def run_identity(model: nn.Module, data, describe: str, settings: dict) -> str:
-    """SHA-256 of what determines a training run: the objective (``describe``: regularizer, λ,
+def checkpoint_fingerprint(model: nn.Module, data, describe: str, settings: dict) -> str:
+    """SHA-256 of the inputs of a training call: the objective (``describe``: regularizer, λ,
     options or attack), the ``settings`` (epochs, batch size, lr, seed, optimizer, weight decay),
-    the data and the model's initial parameters and buffers. A checkpoint stores it."""
+    the data and the model's initial parameters and buffers. A checkpoint stores it, and resumes
+    only a call with the same fingerprint."""
     h = hashlib.sha256(repr((describe, sorted(settings.items()))).encode())
     h.update(_digest(data).encode())
     h.update(_digest(model.state_dict().values()).encode())
@@ -294,7 +284,7 @@ def _fit(
     identity = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        identity = run_identity(model, (x, y), describe, settings)
+        identity = checkpoint_fingerprint(model, (x, y), describe, settings)
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(seed + 1)
@@ -412,8 +402,8 @@ def train(
 
     ``data`` is validated by :func:`check_data` against the model's number of classes.
     ``progress``: a tqdm bar over batches (``None``: only when stderr is a terminal).
-    ``checkpoint``: a file that holds the state after every epoch; a later call of the same run
-    (:func:`run_identity`) resumes from it, a call of another run raises
+    ``checkpoint``: a file that holds the state after every epoch; a later call with the same
+    inputs (:func:`checkpoint_fingerprint`) resumes from it, a call of another run raises
     :class:`CheckpointMismatchError`, a corrupt file is discarded with a warning, and the file is
     deleted when the run finishes. A non-finite loss raises :class:`FloatingPointError` naming the
     epoch, batch and λ. The model ends in eval mode; ``x`` is cast to the dtype and device of the

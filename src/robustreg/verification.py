@@ -40,9 +40,11 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 from torch import Tensor, nn
 
+from robustreg.validation import check_batch, check_norm
+
 __all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_perturbation"]
 
-#: Norms of the perturbation this module solves for.
+#: The norms of the exact radii (names of :data:`robustreg.validation.NORMS`).
 NORMS = ("linf", "l1")
 
 #: HiGHS's feasibility tolerance for mixed-integer programs (its default, ``mip_feasibility_tolerance``).
@@ -239,8 +241,8 @@ def minimal_perturbation(
     ``time_limit``: seconds per program; a program that does not reach proven optimality raises
     ``RuntimeError`` (an unproven value is not an exact radius).
     """
-    if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    check_norm(norm, NORMS)
+    check_batch(x, finite=True)
     layers = affine_layers(model)
     xs = x.detach().double().cpu().reshape(len(x), -1).numpy()
     with torch.no_grad():
