@@ -178,7 +178,7 @@ def test_attack_argument_errors(trained):
         attacks.fgsm(model, x, y, math.nan)
     with pytest.raises(ValueError, match="steps must be an integer"):
         attacks.pgd(model, x, y, 0.1, steps=2.5)
-    with pytest.raises(ValueError, match="restarts must be an integer ≥ 1"):
+    with pytest.raises(ValueError, match="restarts must be a positive integer, got 0"):
         attacks.pgd(model, x, y, 0.1, restarts=0)
     with pytest.raises(ValueError, match="step_size must be a positive"):
         attacks.pgd(model, x, y, 0.1, step_size=0)

@@ -139,7 +139,7 @@ def test_input_without_batch_dimension_is_rejected(fn):
 
 
 def test_model_output_must_be_logits():
-    with pytest.raises(ValueError, match=r"logits \[B, K\].*\(2, 3, 1\)"):
+    with pytest.raises(ValueError, match=r"logits of shape \[B, K\].*returned \(2, 3, 1\)"):
         logit_jacobian(nn.Unflatten(1, (3, 1)), torch.randn(2, 3))
 
 

@@ -154,6 +154,32 @@ def test_mmr_distances_are_the_two_terms_of_t12(case: Case):
     assert (zero == 0).all() and (cert >= min(gb0, gd0)).all()
 
 
+@pytest.mark.parametrize("norm", ["l2", "linf", "l1"])
+@pytest.mark.parametrize(
+    "kind, shape, activation",
+    [("mlp", (6,), "leaky_relu"), ("cnn", (1, 5, 5), "relu"), ("resmlp", (5,), "prelu")],
+)
+def test_mmr_distances_are_geometrys_in_every_norm(norm, kind, shape, activation):
+    """MMR traces the network with geometry's tracer (:func:`robustreg.geometry.preactivations`)
+    and divides by the one dual norm: with n_B = n_D = 1 its terms recover boundary_distance and
+    margin_radius in ℓ2, ℓ∞ and ℓ1, on MLPs, CNNs and residual networks (no max-pool: its
+    switching hyperplanes bound the region too, and MMR counts rectifier units only)."""
+    model = models.random_network(kind, shape, 4, depth=2, width=4, activation=activation, seed=3)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pred = model(x).argmax(1)
+    region = geometry.boundary_distance(model, x, norm=norm)
+    margin = geometry.margin_radius(model, x, norm=norm)
+    assert bool(torch.isfinite(region).all() and torch.isfinite(margin).all())
+    tiny = 1e-300
+    gb, gd = 2 * float(region.max()), 2 * float(margin.max())
+    rb = R.mmr(model, x, pred, norm=norm, gamma_b=gb, gamma_d=tiny, n_b=1, n_d=1).detach()
+    rd = R.mmr(model, x, pred, norm=norm, gamma_b=tiny, gamma_d=gd, n_b=1, n_d=1).detach()
+    checks.check_identity(f"MMR region term ({norm})", gb * (1 - rb), region, 1e-9)
+    checks.check_identity(f"MMR decision term ({norm})", gd * (1 - rd), margin, 1e-9)
+    logits, z = geometry.preactivations(model, x)
+    assert torch.equal(logits, model(x)) and z.shape[0] == len(x) and z.shape[1] > 0
+
+
 @pytest.mark.parametrize("name", R.later_names())
 def test_common_contract(name):
     """Differentiable, mode and .grad untouched, detached under no_grad, NaN on NaN logits."""
@@ -183,17 +209,17 @@ def test_common_contract(name):
 def test_bad_input():
     model = models.random_network("mlp", (4,), 3, depth=1, width=5)
     x, y = torch.rand(2, 4, dtype=torch.float64), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match="eps must be a positive finite number; got -0.1"):
+    with pytest.raises(ValueError, match="eps must be a positive finite number, got -0.1"):
         R.grad_align(model, x, y, -0.1)
     with pytest.raises(ValueError, match="clean_gradient 'both'.*'differentiated', 'detached'"):
         R.grad_align(model, x, y, clean_gradient="both")
-    with pytest.raises(ValueError, match="mu must be a finite number ≥ 0; got -1"):
+    with pytest.raises(ValueError, match="mu must be a finite number ≥ 0, got -1"):
         R.local_linearity(model, x, y, mu=-1)
-    with pytest.raises(ValueError, match="steps must be an integer ≥ 0; got 2.5"):
+    with pytest.raises(ValueError, match="steps must be an integer ≥ 0, got 2.5"):
         R.local_linearity(model, x, y, steps=2.5)
     with pytest.raises(ValueError, match="unknown norm 'l3'; valid: l2, linf, l1"):
         R.mmr(model, x, y, norm="l3")
-    with pytest.raises(ValueError, match="n_b must be a positive int; got 0"):
+    with pytest.raises(ValueError, match="n_b must be a positive integer, got 0"):
         R.mmr(model, x, y, n_b=0)
     smooth = models.smooth_copy(model)
     with pytest.raises(ValueError, match="mmr needs a piecewise-linear model"):

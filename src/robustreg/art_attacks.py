@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from robustreg import attacks, models
 from robustreg.extras import require
+from robustreg.validation import exponent
 
 __all__ = ["AUTOATTACK_VERSIONS", "art_autoattack", "art_classifier", "art_pgd"]
 
@@ -39,8 +40,10 @@ def art_classifier(model: nn.Module, input_shape: Sequence[int], num_classes: in
 
 
 def _art_norm(norm: str):
-    attacks.check_eps_norm(0.0, norm)
-    return math.inf if norm == "linf" else 2
+    """ART's ``norm`` argument: the exponent p of one of :data:`robustreg.attacks.NORMS` (an int
+    where finite, as ART's own defaults are)."""
+    p = exponent(norm, attacks.NORMS)
+    return p if math.isinf(p) else int(p)
 
 
 def _project_back(x: Tensor, x_adv: Tensor, eps: float, norm: str) -> Tensor:

@@ -35,7 +35,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustreg.geometry import logit_jacobian
-from robustreg.validation import check_batch, check_labels, check_norm
+from robustreg.validation import (
+    check_batch,
+    check_count,
+    check_labels,
+    check_nonnegative,
+    check_norm,
+    check_positive,
+    exponent,
+)
 
 __all__ = [
     "NORMS",
@@ -63,8 +71,8 @@ def check_eps_norm(eps, norm: str) -> None:
     if torch.is_tensor(eps):
         if not (torch.isfinite(eps).all() and (eps >= 0).all()):
             raise ValueError("eps must be finite and ≥ 0")
-    elif not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number ≥ 0, got {eps!r}")
+    else:
+        check_nonnegative("eps", eps)
 
 
 def _check_xy(x: Tensor, y: Tensor | None, box: bool) -> None:
@@ -213,12 +221,10 @@ def pgd(
     """
     check_eps_norm(eps, norm)
     _check_xy(x, y, box=True)
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"steps must be an integer ≥ 0, got {steps!r}")
-    if not (isinstance(restarts, int) and restarts >= 1):
-        raise ValueError(f"restarts must be an integer ≥ 1, got {restarts!r}")
-    if step_size is not None and not (step_size > 0 and math.isfinite(step_size)):
-        raise ValueError(f"step_size must be a positive number, got {step_size!r}")
+    check_count("steps", steps, minimum=0)
+    check_count("restarts", restarts, minimum=1)
+    if step_size is not None:
+        check_positive("step_size", step_size)
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
     x0 = x.detach()
@@ -438,11 +444,10 @@ def minimal_pgd_perturbation(
     """
     check_eps_norm(eps_max, norm)
     _check_xy(x, y, box=True)
-    if not (isinstance(search_steps, int) and search_steps >= 0):
-        raise ValueError(f"search_steps must be an integer ≥ 0, got {search_steps!r}")
+    check_count("search_steps", search_steps, minimum=0)
     x0 = x.detach()
     ref = _predict(model, x0) if y is None else y
-    p = math.inf if norm == "linf" else 2.0
+    p = exponent(norm, NORMS)
     best = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
     points = x0.clone()
     already = _predict(model, x0) != ref

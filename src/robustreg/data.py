@@ -63,7 +63,6 @@ import functools
 import gzip
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -72,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustreg import files
 from robustreg.extras import require
 
 __all__ = [
@@ -292,12 +292,7 @@ def _download(name: str, stem: str) -> Path:
         if md5 != GZ_MD5[name][stem]:
             errors.append(f"{url}: MD5 {md5} differs from the publisher's {GZ_MD5[name][stem]}")
             continue
-        target_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target_dir, prefix=".download-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-        os.replace(tmp, target)
-        return target
+        return files.atomic_write(target, lambda tmp, blob=blob: Path(tmp).write_bytes(blob))
     raise urllib.error.URLError("; ".join(errors))
 
 

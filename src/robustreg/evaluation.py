@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from robustreg import art_attacks, attacks, autoattack, geometry, models, regularizers
 from robustreg.extras import require
+from robustreg.validation import check_count
 
 __all__ = [
     "accuracy",
@@ -148,8 +149,7 @@ def robust_flags(
     generator seeded with ``seed`` per norm.
     """
     attacks.check_eps_norm(0.0, norm)
-    if not (isinstance(restarts, int) and restarts >= 1):
-        raise ValueError(f"restarts must be an integer ≥ 1, got {restarts!r}")
+    check_count("restarts", restarts)
     device, dtype = models.device_dtype(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     alive = predict(model, x, batch_size).to(y.device) == y

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import MAX_POOLS, RECTIFIERS, check_piecewise_linear
-from .validation import check_batch, dual_exponent, dual_norm
+from .validation import check_batch, check_logits, dual_exponent, dual_norm
 
 __all__ = [
     "logit_jacobian",
@@ -56,13 +56,7 @@ __all__ = [
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    out = model(x)
-    if out.dim() != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"model must map [B, ...] to logits [B, K]; got output shape {tuple(out.shape)} "
-            f"for input shape {tuple(x.shape)}"
-        )
-    return out
+    return check_logits(model(x), x)
 
 
 # --- Jacobian ----------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ from .validation import (
     check_generator,
     check_labels,
     check_logits,
+    check_nonnegative,
     check_norm,
     check_positive,
     dual_exponent,
@@ -480,8 +481,7 @@ def curvature(
     Cost: one forward pass at x (shared with the data loss when ``return_logits=True``), one at
     x + hz, and two double-backpropagated input gradients.
     """
-    if isinstance(h, bool) or not isinstance(h, int | float) or not math.isfinite(h) or h <= 0:
-        raise ValueError(f"h must be a positive finite number (the ℓ2 step length); got {h!r}")
+    check_positive("h", h)
     fw = _forward(model, x, y)
     with torch.enable_grad():
         a0 = fw.loss_grad(y)
@@ -661,10 +661,8 @@ def local_linearity(
     and weights its terms as 2·ce + 4·(g + 0.3·|δᵀ∇ℓ|); ``mu = 0.3`` is its μ.
     """
     check_positive("eps", eps)
-    if isinstance(mu, bool) or not isinstance(mu, int | float) or not mu >= 0 or math.isinf(mu):
-        raise ValueError(f"mu must be a finite number ≥ 0; got {mu!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer ≥ 0; got {steps!r}")
+    check_nonnegative("mu", mu)
+    check_count("steps", steps, minimum=0)
     check_generator(generator)
     fw = _forward(model, x, y)
     with torch.enable_grad():

@@ -57,7 +57,13 @@ from torch import nn
 
 from robustreg import attacks, files, models, regularizers
 from robustreg.extras import require
-from robustreg.validation import check_batch
+from robustreg.validation import (
+    check_batch,
+    check_count,
+    check_label_values,
+    check_nonnegative,
+    check_positive,
+)
 
 __all__ = [
     "OPTIMIZERS",
@@ -182,25 +188,14 @@ def check_data(data, num_classes: int | None = None) -> tuple[torch.Tensor, torc
     check_batch(x, finite=True, box=True)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"y must hold integer labels, got {y.dtype}")
-    _check_labels(y, num_classes)
+    check_label_values(y, num_classes)
     return x, y
 
 
-def _check_labels(y: torch.Tensor, num_classes: int | None) -> None:
-    k = "" if num_classes is None else f", K = {num_classes}"
-    if int(y.min()) < 0 or (num_classes is not None and int(y.max()) >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, K){k}; got values in [{int(y.min())}, {int(y.max())}]"
-        )
-
-
 def _check_settings(epochs, batch_size, lr, optimizer) -> None:
-    if not (isinstance(epochs, int) and epochs >= 1):
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not (isinstance(lr, int | float) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_count("epochs", epochs)
+    check_count("batch_size", batch_size)
+    check_positive("lr", lr)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
@@ -267,7 +262,7 @@ def _fit(
     _check_settings(epochs, batch_size, lr, optimizer)
     device, dtype = models.device_dtype(model)
     x, y = check_data(data)
-    _check_labels(y, models.num_classes(model, x))
+    check_label_values(y, models.num_classes(model, x))
     x = x.to(device=device, dtype=dtype)
     y = y.to(device=device, dtype=torch.int64)
     n = x.shape[0]
@@ -409,8 +404,7 @@ def train(
     epoch, batch and λ. The model ends in eval mode; ``x`` is cast to the dtype and device of the
     model's parameters.
     """
-    if not (isinstance(lam, int | float) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number ≥ 0, got {lam!r}")
+    check_nonnegative("lam", lam)
     name, fn = _resolve_regularizer(regularizer)
     if lam > 0 and fn is None:
         raise ValueError(f"lam={lam} > 0 needs a regularizer (a name or a callable)")

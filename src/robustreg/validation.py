@@ -21,12 +21,15 @@ __all__ = [
     "check_batch",
     "check_count",
     "check_generator",
+    "check_label_values",
     "check_labels",
     "check_logits",
+    "check_nonnegative",
     "check_norm",
     "check_positive",
     "dual_exponent",
     "dual_norm",
+    "exponent",
 ]
 
 #: The ℓp norms of the package (name → dual exponent q): ℓ1 ↔ ℓ∞, ℓ2 ↔ ℓ2, ℓ∞ ↔ ℓ1. Modules that
@@ -47,6 +50,13 @@ def check_norm(norm, valid: Sequence[str] = tuple(NORMS)) -> str:
 def dual_exponent(norm, valid: Sequence[str] = tuple(NORMS)) -> float:
     """The dual exponent q of the ℓp norm ``norm`` (checked against ``valid``)."""
     return NORMS[check_norm(norm, valid)]
+
+
+def exponent(norm, valid: Sequence[str] = tuple(NORMS)) -> float:
+    """The exponent p of the ℓp norm ``norm`` (checked against ``valid``): the dual of
+    :func:`dual_exponent`, 1/p + 1/q = 1 ("l1" → 1, "l2" → 2, "linf" → ∞)."""
+    q = dual_exponent(norm, valid)
+    return math.inf if q == 1 else 1.0 if q == math.inf else q / (q - 1)
 
 
 def dual_norm(v: Tensor, q: float, dim: int | tuple[int, ...]) -> Tensor:
@@ -108,14 +118,25 @@ def check_labels(
         raise ValueError(
             f"y must have shape ({batch_size},), one label per row of x; got shape {tuple(y.shape)}"
         )
-    if num_classes is not None and y.numel():
-        lo, hi = (int(v) for v in torch.aminmax(y))
-        if lo < 0 or hi >= num_classes:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"label {bad} is out of range: labels must lie in [0, {num_classes}) "
-                f"for a model with K = {num_classes} classes"
-            )
+    if num_classes is not None:
+        check_label_values(y, num_classes)
+    return y
+
+
+def check_label_values(y: Tensor, num_classes: int | None) -> Tensor:
+    """Return the labels ``y`` if each lies in [0, ``num_classes``) (≥ 0 when that is None);
+    else raise naming the first bad label and K."""
+    if not y.numel():
+        return y
+    lo, hi = (int(v) for v in torch.aminmax(y))
+    if lo < 0 or (num_classes is not None and hi >= num_classes):
+        bad = lo if lo < 0 else hi
+        if num_classes is None:
+            raise ValueError(f"label {bad} is out of range: labels must be ≥ 0 (class indices)")
+        raise ValueError(
+            f"label {bad} is out of range: labels must lie in [0, {num_classes}) "
+            f"for a model with K = {num_classes} classes"
+        )
     return y
 
 
@@ -130,21 +151,31 @@ def check_logits(f, x: Tensor) -> Tensor:
     return f
 
 
-def check_count(name: str, value, *, none: str | None = None) -> None:
-    """Raise unless ``value`` is a positive int (or None, when ``none`` says what None means)."""
+def check_count(name: str, value, *, minimum: int = 1, none: str | None = None) -> None:
+    """Raise unless ``value`` is an int ≥ ``minimum`` (or None, when ``none`` says what None
+    means): ``ValueError: steps must be an integer ≥ 0, got 2.5``."""
     if value is None and none is not None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = f"None ({none}) or a positive int" if none is not None else "a positive int"
-        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer ≥ {minimum}"
+        allowed = f"None ({none}) or {what}" if none is not None else what
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float)
 
 
 def check_positive(name: str, value) -> None:
     """Raise unless ``value`` is a positive finite number."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number; got {value!r}")
+    if not (_is_real(value) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def check_nonnegative(name: str, value) -> None:
+    """Raise unless ``value`` is a finite number ≥ 0."""
+    if not (_is_real(value) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
 
 
 def check_generator(generator) -> None:
