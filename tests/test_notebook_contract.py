@@ -194,6 +194,19 @@ def test_setup_rejects_bad_parameters(values, message):
     assert message in str(err.value)
 
 
+def test_setup_allows_zero_where_a_profile_uses_it_to_skip():
+    """0 is a valid count only for a parameter that one of the chapter's profiles sets to 0."""
+    dtype = torch.get_default_dtype()
+    try:
+        profiles = {"smoke": {"n": 0}, "default": {"n": 10}}
+        assert notebook.setup(_namespace(n=0), profiles, show=False).n == 0
+        with pytest.raises(ValueError, match=r"'n' = -1 is a count \(0 skips it\) and must be ≥ 0"):
+            notebook.setup(_namespace(n=-1), profiles, show=False)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(False)
+
+
 def test_setup_checks_only_the_parameters_and_injected_cells():
     """A variable of an earlier cell is no parameter; a misspelt injected name still fails."""
     params = 'profile: str = "default"\nseed: int = 0\nn: int | None = None\nlr: float = 0.1'

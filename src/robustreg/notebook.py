@@ -189,15 +189,20 @@ def _figure_style() -> None:
 MAX_SEED = 2**32 - 1
 
 
-def _check_ranges(values: Mapping[str, object]) -> None:
+def _check_ranges(values: Mapping[str, object], profiles: Mapping[str, Mapping]) -> None:
     """``seed`` in numpy's range; every other integer parameter is a count (of networks, seeds,
-    epochs, test points, grid points …) and must be ≥ 1."""
+    epochs, test points, grid points …) and must be ≥ 1, or ≥ 0 where one of the chapter's own
+    profiles sets it to 0 (there 0 means "skip this part", e.g. no benchmark in the smoke run)."""
     seed = values["seed"]
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"parameter 'seed' = {seed!r} must be in 0 … {MAX_SEED} (numpy's range)")
     for name, value in values.items():
-        if name != "seed" and isinstance(value, int) and not isinstance(value, bool) and value < 1:
-            raise ValueError(f"parameter {name!r} = {value!r} is a count and must be ≥ 1")
+        if name == "seed" or not isinstance(value, int) or isinstance(value, bool):
+            continue
+        minimum = 0 if any(p.get(name) == 0 for p in profiles.values()) else 1
+        if value < minimum:
+            meaning = "a count (0 skips it)" if minimum == 0 else "a count"
+            raise ValueError(f"parameter {name!r} = {value!r} is {meaning} and must be ≥ {minimum}")
 
 
 def setup(
@@ -243,7 +248,7 @@ def setup(
         if value is None and any(name in p for p in profiles.values()):
             raise ValueError(f"parameter {name!r} is None and profile {profile!r} gives no value")
         resolved[name] = value
-    _check_ranges(resolved)
+    _check_ranges(resolved, profiles)
     threads = int(os.environ.get("ROBUSTREG_THREADS", threads))  # the portability check's override
     reproducible(int(resolved["seed"]), threads=threads, dtype=dtype)
     _figure_style()
