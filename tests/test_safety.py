@@ -1,10 +1,12 @@
 """The experiment layer loses nothing and mixes nothing (issue 10's probes, each a test)."""
 
+import functools
 import json
 import math
 import os
 import shutil
 import stat
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -351,3 +353,46 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert files.remove_leftovers(tmp_path / "missing") == []
+
+
+def _iostream_error(tmp):
+    Path(tmp).write_bytes(b"partial")
+    raise RuntimeError("basic_ios::clear: iostream error")  # what torch.save says on a full disk
+
+
+def test_a_full_disk_says_no_space_left_with_the_path(tmp_path, monkeypatch):
+    """Simulated: a writer fails with little space left on the device."""
+    target = tmp_path / "run.pt"
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda d: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(
+        OSError, match=f"no space left on the device of {tmp_path} while writing run.pt"
+    ):
+        files.atomic_write(target, _iostream_error)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_with_space_left_is_passed_on_unchanged(tmp_path):
+    with pytest.raises(RuntimeError, match="iostream error"):
+        files.atomic_write(tmp_path / "run.pt", _iostream_error)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount rights; skipped where they are missing)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_checkpoint_on_a_full_disk_says_no_space_left(tiny_disk):
+    """Real: torch.save of a 4 MiB checkpoint into a 256 KiB file system."""
+    state = {"w": torch.zeros(1 << 20)}
+    with pytest.raises(OSError, match=f"no space left on the device of {tiny_disk}"):
+        files.atomic_write(tiny_disk / "ckpt.pt", functools.partial(torch.save, state))
+    assert list(tiny_disk.iterdir()) == []

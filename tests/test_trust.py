@@ -1,7 +1,10 @@
 """Trust what is loaded, refuse what is unsound (issue 23's probes of the experiment layer, each a
 test): weights verified by content, result files checked before use, bounded processes."""
 
+import copy
 import json
+import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -12,9 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from strategies import networks
 
-from robustreg import study
+from robustreg import attacks, geometry, models, study, verification
 from robustreg.__main__ import main as cli
 from robustreg.study import cache, weights
 
@@ -286,3 +293,74 @@ def test_the_command_line_checks_ranges(argv, message, capsys):
 def test_a_bad_setting_is_an_error_when_the_profile_is_built(change, message):
     with pytest.raises(ValueError, match=message):
         study.PROFILES["smoke"].replace(**change)
+
+
+# --- sound or refused: certificates, exact radii, time limits ---------------------------------
+
+
+@settings(deadline=None)
+@given(
+    networks(max_batch=4),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.sampled_from(["l2", "linf"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_no_attack_inside_a_certificate_changes_the_prediction(case, dtype, norm, seed):
+    """certified_radius in any accepted dtype is the float64 certificate of the same weights, and
+    PGD (two restarts, margin loss) inside 0.999·r never changes the prediction of the float64
+    network (the function the certificate is about)."""
+    model = copy.deepcopy(case.model).to(dtype)
+    x = torch.sigmoid(case.x).to(dtype)  # in [0, 1], as the attack requires
+    radius = geometry.certified_radius(model, x, norm)
+    exact = copy.deepcopy(model).double()
+    assert radius.dtype == torch.float64
+    assert torch.equal(radius, geometry.certified_radius(exact, x.double(), norm))
+    inside = torch.isfinite(radius) & (radius > 0)
+    assume(bool(inside.any()))
+    x64 = x.double()[inside]
+    with torch.no_grad():
+        c = exact(x64).argmax(1)
+    gen = torch.Generator().manual_seed(seed)
+    eps = 0.999 * radius[inside]
+    adv = attacks.pgd(exact, x64, c, eps, norm, steps=20, restarts=2, generator=gen, loss="margin")
+    with torch.no_grad():
+        assert torch.equal(exact(adv).argmax(1), c)
+
+
+def test_certificates_refuse_what_they_cannot_certify():
+    torch.manual_seed(0)
+    model = models.mlp(4, 3, hidden=(5,)).double()
+    x = torch.rand(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        geometry.certified_radius(model.half(), x.half())
+    for bad in (math.inf, math.nan):
+        with pytest.raises(ValueError, match="NaN or infinite values in 1 of 3 samples"):
+            geometry.certified_radius(model.double(), torch.cat([x[:2], torch.full((1, 4), bad)]))
+    empty = geometry.certified_radius(model.double(), x[:0])
+    assert empty.shape == (0,) and empty.dtype == torch.float64
+    with torch.device("meta"):
+        ghost = models.mlp(4, 3, hidden=(5,))
+    for fn in (geometry.certified_radius, verification.minimal_perturbation):
+        with pytest.raises(ValueError, match="meta device"):
+            fn(ghost, x.float())
+
+
+@pytest.mark.parametrize("limit", [-1, 0, math.nan, math.inf, "5"])
+def test_a_time_limit_must_be_a_positive_number(limit):
+    model = models.mlp(4, 3, hidden=(5,)).double()
+    with pytest.raises(ValueError, match="time_limit must be a positive number of seconds or None"):
+        verification.minimal_perturbation(
+            model, torch.rand(1, 4, dtype=torch.float64), time_limit=limit
+        )
+
+
+def test_an_exact_radius_out_of_time_is_an_error_and_leaves_no_process():
+    """784-512-512-10 at a box of 0.1: a program with about a thousand binaries, which HiGHS does
+    not finish in a second (nor answers to its own time limit inside presolve)."""
+    torch.manual_seed(0)
+    model = models.mlp(784, 10, hidden=(512, 512)).double()
+    x = torch.rand(1, 784, dtype=torch.float64)
+    before = set(multiprocessing.active_children())
+    with pytest.raises(TimeoutError, match=r"time_limit=1 s .* binary"):
+        verification.minimal_perturbation(model, x, radius=0.1, time_limit=1)
+    assert set(multiprocessing.active_children()) <= before

@@ -10,8 +10,10 @@ temporary file; :func:`remove_leftovers` deletes them on the next run.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,10 +41,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         write(tmp)
         os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = isinstance(err, Exception) and _disk_full(err, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:  # writers such as torch.save report it as "basic_ios::clear: iostream error"
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on the device of {path.parent} while writing {path.name}; free "
+                f"some space and rerun (the previous {path.name}, if any, is unchanged)",
+            ) from err
         raise
     return path
+
+
+#: A write that fails with less than this much free space left failed for want of space.
+DISK_FULL_BYTES = 1 << 20
+
+
+def _disk_full(err: Exception, directory: Path) -> bool:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return True
+    try:
+        return shutil.disk_usage(directory).free < DISK_FULL_BYTES
+    except OSError:
+        return False
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

@@ -30,6 +30,7 @@ functions (``F.relu``) inside a custom ``forward``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models import MAX_POOLS, RECTIFIERS, check_piecewise_linear
-from .validation import check_batch, check_logits, dual_exponent, dual_norm
+from .validation import check_batch, check_logits, check_model, dual_exponent, dual_norm
 
 __all__ = [
     "logit_jacobian",
@@ -56,7 +57,7 @@ __all__ = [
 
 
 def _logits(model: nn.Module, x: Tensor) -> Tensor:
-    return check_logits(model(x), x)
+    return check_logits(check_model(model, x)(x), x)
 
 
 # --- Jacobian ----------------------------------------------------------------------------------
@@ -281,7 +282,7 @@ def _constraints(
         return empty, empty.bool(), empty
     c = torch.cat([s[0] for s in sites], 1)
     valid = torch.cat([s[1] for s in sites], 1)
-    n, d, m = x.shape[0], x[0].numel(), c.shape[1]
+    n, d, m = x.shape[0], math.prod(x.shape[1:]), c.shape[1]
     acc = torch.zeros_like(c)  # Σ|g|^q, or max|g| for q = ∞
     rows = max(1, chunk_elements // max(m, 1))
     xd = x.detach()
@@ -400,6 +401,17 @@ def certified_radius(model: nn.Module, x: Tensor, norm: str = "l2") -> Tensor:
     (:func:`margin_radius`, :func:`boundary_distance`). Every δ with ‖δ‖_p < r_p(x) keeps the
     prediction: x + δ stays in R(x), where f is affine and, by Hölder's inequality,
     f_c − f_k ≥ (f_c − f_k)(x) − ‖∇f_c − ∇f_k‖_q ‖δ‖_p > 0. Requires a piecewise-linear model.
+
+    Always computed and returned in float64: a float32 ``x`` (and model) is evaluated on a
+    float64 copy of the model, so the certificate is the float64 one of the same weights — a
+    float32 computation of margins and gradients can exceed it by its rounding errors. Inputs
+    must be finite (NaN or ±inf is an error, never an infinite radius).
     """
     check_piecewise_linear(model)
+    check_batch(x, finite=True)
+    check_model(model, x)
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.float64, device=x.device)
+    if x.dtype != torch.float64:
+        model, x = copy.deepcopy(model).to(torch.float64), x.to(torch.float64)
     return torch.minimum(margin_radius(model, x, norm), boundary_distance(model, x, norm=norm))

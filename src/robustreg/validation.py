@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -24,6 +24,7 @@ __all__ = [
     "check_label_values",
     "check_labels",
     "check_logits",
+    "check_model",
     "check_nonnegative",
     "check_norm",
     "check_positive",
@@ -149,6 +150,28 @@ def check_logits(f, x: Tensor) -> Tensor:
             f"{tuple(x.shape)} and the model returned {shape} (does x have a batch dimension?)"
         )
     return f
+
+
+def check_model(model, x: Tensor | None = None) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module`` whose parameters and buffers hold values (not
+    on the ``meta`` device) on the device of ``x``; else raise naming what is wrong."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise ValueError(
+            "the model's parameters are on the meta device (shapes without values); "
+            "materialize them first, e.g. model.to_empty(device='cpu') and then "
+            "model.load_state_dict(...) or robustreg.study.load_model(result_file)"
+        )
+    if x is not None:
+        devices = {t.device for t in tensors}
+        if devices and devices != {x.device}:
+            found = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(
+                f"the model is on {found} and x on {x.device}; move one of them (model.to(x.device))"
+            )
+    return model
 
 
 def check_count(name: str, value, *, minimum: int = 1, none: str | None = None) -> None:

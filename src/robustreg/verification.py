@@ -32,6 +32,9 @@ for small networks (the two-moons network, an MLP with a few dozen hidden units 
 from __future__ import annotations
 
 import math
+import multiprocessing
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +43,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 from torch import Tensor, nn
 
-from robustreg.validation import check_batch, check_norm
+from robustreg.validation import check_batch, check_model, check_norm
 
 __all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_perturbation"]
 
@@ -150,24 +153,75 @@ class _Program:
         self.row_lb.append(lb)
         self.row_ub.append(ub)
 
-    def solve(self, objective: np.ndarray, time_limit: float | None):
+    def size(self) -> str:
+        """The program's size, for messages."""
+        return (
+            f"{len(self.lb):,} variables ({sum(self.integer):,} binary), "
+            f"{len(self.row_lb):,} constraints, {len(self.vals):,} nonzeros"
+        )
+
+    def solve(self, objective: np.ndarray, deadline: float | None):
+        """Solve with HiGHS in a child process that is killed at ``deadline`` (a
+        ``time.monotonic()`` value): HiGHS's own ``time_limit`` is not checked inside its
+        presolve and first LP, where a large program can spend minutes."""
         n = len(self.lb)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(len(self.row_lb), n))
         options = {"mip_rel_gap": 0.0}
-        if time_limit is not None:
-            options["time_limit"] = time_limit
-        return milp(
-            objective,
+        if deadline is not None:
+            options["time_limit"] = max(deadline - time.monotonic(), 1e-3)
+        problem = dict(
+            c=objective,
             constraints=LinearConstraint(a.tocsr(), self.row_lb, self.row_ub),
             integrality=np.array(self.integer),
             bounds=Bounds(self.lb, self.ub),
             options=options,
         )
+        if deadline is None:
+            return milp(**problem)
+        return _solve_in_child(problem, deadline)
 
 
-def _target_program(layers, bounds, x, lo, hi, c, k, norm):
+def _milp_to_pipe(conn, problem) -> None:
+    res = milp(**problem)
+    conn.send((res.status, res.message, res.x))
+    conn.close()
+
+
+class _Result:
+    def __init__(self, status, message, x):
+        self.status, self.message, self.x = status, message, x
+
+
+def _solve_in_child(problem: dict, deadline: float) -> _Result | None:
+    """:func:`scipy.optimize.milp` in a child process; ``None`` if it is still running at
+    ``deadline`` (it is then killed)."""
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    ctx = multiprocessing.get_context(method)
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_milp_to_pipe, args=(send, problem), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if receive.poll(max(deadline - time.monotonic(), 0.0)):
+            try:
+                return _Result(*receive.recv())
+            except EOFError:  # the child died without an answer
+                child.join()
+                raise RuntimeError(
+                    f"the HiGHS process ended without a result (exit code {child.exitcode})"
+                ) from None
+        return None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+
+
+def _target_program(layers, bounds, x, lo, hi, c, k, norm, deadline=None):
     """The program min ‖x′ − x‖_p s.t. f_k(x′) ≥ f_c(x′), x′ ∈ [lo, hi]; returns it with the
-    indices of x′ and of the objective's variable t."""
+    indices of x′ and of the objective's variable t. Raises ``TimeoutError`` if building it
+    passes ``deadline`` (a ``time.monotonic()`` value)."""
     prog = _Program()
     d = len(x)
     xp = prog.variables(lo, hi)
@@ -184,7 +238,13 @@ def _target_program(layers, bounds, x, lo, hi, c, k, norm):
         prog.constraint({t: 1.0, **{int(j): -1.0 for j in e}}, 0.0, 0.0)
     prev = xp  # variables of the layer's input u (h of the previous layer)
     prev_expr = None  # or, for hidden layers: (z, r, a) with h = a·z + (1 − a)·r
-    for (w, cvec, a), (l, u) in zip(layers[:-1], bounds, strict=True):
+    for n_layer, ((w, cvec, a), (l, u)) in enumerate(zip(layers[:-1], bounds, strict=True)):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"building the program passed time_limit at hidden layer {n_layer + 1} of "
+                f"{len(layers) - 1} (so far {prog.size()}; the network has "
+                f"{sum(w.size for w, _, _ in layers):,} weights)"
+            )
         z = prog.variables(l, u)
         for j in range(len(cvec)):  # z_j = W_j h + c_j
             coeffs = _input_coeffs(w[j], prev, prev_expr)
@@ -238,11 +298,21 @@ def minimal_perturbation(
     search box around x; it must be ≥ ε*_∞ (for ℓ1, ≥ ε*_1 is enough, as ‖δ‖∞ ≤ ‖δ‖₁) — an
     attack's radius is one. Where no program is feasible inside the box, ``radius`` is ``inf``:
     nothing within it changes the prediction. ``box=True`` also keeps x′ in [0, 1]^d.
-    ``time_limit``: seconds per program; a program that does not reach proven optimality raises
-    ``RuntimeError`` (an unproven value is not an exact radius).
+    ``time_limit``: seconds per sample, end to end (building its programs and solving them; the
+    solver runs in a child process that is killed at the limit), or ``None`` for no limit. A
+    sample that runs out of time raises ``TimeoutError`` naming the program's size; a program
+    that HiGHS ends without proven optimality raises ``RuntimeError`` (an unproven value is not
+    an exact radius).
     """
+    if time_limit is not None and not (
+        isinstance(time_limit, int | float) and math.isfinite(time_limit) and time_limit > 0
+    ):
+        raise ValueError(
+            f"time_limit must be a positive number of seconds or None (no limit); got {time_limit!r}"
+        )
     check_norm(norm, NORMS)
     check_batch(x, finite=True)
+    check_model(model, x)
     layers = affine_layers(model)
     xs = x.detach().double().cpu().reshape(len(x), -1).numpy()
     with torch.no_grad():
@@ -262,6 +332,7 @@ def minimal_perturbation(
         if int(pred[i]) != c:
             out_r[i], out_t[i] = 0.0, int(pred[i])
             continue
+        deadline = None if time_limit is None else time.monotonic() + time_limit
         lo, hi = xi - float(radii[i]), xi + float(radii[i])
         if box:
             lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
@@ -270,10 +341,21 @@ def minimal_perturbation(
         for k in range(n_classes):
             if k == c:
                 continue
-            prog, xp, t = _target_program(layers, bounds, xi, lo, hi, c, k, norm)
+            try:
+                prog, xp, t = _target_program(layers, bounds, xi, lo, hi, c, k, norm, deadline)
+            except TimeoutError as err:
+                raise TimeoutError(
+                    f"sample {i}, target {k}: {err} (time_limit={time_limit} s)"
+                ) from None
             objective = np.zeros(len(prog.lb))
             objective[t] = 1.0
-            res = prog.solve(objective, time_limit)
+            res = prog.solve(objective, deadline)
+            if res is None or res.status == 1:  # killed at the deadline, or HiGHS's own limit
+                raise TimeoutError(
+                    f"sample {i}, target {k}: no proven optimum within time_limit={time_limit} s "
+                    f"for a program of {prog.size()}; raise time_limit, shrink radius (fewer "
+                    "unstable units) or use a smaller network"
+                )
             if res.status == 2:  # infeasible: no x′ in the box reaches class k
                 continue
             if res.status != 0:
