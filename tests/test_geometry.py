@@ -522,3 +522,19 @@ def test_boundary_distance_in_other_norms_is_exact(case: Case, norm: str):
     bound = d2 if norm == "l1" else d2 / math.sqrt(x[0].numel())
     assert (dist >= bound * (1 - 1e-12)).all()
     assert (dist <= (d2 if norm == "linf" else d2 * math.sqrt(x[0].numel())) * (1 + 1e-12)).all()
+
+
+@settings(deadline=None)
+@given(networks(), st.sampled_from([2.0, 1.0, math.inf]), st.integers(1, 6))
+def test_layerwise_hyperplanes_equal_forward_mode(case: Case, q: float, per_chunk: int):
+    """The one-pass computation of every constraint's gradient norm (issue 26) equals the
+    forward-mode one on every architecture kind, in every dual norm and chunk size."""
+    from robustreg import geometry
+
+    d = case.x[0].numel()
+    fast = geometry._constraints_layerwise(case.model, case.x, per_chunk * d * 64, q)
+    assert fast is not None, "the property architectures are all layer-wise"
+    ref = geometry._constraints_forward(case.model, case.x, 2**22, q)
+    assert torch.equal(fast[1], ref[1])
+    checks.check_identity("c", fast[0], ref[0], TOL, scale=batch_scale(ref[0]))
+    checks.check_identity("‖∇c‖_q", fast[2], ref[2], TOL, scale=batch_scale(ref[2]))

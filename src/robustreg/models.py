@@ -379,17 +379,21 @@ def smooth_copy(model: nn.Module, beta: float = 1.0) -> nn.Module:
     for module in list(copy_.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, RECTIFIERS):
-                setattr(module, child_name, _SmoothRectifier(_slope(child), beta))
+                setattr(module, child_name, _SmoothRectifier(negative_slope(child), beta))
     return copy_
 
 
-def _slope(rectifier: nn.Module) -> torch.Tensor:
-    """The negative slope a of a rectifier module (one per channel for a multi-slope PReLU)."""
+def negative_slope(rectifier: nn.Module) -> torch.Tensor:
+    """The negative slope a of a rectifier σ_a (``ReLU``: 0, ``LeakyReLU``: its slope, ``PReLU``:
+    its weight, one per channel for a multi-slope PReLU), as a float64 tensor (a float32 one
+    would round a LeakyReLU's Python-float slope)."""
     if isinstance(rectifier, nn.PReLU):
-        return rectifier.weight.detach().clone()
+        return rectifier.weight.detach().to(torch.float64, copy=True)
     if isinstance(rectifier, nn.LeakyReLU):
-        return torch.tensor([rectifier.negative_slope])
-    return torch.zeros(1)
+        return torch.tensor([rectifier.negative_slope], dtype=torch.float64)
+    if isinstance(rectifier, nn.ReLU):
+        return torch.zeros(1, dtype=torch.float64)
+    raise TypeError(f"not a rectifier (ReLU, LeakyReLU, PReLU): {type(rectifier).__name__}")
 
 
 class _SmoothRectifier(nn.Module):

@@ -154,9 +154,12 @@ def check_logits(f, x: Tensor) -> Tensor:
 
 def check_model(model, x: Tensor | None = None) -> nn.Module:
     """Return ``model`` if it is an ``nn.Module`` whose parameters and buffers hold values (not
-    on the ``meta`` device) on the device of ``x``; else raise naming what is wrong."""
+    on the ``meta`` device) on the device of ``x``, or another callable (nothing to inspect);
+    else raise naming what is wrong."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if callable(model):
+            return model
+        raise TypeError(f"model must be a torch.nn.Module or callable; got {type(model).__name__}")
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.is_meta for t in tensors):
         raise ValueError(
