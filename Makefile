@@ -54,32 +54,38 @@ lint: $(VENV_STAMP)
 	$(PY) -m ruff format --check src tests tools benchmarks book
 	.venv/bin/actionlint .github/workflows/*.yml
 
+## Stages run JOBS processes side by side (one thread each unless said otherwise): small networks
+## on one thread are nearly as fast as on two, so two processes use the two cores.
+JOBS ?= 2
+
 unit: $(VENV_STAMP)
-	$(PY) -m pytest tests -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -n $(JOBS) --dist loadfile
 
 ## make smoke: every chapter at its seconds-long profile, with a seed other than the published one.
 SMOKE_SEED ?= 1
 smoke: $(VENV_STAMP)
-	@mkdir -p _build/smoke
-	@for nb in $(CHAPTERS); do \
-	  echo "== smoke $$nb"; \
-	  $(PY) -m papermill "$$nb" "_build/smoke/$$(basename $$nb)" -p profile smoke -p seed $(SMOKE_SEED) --cwd book -k python3 --no-progress-bar || exit 1; \
-	done
+	ROBUSTREG_THREADS=1 OMP_NUM_THREADS=1 $(PY) tools/reruns.py --profiles smoke --seeds $(SMOKE_SEED) --jobs $(JOBS) --out _build/smoke
 
+## make nbval: every chapter's checked outputs against the committed ones, natively at one thread
+## per chapter, JOBS chapters at a time (the longest, 08, first).
+NBVAL_THREADS ?= 1
+NBVAL_ORDER = $(filter book/08_%,$(CHAPTERS)) $(filter-out book/08_%,$(CHAPTERS))
 nbval: $(VENV_STAMP)
+	ROBUSTREG_THREADS=$(NBVAL_THREADS) OMP_NUM_THREADS=$(NBVAL_THREADS) \
 	$(PY) -m pytest --nbval-lax --nbval-current-env --nbval-kernel-name python3 \
-	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -q $(CHAPTERS)
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider -q \
+	  -n $(JOBS) --dist loadfile $(NBVAL_ORDER)
 
-## make nbval-portable: nbval again under another instruction set and thread count than the first
-## pass (the committed outputs must not depend on either).
+## make nbval-portable: nbval again under another instruction set (ATen's portable kernels) and
+## another thread count (two) than the first pass: the committed outputs depend on neither.
 nbval-portable: $(VENV_STAMP)
-	ATEN_CPU_CAPABILITY=default ROBUSTREG_THREADS=2 OMP_NUM_THREADS=2 $(MAKE) --no-print-directory nbval
+	ATEN_CPU_CAPABILITY=default $(MAKE) --no-print-directory nbval NBVAL_THREADS=2
 
 ## make reproduction: retrain three committed runs (plain, a regularizer with its estimator,
-## adversarial training) and compare their metrics with the committed result files.
+## adversarial training) and compare their metrics with the committed result files, JOBS at a time.
 REPRODUCE_RUNS ?= plain_seed0 jacobian_frobenius_lam0.1_seed0 adversarial_seed0
 reproduction: $(VENV_STAMP)
-	$(PY) -m robustreg reproduce-results results/default $(REPRODUCE_RUNS) --quiet
+	printf '%s\n' $(REPRODUCE_RUNS) | xargs -P $(JOBS) -I RUN $(PY) -m robustreg reproduce-results results/default RUN --quiet
 
 ## make reruns: the property tests at 400 random architectures each, then every chapter at its
 ## default profile with seeds 1–5 and at its full profile (what readers rerun; about an hour).

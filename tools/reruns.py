@@ -7,6 +7,9 @@ Runs go two at a time (the chapters use one or two threads).
 
     python tools/reruns.py                 # everything
     python tools/reruns.py --seeds 1 2 --profiles default --chapters 05 07
+    python tools/reruns.py --profiles smoke --seeds 1 --out _build/smoke   # `make smoke`
+
+The environment passes to the runs (``ROBUSTREG_THREADS=1`` gives each chapter one thread).
 """
 
 import argparse
@@ -70,13 +73,14 @@ def main(argv=None) -> int:
     parser.add_argument("--profiles", nargs="+", default=["default", "full"])
     parser.add_argument("--chapters", nargs="+", default=None, help="number prefixes, e.g. 05 07")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "reruns")
     args = parser.parse_args(argv)
     notebooks = [
         nb
         for nb in chapter_notebooks()
         if args.chapters is None or any(nb.stem.startswith(c) for c in args.chapters)
     ]
-    out_dir = ROOT / "_build" / "reruns"
+    out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []
     for nb in notebooks:

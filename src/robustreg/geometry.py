@@ -374,11 +374,29 @@ class _AllSitesSeen(Exception):
 
 
 class _Sites(list):
-    """The constraint sites recorded so far, and how many the model has (``total``)."""
+    """The constraint sites recorded so far, how many the model has (``total``), and the shared
+    tangents already computed (``memo``, kept from one chunk of samples to the next)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, memo: dict):
         super().__init__()
-        self.total = total
+        self.total, self.memo = total, memo
+
+
+def _shared_tangent(module: nn.Module, t: Tensor, q: float, memo: dict) -> Tensor:
+    """The tangent through an affine leaf while it is shared by all samples (before the first
+    rectifier or max-pool), computed once for all chunks of samples. For ℓ2 (q = 2) a tangent with more rows (input directions, D) than columns (m) is
+    replaced by R of its QR factorization T = Q·R [D × m = (D × m)(m × m)]: every later map acts
+    on the columns, and ‖Q·R·M e_u‖₂ = ‖R·M e_u‖₂ since Q's columns are orthonormal, so the
+    norms are unchanged while each later layer costs m/D as much."""
+    key = (id(module), t.data_ptr(), tuple(t.shape))
+    if key not in memo:
+        out = _linear_part(module, t)
+        rows, cols = out.shape[1], math.prod(out.shape[2:])
+        if q == 2.0 and rows > cols:
+            r = torch.linalg.qr(out.reshape(rows, cols), mode="r")[1]
+            out = r.reshape(1, cols, *out.shape[2:])
+        memo[key] = out
+    return memo[key]
 
 
 def _count_sites(module: nn.Module) -> int:
@@ -426,7 +444,14 @@ def _layerwise(module: nn.Module, h: Tensor, t: Tensor, s: Tensor | None, q: flo
         y = module(h)
         return y, top.reshape(h.shape[0], t.shape[1], *y.shape[1:]), None
     if isinstance(module, nn.Linear) and s is not None:  # T·diag(s)·Wᵀ = T·(W·diag(s))ᵀ
-        return module(h), t @ (module.weight * s[:, None, :]).transpose(1, 2), None
+        ws = module.weight * s[:, None, :]  # [B, n_out, n_in]
+        if t.shape[0] == 1:  # a shared T: one product with all samples' weights side by side
+            b, n_out, n_in = ws.shape
+            prod = t[0] @ ws.reshape(b * n_out, n_in).T  # [D, B·n_out]
+            return module(h), prod.view(-1, b, n_out).transpose(0, 1), None
+        return module(h), t @ ws.transpose(1, 2), None
+    if not out:  # no rectifier or max-pool yet: the tangent is the same for every sample
+        return module(h), _shared_tangent(module, t, q, out.memo), None
     return module(h), _linear_part(module, t), None
 
 
@@ -460,10 +485,10 @@ def _constraints_layerwise(model: nn.Module, x: Tensor, chunk_elements: int, q: 
     if total == 0:
         empty = torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
         return empty, empty.bool(), empty
-    parts = []
+    parts, memo = [], {}
     with torch.no_grad():
         for start in range(0, x.shape[0], per_chunk):
-            sites = _Sites(total)
+            sites = _Sites(total, memo)
             try:
                 _layerwise(model, x[start : start + per_chunk].detach(), eye, None, q, sites)
             except _AllSitesSeen:

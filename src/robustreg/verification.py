@@ -50,6 +50,9 @@ __all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_pertu
 #: The norms of the exact radii (names of :data:`robustreg.validation.NORMS`).
 NORMS = ("linf", "l1")
 
+#: Programs with this many nonzeros or more are solved in a child process (see ``_Program.solve``).
+IN_PROCESS_NONZEROS = 100_000
+
 #: HiGHS's feasibility tolerance for mixed-integer programs (its default, ``mip_feasibility_tolerance``).
 SOLVER_TOLERANCE = 1e-6
 
@@ -161,9 +164,11 @@ class _Program:
         )
 
     def solve(self, objective: np.ndarray, deadline: float | None):
-        """Solve with HiGHS in a child process that is killed at ``deadline`` (a
-        ``time.monotonic()`` value): HiGHS's own ``time_limit`` is not checked inside its
-        presolve and first LP, where a large program can spend minutes."""
+        """Solve with HiGHS, by the ``deadline`` (a ``time.monotonic()`` value). HiGHS's own
+        ``time_limit`` is not checked inside its presolve and first LP, where a large program
+        (784-1024-1024-10: 1.9 million nonzeros) spends minutes; a program of
+        :data:`IN_PROCESS_NONZEROS` or more is therefore solved in a child process that is
+        killed at the deadline, a smaller one in this process (no fork per program)."""
         n = len(self.lb)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(len(self.row_lb), n))
         options = {"mip_rel_gap": 0.0}
@@ -176,8 +181,8 @@ class _Program:
             bounds=Bounds(self.lb, self.ub),
             options=options,
         )
-        if deadline is None:
-            return milp(**problem)
+        if deadline is None or len(self.vals) < IN_PROCESS_NONZEROS:
+            return milp(**problem)  # small: HiGHS's own time_limit holds
         return _solve_in_child(problem, deadline)
 
 
