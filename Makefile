@@ -59,7 +59,7 @@ lint: $(VENV_STAMP)
 JOBS ?= 2
 
 unit: $(VENV_STAMP)
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -n $(JOBS) --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -n $(JOBS) --dist worksteal
 
 ## make smoke: every chapter at its seconds-long profile, with a seed other than the published one.
 SMOKE_SEED ?= 1
