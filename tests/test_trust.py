@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from strategies import networks
 
-from robustreg import attacks, geometry, models, study, verification
+from robustreg import attacks, geometry, models, regularizers, study, verification
 from robustreg.__main__ import main as cli
 from robustreg.study import cache, weights
 
@@ -364,3 +364,32 @@ def test_an_exact_radius_out_of_time_is_an_error_and_leaves_no_process():
     with pytest.raises(TimeoutError, match=r"time_limit=1 s .* binary"):
         verification.minimal_perturbation(model, x, radius=0.1, time_limit=1)
     assert set(multiprocessing.active_children()) <= before
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "input_gradient",
+        "grad_align",
+        "jacobian_frobenius",
+        "curvature",
+        "cross_lipschitz",
+        "hessian_trace",
+        "local_linearity",
+        "mmr",
+    ],
+)
+def test_regularizers_refuse_float16(name):
+    """float16 made input_gradient 100 % wrong on its worst sample and grad_align 171×."""
+    torch.manual_seed(0)
+    model = models.mlp(4, 3, hidden=(5,)).half()
+    x, y = torch.rand(3, 4).half(), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"float32 or float64\); got torch.float16"):
+        regularizers.get(name)(model, x, y)
+
+
+def test_an_exact_radius_of_a_nan_input_is_refused():
+    model = models.mlp(4, 3, hidden=(5,)).double()
+    x = torch.full((1, 4), math.nan, dtype=torch.float64)
+    with pytest.raises(ValueError, match="NaN or infinite values in 1 of 1 samples"):
+        verification.minimal_perturbation(model, x)
