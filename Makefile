@@ -98,6 +98,7 @@ browser: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) benchmarks/regularizer_cost.py
+	$(PY) benchmarks/certificate_cost.py --with-forward-mode
 
 clean:
 	rm -rf _build
