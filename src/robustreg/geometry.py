@@ -571,9 +571,10 @@ def boundary_distance(
     stops being affine.
 
     Gradients ∇ₓc_u are computed exactly, in one pass through the layers that carries the
-    tangent ∂h/∂x of every activation (shared by all samples until the first rectifier; about
-    30 forward-and-backward passes of the batch for the 784-256-256-10 MLP, ``make bench``), in
-    chunks of samples of about ``chunk_elements`` numbers per tangent. Models that are not
+    tangent ∂h/∂x of every activation (shared by all samples until the first rectifier, and for
+    ℓ2 reduced to as many rows as the first layer has units), in chunks of samples of about
+    ``chunk_elements`` numbers per tangent: for the 784-256-256-10 MLP about 30 (ℓ2) or 70 (ℓ∞,
+    ℓ1) forward-and-backward passes of the batch (``make bench``). Models that are not
     (nested) ``nn.Sequential``/``Residual`` stacks of the known layers fall back to forward-mode
     AD through the model's own ``forward``, one dual evaluation per input coordinate.
     """
