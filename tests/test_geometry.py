@@ -538,3 +538,42 @@ def test_layerwise_hyperplanes_equal_forward_mode(case: Case, q: float, per_chun
     assert torch.equal(fast[1], ref[1])
     checks.check_identity("c", fast[0], ref[0], TOL, scale=batch_scale(ref[0]))
     checks.check_identity("‖∇c‖_q", fast[2], ref[2], TOL, scale=batch_scale(ref[2]))
+
+
+def test_layerwise_hyperplanes_through_every_known_leaf():
+    """Batch norm (eval), average pooling, constant and zero padding, transposed convolution,
+    a per-channel PReLU, dropout (eval), Unflatten, adaptive max-pooling: equal to forward mode."""
+    from robustreg import geometry
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    net = nn.Sequential(
+        nn.Unflatten(1, (1, 6, 6)),
+        nn.ConstantPad2d(1, 0.3),
+        nn.Conv2d(1, 3, 3),
+        bn,
+        nn.PReLU(3),
+        nn.Dropout(0.5),
+        nn.AvgPool2d(2),
+        nn.ZeroPad2d((0, 1, 0, 1)),
+        nn.ConvTranspose2d(3, 2, 2, stride=2),
+        nn.LeakyReLU(0.2),
+        nn.AdaptiveMaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(18, 4),
+    ).double()
+    with torch.no_grad():
+        net[4].weight.uniform_(-0.5, 0.5)
+    net.eval()
+    x = torch.rand(5, 36, dtype=torch.float64)
+    for q in (2.0, 1.0, math.inf):
+        fast = geometry._constraints_layerwise(net, x, 2**22, q)
+        assert fast is not None
+        ref = geometry._constraints_forward(net, x, 2**22, q)
+        assert torch.equal(fast[1], ref[1])
+        checks.check_identity("c", fast[0], ref[0], TOL, scale=batch_scale(ref[0]))
+        checks.check_identity("‖∇c‖_q", fast[2], ref[2], TOL, scale=batch_scale(ref[2]))
+    net.train()  # batch statistics: not piecewise linear, refused by both paths
+    assert geometry._constraints_layerwise(net, x, 2**22, 2.0) is None

@@ -40,7 +40,16 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models import MAX_POOLS, RECTIFIERS, Residual, check_piecewise_linear, negative_slope
+from .models import (
+    AFFINE,
+    BATCH_NORMS,
+    DROPOUTS,
+    MAX_POOLS,
+    RECTIFIERS,
+    Residual,
+    check_piecewise_linear,
+    negative_slope,
+)
 from .validation import check_batch, check_logits, check_model, dual_exponent, dual_norm
 
 __all__ = [
@@ -291,22 +300,10 @@ _CONV_T = {
     nn.ConvTranspose2d: F.conv_transpose2d,
     nn.ConvTranspose3d: F.conv_transpose3d,
 }
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-#: Leaves whose map is linear (no offset): the tangent goes through the module itself.
-_LINEAR_LEAVES = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.ZeroPad1d,
-    nn.ZeroPad2d,
-    nn.ZeroPad3d,
+_CONSTANT_PADS = (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+#: Affine leaves whose map is linear (no offset): the tangent goes through the module itself.
+_LINEAR_LEAVES = tuple(
+    kind for kind in AFFINE if kind not in (nn.Linear, *_CONV, *_CONV_T, *_CONSTANT_PADS)
 )
 
 
@@ -315,13 +312,13 @@ def _layerwise_supported(module: nn.Module) -> bool:
         return all(_layerwise_supported(m) for m in module)
     if type(module) is Residual:
         return _layerwise_supported(module.block)
-    if isinstance(module, _DROPOUTS):
+    if isinstance(module, DROPOUTS):
         return not module.training
-    if isinstance(module, _BATCH_NORMS):
+    if isinstance(module, BATCH_NORMS):
         return not module.training and module.running_var is not None
     if type(module) in _CONV:
         return module.padding_mode == "zeros"  # other paddings: the forward-mode fallback
-    kinds = (nn.Linear, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)
+    kinds = (nn.Linear, *_CONSTANT_PADS)
     return isinstance(module, kinds + tuple(_CONV) + tuple(_CONV_T) + _LINEAR_LEAVES) or (
         isinstance(module, RECTIFIERS + MAX_POOLS)
     )
@@ -346,14 +343,14 @@ def _linear_part(module: nn.Module, t: Tensor) -> Tensor:
         conv = _CONV_T[type(module)]
         args = (module.stride, module.padding, module.output_padding, module.groups)
         return _per_sample(lambda u: conv(u, module.weight, None, *args, module.dilation), t)
-    if isinstance(module, _BATCH_NORMS):
+    if isinstance(module, BATCH_NORMS):
         scale = torch.rsqrt(module.running_var + module.eps)
         if module.weight is not None:
             scale = scale * module.weight
         return t * scale.view(-1, *[1] * (t.dim() - 3))
-    if isinstance(module, nn.ConstantPad1d | nn.ConstantPad2d | nn.ConstantPad3d):
+    if isinstance(module, _CONSTANT_PADS):
         return _per_sample(lambda u: F.pad(u, module.padding, value=0.0), t)
-    if isinstance(module, _DROPOUTS):
+    if isinstance(module, DROPOUTS):
         return t
     return _per_sample(module, t)
 
