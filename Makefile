@@ -77,9 +77,11 @@ nbval: $(VENV_STAMP)
 	  -n $(JOBS) --dist loadfile $(NBVAL_ORDER)
 
 ## make nbval-portable: nbval again under another instruction set (ATen's portable kernels) and
-## another thread count (two) than the first pass: the committed outputs depend on neither.
+## another thread count (two) than the first pass: the committed outputs depend on neither. One
+## chapter at a time: two processes of two threads each on two cores make the chapters of tiny
+## networks several times slower (their threads wait for each other).
 nbval-portable: $(VENV_STAMP)
-	ATEN_CPU_CAPABILITY=default $(MAKE) --no-print-directory nbval NBVAL_THREADS=2
+	ATEN_CPU_CAPABILITY=default $(MAKE) --no-print-directory nbval NBVAL_THREADS=2 JOBS=1
 
 ## make reproduction: retrain three committed runs (plain, a regularizer with its estimator,
 ## adversarial training) and compare their metrics with the committed result files, JOBS at a time.
