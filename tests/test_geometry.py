@@ -577,3 +577,28 @@ def test_layerwise_hyperplanes_through_every_known_leaf():
         checks.check_identity("‖∇c‖_q", fast[2], ref[2], TOL, scale=batch_scale(ref[2]))
     net.train()  # batch statistics: not piecewise linear, refused by both paths
     assert geometry._constraints_layerwise(net, x, 2**22, 2.0) is None
+
+
+def test_layerwise_path_leaves_custom_forwards_to_forward_mode():
+    """A subclass that overrides ``forward`` is not what its base class computes."""
+    from robustreg import geometry
+
+    class Doubled(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Shifted(nn.ReLU):
+        def forward(self, x):
+            return super().forward(x - 0.1)
+
+    torch.manual_seed(0)
+    for net in (
+        Doubled(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)),
+        nn.Sequential(nn.Linear(3, 4), Shifted(), nn.Linear(4, 2)),
+    ):
+        assert (
+            geometry._constraints_layerwise(
+                net.double(), torch.rand(2, 3, dtype=torch.float64), 2**22, 2.0
+            )
+            is None
+        )

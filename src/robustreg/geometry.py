@@ -308,20 +308,21 @@ _LINEAR_LEAVES = tuple(
 
 
 def _layerwise_supported(module: nn.Module) -> bool:
-    if isinstance(module, nn.Sequential):
+    """Whether the layer-wise pass knows ``module`` exactly: its own class (a subclass may
+    override ``forward``), in a plain ``nn.Sequential``/``Residual`` nesting."""
+    kind = type(module)
+    if kind is nn.Sequential:
         return all(_layerwise_supported(m) for m in module)
-    if type(module) is Residual:
+    if kind is Residual:
         return _layerwise_supported(module.block)
-    if isinstance(module, DROPOUTS):
+    if kind in DROPOUTS:
         return not module.training
-    if isinstance(module, BATCH_NORMS):
+    if kind in BATCH_NORMS:
         return not module.training and module.running_var is not None
-    if type(module) in _CONV:
+    if kind in _CONV:
         return module.padding_mode == "zeros"  # other paddings: the forward-mode fallback
-    kinds = (nn.Linear, *_CONSTANT_PADS)
-    return isinstance(module, kinds + tuple(_CONV) + tuple(_CONV_T) + _LINEAR_LEAVES) or (
-        isinstance(module, RECTIFIERS + MAX_POOLS)
-    )
+    known = (nn.Linear, *_CONSTANT_PADS, *_CONV_T, *_LINEAR_LEAVES, *RECTIFIERS, *MAX_POOLS)
+    return kind in known
 
 
 def _per_sample(fn: Callable, t: Tensor) -> Tensor:
