@@ -53,6 +53,7 @@ lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests tools benchmarks book
 	$(PY) -m ruff format --check src tests tools benchmarks book
 	.venv/bin/actionlint .github/workflows/*.yml
+	.venv/bin/cffconvert --validate -i CITATION.cff
 
 ## Stages run JOBS processes side by side (one thread each unless said otherwise): small networks
 ## on one thread are nearly as fast as on two, so two processes use the two cores.

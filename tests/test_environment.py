@@ -48,3 +48,16 @@ def test_the_package_needs_only_torch_and_numpy():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert set(_normalized(project["dependencies"])) == {"torch", "numpy"}
     assert "robustreg[experiments]" in project["optional-dependencies"]["dev"]
+
+
+def test_one_version_everywhere():
+    """The version lives in robustreg.__version__; pyproject reads it, CITATION.cff and the
+    changelog name it."""
+    import robustreg
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["version"] == robustreg.__version__
+    assert f"## {robustreg.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
