@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from scipy.optimize import linprog
 from torch import nn
 
-from robustreg import geometry, models
+from robustreg import attacks, geometry, models
 from robustreg.verification import SOLVER_TOLERANCE, affine_layers, minimal_perturbation
 
 
@@ -151,3 +152,26 @@ def test_minimal_pgd_perturbation_is_an_upper_bound():
     assert (exact.radius[hit] <= found[hit] + 10 * SOLVER_TOLERANCE).all()
     # where the MILP proves no point within ε_max exists, the attack finds none either
     assert not (torch.isinf(exact.radius) & hit).any()
+
+
+def test_a_presolve_failure_of_highs_is_solved_without_presolve():
+    """Chapter 08's full profile (seed 1, the input-gradient network, test point 171): HiGHS's
+    presolve ends in "Solve error" on this 2-16-16-2 program; without presolve it is optimal.
+    The exact radius must come back, change the prediction, and lie below the attack's."""
+    from safetensors.torch import load_file
+
+    state = load_file(Path(__file__).parent / "data" / "highs_presolve_failure.safetensors")
+    x = state.pop("x")
+    net = nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(2, 16),
+        nn.LeakyReLU(0.1),
+        nn.Linear(16, 16),
+        nn.LeakyReLU(0.1),
+        nn.Linear(16, 2),
+    ).double()
+    net.load_state_dict(state)
+    exact = minimal_perturbation(net, x, norm="linf", radius=1.0)
+    assert torch.isfinite(exact.radius).all() and exact.violation.max() <= SOLVER_TOLERANCE
+    found = attacks.minimal_pgd_perturbation(net, x, generator=torch.Generator().manual_seed(0))
+    assert exact.radius[0] <= found[0] + 10 * SOLVER_TOLERANCE

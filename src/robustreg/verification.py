@@ -168,7 +168,10 @@ class _Program:
         ``time_limit`` is not checked inside its presolve and first LP, where a large program
         (784-1024-1024-10: 1.9 million nonzeros) spends minutes; a program of
         :data:`IN_PROCESS_NONZEROS` or more is therefore solved in a child process that is
-        killed at the deadline, a smaller one in this process (no fork per program)."""
+        killed at the deadline, a smaller one in this process (no fork per program). A
+        "Solve error" (status 4) is retried once without presolve: HiGHS's presolve fails on
+        some small, well-scaled programs that it then solves to optimality (chapter 08's full
+        profile met one: a 2-16-16-2 network, coefficients 6e-5 … 4)."""
         n = len(self.lb)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(len(self.row_lb), n))
         options = {"mip_rel_gap": 0.0}
@@ -181,6 +184,15 @@ class _Program:
             bounds=Bounds(self.lb, self.ub),
             options=options,
         )
+        res = self._run(problem, deadline)
+        if res is not None and res.status == 4:  # HiGHS's presolve can fail ("Solve error")
+            problem["options"] = {**options, "presolve": False}
+            if deadline is not None:
+                problem["options"]["time_limit"] = max(deadline - time.monotonic(), 1e-3)
+            res = self._run(problem, deadline)
+        return res
+
+    def _run(self, problem: dict, deadline: float | None):
         if deadline is None or len(self.vals) < IN_PROCESS_NONZEROS:
             return milp(**problem)  # small: HiGHS's own time_limit holds
         return _solve_in_child(problem, deadline)
