@@ -382,8 +382,8 @@ class _Sites(list):
 
 def _shared_tangent(module: nn.Module, t: Tensor, q: float, memo: dict) -> Tensor:
     """The tangent through an affine leaf while it is shared by all samples (before the first
-    rectifier or max-pool), computed once for all chunks of samples. For ℓ2 (q = 2) a tangent with more rows (input directions, D) than columns (m) is
-    replaced by R of its QR factorization T = Q·R [D × m = (D × m)(m × m)]: every later map acts
+    rectifier or max-pool), computed once for all chunks of samples. For ℓ2 (q = 2) a tangent
+    with more rows (input directions, D) than columns (m) is replaced by R of its QR factorization T = Q·R [D × m = (D × m)(m × m)]: every later map acts
     on the columns, and ‖Q·R·M e_u‖₂ = ‖R·M e_u‖₂ since Q's columns are orthonormal, so the
     norms are unchanged while each later layer costs m/D as much."""
     key = (id(module), t.data_ptr(), tuple(t.shape))
@@ -417,29 +417,24 @@ def _layerwise(module: nn.Module, h: Tensor, t: Tensor, s: Tensor | None, q: flo
         return h + hb, _with_slope(t, s) + _with_slope(tb, sb), None
     t = t if isinstance(module, nn.Linear) else _with_slope(t, s)
     if isinstance(module, RECTIFIERS):
-        z = h.flatten(1)
-        grad = _tangent_norms(t.flatten(2), q).expand(z.shape)
-        out.append((z, torch.ones(z.shape, dtype=torch.bool, device=z.device), grad))
+        z, valid = _constraint_site(module, h, None)
+        out.append((z, valid, _tangent_norms(t.flatten(2), q).expand(z.shape)))
         if len(out) == out.total:
             raise _AllSitesSeen
         a = negative_slope(module).to(h)
         a = a.view(1, -1, *[1] * (h.dim() - 2)) if a.numel() > 1 else a
         return module(h), t, torch.where(h > 0, torch.ones_like(h), a.expand_as(h))
-    if isinstance(module, MAX_POOLS):
-        v = h.flatten(2)  # [B, C, S]
-        idx = _pool_indices(module, h)
-        win = _pool_windows(module, tuple(h.shape[2:]), tuple(idx.shape[2:])).to(h.device)
-        idx = idx.flatten(2)  # [B, C, L]
-        members = v[:, :, win.clamp(min=0)]  # [B, C, L, W]
-        c = v.gather(2, idx)[..., None] - members
-        valid = (win >= 0) & (win[None, None] != idx[..., None])
+    if isinstance(module, MAX_POOLS):  # the constraints v_m − v_j of every window
+        y = module(h)
+        c, valid = _constraint_site(module, h, y)
+        idx = _pool_indices(module, h).flatten(2)  # [B, C, L]
+        win = _pool_windows(module, tuple(h.shape[2:]), tuple(y.shape[2:])).to(h.device)
         tv = t.flatten(3).expand(h.shape[0], -1, -1, -1)  # [B, d, C, S]
         top = tv.gather(3, idx[:, None].expand(-1, t.shape[1], -1, -1))  # [B, d, C, L]
         grad = _tangent_norms((top[..., None] - tv[..., win.clamp(min=0)]).flatten(2), q)
-        out.append((c.flatten(1), valid.flatten(1), grad))
+        out.append((c, valid, grad))
         if len(out) == out.total:
             raise _AllSitesSeen
-        y = module(h)
         return y, top.reshape(h.shape[0], t.shape[1], *y.shape[1:]), None
     if isinstance(module, nn.Linear) and s is not None:  # T·diag(s)·Wᵀ = T·(W·diag(s))ᵀ
         ws = module.weight * s[:, None, :]  # [B, n_out, n_in]
