@@ -43,7 +43,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 from torch import Tensor, nn
 
-from robustreg.validation import check_batch, check_model, check_norm
+from robustreg.validation import check_batch, check_model, check_norm, check_positive
 
 __all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_perturbation"]
 
@@ -175,8 +175,6 @@ class _Program:
         n = len(self.lb)
         a = coo_array((self.vals, (self.rows, self.cols)), shape=(len(self.row_lb), n))
         options = {"mip_rel_gap": 0.0}
-        if deadline is not None:
-            options["time_limit"] = max(deadline - time.monotonic(), 1e-3)
         problem = dict(
             c=objective,
             constraints=LinearConstraint(a.tocsr(), self.row_lb, self.row_ub),
@@ -187,12 +185,12 @@ class _Program:
         res = self._run(problem, deadline)
         if res is not None and res.status == 4:  # HiGHS's presolve can fail ("Solve error")
             problem["options"] = {**options, "presolve": False}
-            if deadline is not None:
-                problem["options"]["time_limit"] = max(deadline - time.monotonic(), 1e-3)
             res = self._run(problem, deadline)
         return res
 
     def _run(self, problem: dict, deadline: float | None):
+        if deadline is not None:  # what is left of the sample's time
+            problem["options"]["time_limit"] = max(deadline - time.monotonic(), 1e-3)
         if deadline is None or len(self.vals) < IN_PROCESS_NONZEROS:
             return milp(**problem)  # small: HiGHS's own time_limit holds
         return _solve_in_child(problem, deadline)
@@ -315,18 +313,15 @@ def minimal_perturbation(
     search box around x; it must be ≥ ε*_∞ (for ℓ1, ≥ ε*_1 is enough, as ‖δ‖∞ ≤ ‖δ‖₁) — an
     attack's radius is one. Where no program is feasible inside the box, ``radius`` is ``inf``:
     nothing within it changes the prediction. ``box=True`` also keeps x′ in [0, 1]^d.
-    ``time_limit``: seconds per sample, end to end (building its programs and solving them; the
-    solver runs in a child process that is killed at the limit), or ``None`` for no limit. A
+    ``time_limit``: seconds per sample, end to end (building its programs and solving them; a
+    large program is solved in a child process that is killed at the limit), or ``None`` for
+    no limit (a positive finite number otherwise). A
     sample that runs out of time raises ``TimeoutError`` naming the program's size; a program
     that HiGHS ends without proven optimality raises ``RuntimeError`` (an unproven value is not
     an exact radius).
     """
-    if time_limit is not None and not (
-        isinstance(time_limit, int | float) and math.isfinite(time_limit) and time_limit > 0
-    ):
-        raise ValueError(
-            f"time_limit must be a positive number of seconds or None (no limit); got {time_limit!r}"
-        )
+    if time_limit is not None:
+        check_positive("time_limit", time_limit)
     check_norm(norm, NORMS)
     check_batch(x, finite=True)
     check_model(model, x)
