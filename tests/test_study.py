@@ -4,7 +4,6 @@ standard AutoAttack, paired intervals, published models."""
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -248,25 +247,6 @@ def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
         comparison.outcomes(records, "plain", 0.0, "clean", [0, 1])
 
 
-# --- paired intervals ---------------------------------------------------------------------------
-
-
-def test_paired_difference_covers_the_truth_and_says_unresolved_at_zero():
-    rng = np.random.default_rng(0)
-    hits = 0
-    for trial in range(40):
-        a = rng.random((5, 400)) < 0.62
-        b = rng.random((5, 400)) < 0.60
-        ci = comparison.paired_difference(a, b, n_boot=400, seed=trial)
-        hits += ci["low"] <= 0.02 <= ci["high"]
-        assert ci["low"] <= ci["diff"] <= ci["high"]
-    assert hits >= 34  # nominal 95 % coverage: 38 of 40 expected, 34 a 1-in-100 shortfall
-    same = rng.random((5, 400)) < 0.5
-    assert not comparison.resolved(comparison.paired_difference(same, same, n_boot=200))
-    with pytest.raises(ValueError, match="one shape"):
-        comparison.paired_difference(np.zeros((2, 3)), np.zeros((3, 2)))
-
-
 # --- the committed study ------------------------------------------------------------------------
 
 
@@ -302,3 +282,71 @@ def test_every_method_of_every_profile_has_a_display_name(profile):
 
     labels = {study.grid.label(config) for config in study.grid.grid(profile)}
     assert labels <= set(METHOD_NAMES), labels - set(METHOD_NAMES)
+
+
+# --- the gradient-masking battery ---------------------------------------------------------------
+
+
+def test_masking_battery_on_a_small_study_resumes_and_refuses_other_settings(tmp_path):
+    pytest.importorskip("torchattacks")
+    from robustreg.study import battery
+
+    small = {
+        "seeds": [0],
+        "epochs": 1,
+        "lambdas": {"input_gradient": [0.1, 1.0, 10.0]},
+        "eval": PROFILES["sweep-smoke"].eval.replace(n_test=30, steps=5),
+        "autoattack": PROFILES["sweep-smoke"].autoattack.replace(n=20, steps=3, n_queries=20),
+    }
+    out = tmp_path / "res"
+    study.run_study(
+        "sweep-smoke", results_dir=out, cache_dir=tmp_path / "c", progress=False, **small
+    )
+    done = battery.run_battery("sweep-smoke", out, progress=False, **small)
+    published = {p.stem + ".json" for p in out.glob("*.safetensors")}
+    assert set(done) == published
+    for name, result in done.items():
+        checks = result["checks"]
+        for norm in ("linf", "l2"):
+            sweep = checks["sweep"][norm]
+            assert sweep["robust"] == sorted(sweep["robust"], reverse=True)  # nested radii
+            sources = set(checks["transfer"][norm])
+            assert name not in sources and sources <= published
+            far = checks["beyond"][norm]
+            assert far["eps"] == pytest.approx(battery.BEYOND * small["autoattack"].eps[norm])
+            # Square alone can only break correctly classified images
+            clean = next(
+                r for r in study.read_result(out / name)["rows"] if r["metric"] == "clean_accuracy"
+            )
+            sq = evaluation.parse_flags(checks["square"][norm]["flags"])
+            assert not (sq & ~evaluation.parse_flags(clean["flags"])[:20]).any()
+        assert result["verdict"] == battery.verdict(result)
+    # a rerun reuses every file; read_only never computes; other settings are refused
+    before = {p.name: p.read_bytes() for p in (out / "masking").iterdir()}
+    battery.run_battery("sweep-smoke", out, progress=False, read_only=True, **small)
+    assert {p.name: p.read_bytes() for p in (out / "masking").iterdir()} == before
+    other = {**small, "autoattack": small["autoattack"].replace(n_queries=30)}
+    with pytest.raises(study.StaleResultError, match="other battery settings"):
+        battery.run_battery("sweep-smoke", out, progress=False, **other)
+    assert {p.name: p.read_bytes() for p in (out / "masking").iterdir()} == before
+
+
+def test_masking_verdict_names_each_sign_against_its_criterion():
+    from robustreg.study import battery
+
+    clean = {
+        "square": {"linf": {"newly_broken": 5}},
+        "sweep": {"linf": {"reached_zero": True, "radii": [0.1, 0.2]}},
+        "transfer": {"linf": {"plain_seed0.json": {"newly_broken": 0}}},
+        "beyond": {"linf": {"eps": 0.15, "broken_by": {"square": 5}}},
+    }
+    result = {"settings": {"allowance": 0.005, "n": 1000, "eps": {"linf": 0.1}}, "checks": clean}
+    assert battery.verdict(result) == {"masking": False, "signs": []}  # 5 of 1,000 allowed
+    bad = json.loads(json.dumps(clean))
+    bad["square"]["linf"]["newly_broken"] = 6
+    bad["sweep"]["linf"]["reached_zero"] = False
+    bad["transfer"]["linf"]["plain_seed0.json"]["newly_broken"] = 9
+    bad["beyond"]["linf"]["broken_by"]["square"] = 7
+    signs = battery.verdict({**result, "checks": bad})["signs"]
+    assert len(signs) == 4
+    assert "Square breaks 6" in signs[0] and "0.2" in signs[1] and "9 images" in signs[2]

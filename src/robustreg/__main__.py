@@ -20,6 +20,10 @@ N parts for any other scheduler's job array. All write the files of a serial run
 and compares every metric with its file, within a tolerance derived from the seed-to-seed spread
 (:func:`robustreg.study.reproduce.check_reproduction`); it exits 1 when one differs.
 
+``python -m robustreg masking-battery --profile sweep --results-dir results/sweep`` runs the
+gradient-masking checks (:mod:`robustreg.study.battery`) on a study's published models, one file
+per model in ``results/sweep/masking/``; it resumes too.
+
 ``python -m robustreg data NAME...`` loads data sets (verifying their checksums) and prints
 their shapes — a quick check that the files are where the loader looks.
 """
@@ -142,6 +146,25 @@ def _reproduce(args) -> int:
     return 1 if bad else 0
 
 
+def _masking_battery(args) -> int:
+    import torch
+
+    from robustreg.study import battery
+
+    torch.set_num_threads(args.threads)
+    results = battery.run_battery(
+        args.profile,
+        args.results_dir,
+        refresh=args.refresh,
+        progress=not args.quiet,
+        device=args.device or "cpu",
+    )
+    for name, result in results.items():
+        v = result["verdict"]
+        print(f"{name:42s} {'; '.join(v['signs']) if v['masking'] else 'no sign of masking'}")
+    return 0
+
+
 def _data(args) -> int:
     from robustreg import data
 
@@ -233,11 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--threads", type=_count(1), default=1, help="torch.set_num_threads (default 1)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=_reproduce)
+    m = sub.add_parser(
+        "masking-battery", help="the gradient-masking checks on a study's published models"
+    )
+    m.add_argument("--profile", choices=[k for k, v in PROFILES.items() if v.study], required=True)
+    m.add_argument("--results-dir", required=True, help="the study's results, e.g. results/sweep")
+    m.add_argument("--refresh", action="store_true", help="recompute and replace existing files")
+    m.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
+    m.add_argument("--threads", type=_count(1), default=1, help="torch.set_num_threads (default 1)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_masking_battery)
     d = sub.add_parser("data", help="load data sets and print their shapes")
     d.add_argument("names", nargs="+")
     d.set_defaults(func=_data)
     args = parser.parse_args(argv)
-    if args.command in ("run-grid", "reproduce-results"):
+    if args.command in ("run-grid", "reproduce-results", "masking-battery"):
         if "torch" not in sys.modules:
             for k, v in PORTABLE_ENVIRONMENT.items():
                 os.environ.setdefault(k, v)

@@ -83,6 +83,7 @@ def standard_autoattack(
     steps: int = STANDARD["steps"],
     n_queries: int = STANDARD["n_queries"],
     batch_size: int = 1000,
+    components: tuple[str, ...] = COMPONENTS,
     progress=None,
 ) -> dict[str, Tensor | dict[str, int]]:
     """Standard AutoAttack on (x, y) at radius ``eps`` in ``norm`` (``"linf"`` or ``"l2"``).
@@ -93,8 +94,16 @@ def standard_autoattack(
     lighter, non-standard variant (for tests). Each component's random draws are seeded with
     ``seed`` inside a forked generator (torch's global state is left as it was). ``progress``:
     an optional callable ``(component, survivors)`` called before each component runs.
+    ``components``: a subset of :data:`COMPONENTS` to run, in their standard order (e.g.
+    ``("square",)``: the gradient-free attack alone, on every correctly classified image — one of
+    the gradient-masking checks of :mod:`robustreg.masking`).
     """
     attacks.check_eps_norm(eps, norm)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown or not components:
+        raise ValueError(
+            f"components must be a non-empty subset of {COMPONENTS}; got {tuple(components)!r}"
+        )
     if x.ndim < 2 or len(x) != len(y):
         raise ValueError(f"x [n, ...] and y [n] must match; got {tuple(x.shape)}, {tuple(y.shape)}")
     device, dtype = models.device_dtype(model)
@@ -111,6 +120,8 @@ def standard_autoattack(
     broken_by = {}
     eps_t = torch.full((len(x),), float(eps), dtype=dtype, device=device)
     for name, attack in _components(wrapped, eps, norm, k, seed, steps, n_queries).items():
+        if name not in components:
+            continue
         idx = robust.nonzero().squeeze(1)
         if progress is not None:
             progress(name, len(idx))
