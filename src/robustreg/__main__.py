@@ -158,6 +158,7 @@ def _masking_battery(args) -> int:
         refresh=args.refresh,
         progress=not args.quiet,
         device=args.device or "cpu",
+        shard=args.shard,
     )
     for name, result in results.items():
         v = result["verdict"]
@@ -264,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--refresh", action="store_true", help="recompute and replace existing files")
     m.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, mps")
     m.add_argument("--threads", type=_count(1), default=1, help="torch.set_num_threads (default 1)")
+    m.add_argument(
+        "--shard", default=None, metavar="I/N", help="every N-th model from the I-th (1 ≤ I ≤ N)"
+    )
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_masking_battery)
     d = sub.add_parser("data", help="load data sets and print their shapes")

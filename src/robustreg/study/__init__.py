@@ -15,6 +15,7 @@ Needs the extra ``robustreg[experiments]``. One module per concept, from the bot
 ``execute``         :func:`run_grid`: serial, local processes, Slurm (submitit), shards
 ``matched``         the matched-strength study: :func:`select_lambdas`, :func:`run_study`
 ``reproduce``       retrain committed runs and compare their metrics with the files
+``battery``         the gradient-masking battery on a study's published models, and its verdicts
 ==================  ==============================================================================
 
 ``from robustreg import study`` imports nothing heavy: the submodules (and the names below, which
@@ -26,6 +27,7 @@ from __future__ import annotations
 import importlib
 
 SUBMODULES = (
+    "battery",
     "cache",
     "config",
     "evaluate",
@@ -59,6 +61,7 @@ NAMES = {
     "run_study": "matched",
     "select_lambdas": "matched",
     "check_reproduction": "reproduce",
+    "run_battery": "battery",
 }
 
 __all__ = [*SUBMODULES, *NAMES]

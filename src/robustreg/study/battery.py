@@ -38,6 +38,7 @@ from robustreg import autoattack, evaluation, files, masking
 from robustreg import data as data_module
 from robustreg.study import store
 from robustreg.study.config import Profile, profile
+from robustreg.study.execute import select_shard
 from robustreg.study.provenance import machine, numeric_environment
 
 __all__ = ["ALLOWANCE", "BEYOND", "SWEEP", "battery_settings", "run_battery", "verdict"]
@@ -183,13 +184,16 @@ def run_battery(
     read_only: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    shard: str | tuple[int, int] | None = None,
     **overrides,
 ) -> dict[str, dict[str, Any]]:
     """The battery on every published model of a study's results directory (module docstring):
     ``{model name: battery file contents}``. Computes what is missing (``read_only``: raise
     ``FileNotFoundError`` instead) and reuses what matches. ``overrides`` replace profile fields
     (as in :func:`~robustreg.study.matched.run_study`). The transfer sources are those of
-    :data:`SOURCES` that the directory publishes."""
+    :data:`SOURCES` that the directory publishes. ``shard="I/N"`` computes every N-th model from the
+    I-th (of the sorted names) for N processes or machines sharing the directory; a model whose
+    file another process wrote meanwhile is read, not recomputed."""
     p = profile(name, **overrides)
     s = battery_settings(p)
     results = Path(results_dir)
@@ -224,6 +228,9 @@ def run_battery(
             )
         else:
             todo.append(model_name)
+    if shard is not None:
+        mine = set(select_shard(sorted(records), shard))
+        todo = [m for m in todo if m in mine]
     if not todo:
         return done
     from tqdm.auto import tqdm
@@ -241,6 +248,9 @@ def run_battery(
     bar = tqdm(todo, desc="masking battery", unit="model", disable=not progress)
     for model_name in bar:
         bar.set_postfix_str(model_name)
+        if (out_dir / model_name).is_file():  # another process finished it meanwhile
+            done[model_name] = files.read_json(out_dir / model_name, "battery file")
+            continue
         model = loaded[model_name].to(device)
         t0, c0 = time.perf_counter(), time.process_time()
         checks = _battery_of_model(
