@@ -22,7 +22,7 @@ from robustreg.study.config import PROFILES, Profile, profile
 from robustreg.study.execute import run_grid
 from robustreg.study.grid import grid, label, result_name
 
-__all__ = ["SELECTION_FILE", "run_study", "select_lambdas", "validation_rows"]
+__all__ = ["SELECTION_FILE", "lowered", "run_study", "select_lambdas", "validation_rows"]
 
 #: The file of a study's results directory that keeps its selection.
 SELECTION_FILE = "selection.json"
@@ -80,6 +80,39 @@ def select_lambdas(
                 lam = math.exp(math.log(l0) + w * (math.log(l1) - math.log(l0)))
                 entry.update(lam=_round_significant(lam), reason=None)
             out["lambdas"][reg][str(t)] = entry
+    return out
+
+
+def lowered(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> dict[int, Any]:
+    """How much training with each regularizer at its selected λ lowers every regularizer.
+
+    For target t, regularizer r trained and regularizer q measured: the test mean of q for the
+    network of seed s trained with r, divided by plain training's of seed s,
+    ρ_s(r, q) = R̄_q(f_{r,s}) / R̄_q(f_{plain,s}). Returns ``{t: {"per_seed": {r: DataFrame[seed ×
+    q]}, "geometric_mean": DataFrame[r × q]}}``, the geometric mean exp(mean_s log ρ_s) over the
+    seeds present in ``rows`` (evaluation rows of the study, :func:`run_study`'s first result).
+    A regularizer whose sweep did not reach a target is left out at that target.
+    """
+    import pandas as pd
+
+    from robustreg import evaluation
+
+    runs = evaluation.wide(rows)
+    regs = list(selection["lambdas"])
+    columns = [f"R {q}" for q in regs]
+    plain = runs.xs("plain", level="method")[columns].droplevel("lam")
+    out = {}
+    for t in selection["targets"]:
+        per_seed, means = {}, {}
+        for r in regs:
+            lam = selection["lambdas"][r][str(t)]["lam"]
+            if lam is None:
+                continue
+            trained = runs.xs((r, float(lam)), level=("method", "lam"))[columns]
+            ratio = (trained / plain.loc[trained.index]).rename(columns=lambda c: c[2:])
+            per_seed[r] = ratio
+            means[r] = ratio.apply(lambda v: math.exp(statistics.fmean(map(math.log, v))))
+        out[t] = {"per_seed": per_seed, "geometric_mean": pd.DataFrame(means).T}
     return out
 
 
