@@ -20,8 +20,9 @@ N parts for any other scheduler's job array. All write the files of a serial run
 and compares every metric with its file, within a tolerance derived from the seed-to-seed spread
 (:func:`robustreg.study.reproduce.check_reproduction`); it exits 1 when one differs.
 
-``python -m robustreg masking-battery --profile sweep --results-dir results/sweep`` runs the
-gradient-masking checks (:mod:`robustreg.study.battery`) on a study's published models, one file
+A matched-strength profile (``--profile sweep``) runs the study's stages and, last, its masking
+battery. ``python -m robustreg masking-battery --profile sweep --results-dir results/sweep`` runs
+only the gradient-masking checks (:mod:`robustreg.study.battery`) on a study's published models, one file
 per model in ``results/sweep/masking/``; it resumes too.
 
 ``python -m robustreg data NAME...`` loads data sets (verifying their checksums) and prints
@@ -87,6 +88,23 @@ def _run_grid(args) -> int:
         for reg, targets in selection["lambdas"].items():
             chosen = ", ".join(f"−{t} pts: λ = {e['lam']}" for t, e in targets.items())
             print(f"selected {reg}: {chosen}", file=sys.stderr)
+        if args.shard:  # the battery needs every published model: one process runs it at the end
+            print(
+                "the masking battery runs when the grid is complete: rerun without --shard, or "
+                "run `python -m robustreg masking-battery` with --shard I/N",
+                file=sys.stderr,
+            )
+        else:  # stage 4: the gradient-masking battery on the published models
+            from robustreg.study import battery
+
+            battery.run_battery(
+                args.profile,
+                args.results_dir,
+                refresh=args.refresh,
+                progress=not args.quiet,
+                device=device,
+                **overrides,
+            )
     else:
         rows = execute.run_grid(
             args.profile,

@@ -233,7 +233,7 @@ def run_battery(
         todo = [m for m in todo if m in mine]
     if not todo:
         return done
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars: no ipywidgets needed in notebooks
 
     loaded = {m: store.load_model(results / m) for m in records}
     model0 = next(iter(loaded.values()))
