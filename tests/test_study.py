@@ -325,6 +325,16 @@ def test_masking_battery_on_a_small_study_resumes_and_refuses_other_settings(tmp
     before = {p.name: p.read_bytes() for p in (out / "masking").iterdir()}
     battery.run_battery("sweep-smoke", out, progress=False, read_only=True, **small)
     assert {p.name: p.read_bytes() for p in (out / "masking").iterdir()} == before
+    # a battery still being computed: read_only raises for a missing file, partial leaves it out
+    missing = sorted(out.glob("masking/*.json"))[0]
+    missing.rename(tmp_path / "aside.json")
+    with pytest.raises(FileNotFoundError, match="masking-battery"):
+        battery.run_battery("sweep-smoke", out, progress=False, read_only=True, **small)
+    part = battery.run_battery(
+        "sweep-smoke", out, progress=False, read_only=True, partial=True, **small
+    )
+    assert set(part) == set(battery.published(out)) - {missing.name}
+    (tmp_path / "aside.json").rename(missing)
     other = {**small, "autoattack": small["autoattack"].replace(n_queries=30)}
     with pytest.raises(study.StaleResultError, match="other battery settings"):
         battery.run_battery("sweep-smoke", out, progress=False, **other)

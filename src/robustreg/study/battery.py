@@ -41,7 +41,15 @@ from robustreg.study.config import Profile, profile
 from robustreg.study.execute import select_shard
 from robustreg.study.provenance import machine, numeric_environment
 
-__all__ = ["ALLOWANCE", "BEYOND", "SWEEP", "battery_settings", "run_battery", "verdict"]
+__all__ = [
+    "ALLOWANCE",
+    "BEYOND",
+    "SWEEP",
+    "battery_settings",
+    "published",
+    "run_battery",
+    "verdict",
+]
 
 #: The radius of check 4, as a multiple of the study's AutoAttack radius.
 BEYOND = 1.5
@@ -176,6 +184,19 @@ def verdict(result: Mapping[str, Any]) -> dict[str, Any]:
     return {"masking": bool(signs), "signs": signs}
 
 
+def published(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The models the battery checks: the seed-0 runs of a results directory that AutoAttack
+    evaluated and whose weights are published, ``{result file name: record}``."""
+    results = Path(results_dir)
+    return {
+        r["name"]: r
+        for r in store.load_results(results)
+        if r["seed"] == 0
+        and r["eval"].get("autoattack_eps")
+        and (results / r["name"]).with_suffix(".safetensors").is_file()
+    }
+
+
 def run_battery(
     name: str | Profile,
     results_dir: str | os.PathLike,
@@ -185,11 +206,13 @@ def run_battery(
     progress: bool = True,
     device: str | torch.device = "cpu",
     shard: str | tuple[int, int] | None = None,
+    partial: bool = False,
     **overrides,
 ) -> dict[str, dict[str, Any]]:
     """The battery on every published model of a study's results directory (module docstring):
     ``{model name: battery file contents}``. Computes what is missing (``read_only``: raise
-    ``FileNotFoundError`` instead) and reuses what matches. ``overrides`` replace profile fields
+    ``FileNotFoundError`` instead, or with ``partial`` leave it out: the battery of a study still
+    being computed) and reuses what matches. ``overrides`` replace profile fields
     (as in :func:`~robustreg.study.matched.run_study`). The transfer sources are those of
     :data:`SOURCES` that the directory publishes. ``shard="I/N"`` computes every N-th model from the
     I-th (of the sorted names) for N processes or machines sharing the directory; a model whose
@@ -198,13 +221,7 @@ def run_battery(
     s = battery_settings(p)
     results = Path(results_dir)
     out_dir = results / DIRECTORY
-    records = {
-        r["name"]: r
-        for r in store.load_results(results)
-        if r["seed"] == 0
-        and r["eval"].get("autoattack_eps")
-        and (results / r["name"]).with_suffix(".safetensors").is_file()
-    }
+    records = published(results)
     if not records:
         raise FileNotFoundError(f"{results}: no published model with AutoAttack results")
     by_method = {r["method"]: n for n, r in records.items()}
@@ -221,6 +238,8 @@ def run_battery(
                     "it is left untouched: pass refresh=True (--refresh) to replace it on purpose"
                 )
             done[model_name] = stored
+        elif read_only and partial:
+            continue
         elif read_only:
             raise FileNotFoundError(
                 f"{path}: no battery result; compute it with `python -m robustreg "
