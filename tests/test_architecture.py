@@ -219,3 +219,15 @@ def test_one_norms_table_one_dual_norm_one_set_of_argument_checks():
                 if not (isinstance(value, tuple) and set(value) <= set(validation.NORMS)):
                     offences.append(f"{path.name}:{node.lineno} a norms table of its own")
     assert not offences, offences
+
+
+def test_the_api_reference_documents_every_module():
+    api = (ROOT / "book" / "api.md").read_text()
+    for path in PATHS:
+        if path.name == "__main__.py" or path.stem.startswith("_"):
+            continue
+        name = ".".join(path.relative_to(SRC.parent).with_suffix("").parts)
+        name = name.removesuffix(".__init__")
+        if name == "robustreg":
+            continue
+        assert f".. automodule:: {name}\n" in api, f"book/api.md does not document {name}"

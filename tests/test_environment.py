@@ -60,4 +60,28 @@ def test_one_version_everywhere():
     citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
     assert citation["version"] == robustreg.__version__
     assert f"## {robustreg.__version__}" in (ROOT / "CHANGELOG.md").read_text()
+    book = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert book["parse"]["myst_substitutions"]["version"] == robustreg.__version__
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_binder_installs_the_runtime_only():
+    """.binder/requirements.txt: the package's runtime and experiment dependencies with
+    pyproject's specifiers, what the chapters import to glue their numbers, no development tools."""
+    lines = (ROOT / ".binder" / "requirements.txt").read_text().splitlines()
+    binder = _normalized([s for s in lines if s and not s.startswith(("#", "-"))])
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = _normalized(project["dependencies"] + project["optional-dependencies"]["experiments"])
+    assert {k: binder.get(k) for k in runtime} == runtime
+    assert set(binder) - set(runtime) == {"myst-nb", "papermill"}
+    assert "download.pytorch.org/whl/cpu" in (ROOT / ".binder" / "requirements.txt").read_text()
+    assert "pip install --no-deps -e ." in (ROOT / ".binder" / "postBuild").read_text()
+
+
+def test_the_repository_url_is_set_once_and_followed():
+    book = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url = book["repository"]["url"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert all(v.startswith(url) for v in project["urls"].values()), project["urls"]
+    assert yaml.safe_load((ROOT / "CITATION.cff").read_text())["repository-code"] == url
+    assert book["launch_buttons"]["colab_url"] and book["launch_buttons"]["binderhub_url"]

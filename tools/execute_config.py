@@ -21,4 +21,8 @@ config["execute"] = {
     "allow_errors": False,  # a failing check fails the build
     "run_in_temp": False,  # the chapters read ../results relative to book/
 }
+# local extensions are found relative to the config file, which this one is not beside
+extensions = config.get("sphinx", {}).get("local_extensions") or {}
+for name, path in extensions.items():
+    extensions[name] = str(ROOT / path)
 yaml.safe_dump(config, sys.stdout, sort_keys=False, allow_unicode=True)

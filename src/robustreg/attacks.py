@@ -6,8 +6,7 @@ Notation of book/notation.md: f(x) ∈ R^K logits, ℓ(x, y) = −log softmax(f(
   ℓ(x) + gᵀδ over the ℓ∞ ball ‖δ‖∞ ≤ ε intersected with the box x + δ ∈ [0, 1]^d (fact T3: the
   linear term's maximum over the ℓ∞ ball is ε‖g‖₁; coordinates with g_i = 0 are left unchanged).
 - :func:`pgd`: projected gradient ascent on ℓ (or on the margin loss) from a random start in the
-  ε-ball, ``steps`` iterations of
-      ℓ∞:  x ← Π(x + α sign(g)),          ℓ2:  x ← Π(x + α g/‖g‖₂),
+  ε-ball, ``steps`` iterations of x ← Π(x + α sign(g)) (ℓ∞) or x ← Π(x + α g/‖g‖₂) (ℓ2),
   with Π the projection onto the ε-ball around the clean x followed by clipping to [0, 1]
   (exact for ℓ∞; for ℓ2 clipping only shrinks |δ_i|, so the point stays in the ball). Every
   iterate is scored and, per sample, the strongest point over all iterates and ``restarts`` is

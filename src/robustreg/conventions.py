@@ -7,20 +7,20 @@ values ``R[B]`` into the term the original method adds to its loss for that batc
 weight ``lam``); :data:`CONVENTIONS` states each conversion with its source. Let B be the batch
 size, K the number of classes and ``mean`` the batch average.
 
-=================  ==================  ========================================================
-``name``           our regularizer     the original term, in our values
-=================  ==================  ========================================================
-``hoffman2019``    jacobian_frobenius  (λ/2)·mean R_J   (in expectation over their projections)
-``jakubovitz2018`` jacobian_frobenius  λ·mean √R_J   (the paper)
-``jakubovitz2018_code`` jacobian_frobenius  λ·√R_J of the batch's first sample (their public code)
-``ross2018``       input_gradient      λ·(1/(2B))·mean R_IG = λ·Σ_b R_IG,b / (2B²)
-``ross2018_l1``    input_gradient l1   λ·mean ‖∇ₓℓ‖₁   (one factor 1/B, cancelled by the sum)
-``hein2017``       cross_lipschitz     λ·mean R_CL   (identical)
-``cure2019``       curvature           λ·mean √R_CURE   (their public code)
-``gradalign2020``  grad_align          λ·mean R_GA   (when no sample's gradient vanishes)
-``llr2019``        local_linearity     λ·mean R_LLR   (their released configuration: λ = 4, μ = 0.3,
-                                       beside 2·ce)
-=================  ==================  ========================================================
+=======================  ==================  ========================================================
+``name``                 our regularizer     the original term, in our values
+=======================  ==================  ========================================================
+``hoffman2019``          jacobian_frobenius  (λ/2)·mean R_J   (in expectation over their projections)
+``jakubovitz2018``       jacobian_frobenius  λ·mean √R_J   (the paper)
+``jakubovitz2018_code``  jacobian_frobenius  λ·√R_J of the batch's first sample (their public code)
+``ross2018``             input_gradient      λ·(1/(2B))·mean R_IG = λ·Σ_b R_IG,b / (2B²)
+``ross2018_l1``          input_gradient l1   λ·mean ‖∇ₓℓ‖₁   (one factor 1/B, cancelled by the sum)
+``hein2017``             cross_lipschitz     λ·mean R_CL   (identical)
+``cure2019``             curvature           λ·mean √R_CURE   (their public code)
+``gradalign2020``        grad_align          λ·mean R_GA   (when no sample's gradient vanishes)
+``llr2019``              local_linearity     λ·mean R_LLR   (their released configuration: λ = 4, μ = 0.3,
+                                             beside 2·ce)
+=======================  ==================  ========================================================
 
 So a loss ``ce + lam_ours * R.mean()`` matches Hoffman et al. with λ_JR = 2·lam_ours, Ross &
 Doshi-Velez with λ = 2B·lam_ours (their ℓ1 variant with λ = lam_ours), and Hein &

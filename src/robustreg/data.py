@@ -383,15 +383,13 @@ def load(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a data set split as ``(x, y)``: ``x`` float in [0, 1], ``y`` int64 class labels.
 
-    Parameters
-    ----------
-    name : one of ``"digits"``, ``"moons"``, ``"mnist5k"``, ``"fashion-mnist"``, ``"mnist"``.
-    split : ``"train"`` or ``"test"``; or ``"val"``, :data:`VALIDATION_SIZE` images carved from
-        the training split (stratified, fixed), and ``"fit"``, the rest of it (for choosing
-        settings such as λ on data that is neither trained on nor tested on).
-    dtype : floating dtype of ``x`` (default ``torch.get_default_dtype()``).
-    root : for the IDX data sets, a directory to take the files from (only there).
-    download : for the IDX data sets, whether to download missing files into :func:`cache_dir`.
+    ``name``: one of ``"digits"``, ``"moons"``, ``"mnist5k"``, ``"fashion-mnist"``, ``"mnist"``.
+    ``split``: ``"train"`` or ``"test"``; or ``"val"``, :data:`VALIDATION_SIZE` images carved from
+    the training split (stratified, fixed), and ``"fit"``, the rest of it (for choosing settings
+    such as λ on data that is neither trained on nor tested on). ``dtype``: floating dtype of
+    ``x`` (default ``torch.get_default_dtype()``). ``root``: for the IDX data sets, a directory to
+    take the files from (only there). ``download``: for the IDX data sets, whether to download
+    missing files into :func:`cache_dir`.
 
     Shapes: ``[N, 1, H, W]`` for images, ``[N, 2]`` for ``moons``; splits and scalings are fixed
     (module docstring). Each call returns fresh tensors (safe to modify in place).

@@ -411,7 +411,7 @@ def _radii_and_regularizer_rows(model, x, y, n_certified, regularizers) -> list[
 
 
 def to_frame(rows: Iterable[Mapping[str, Any]]):
-    """A pandas DataFrame of tidy rows (from :func:`evaluate` or :func:`run_grid`)."""
+    """A pandas DataFrame of tidy rows (from :func:`evaluate` or :func:`~robustreg.study.execute.run_grid`)."""
     require("pandas")
     import pandas as pd
 
@@ -419,7 +419,7 @@ def to_frame(rows: Iterable[Mapping[str, Any]]):
 
 
 def wide(rows: Iterable[Mapping[str, Any]]):
-    """One row per training run of :func:`run_grid`'s rows (index: method, lam, seed), one column
+    """One row per training run of :func:`~robustreg.study.execute.run_grid`'s rows (index: method, lam, seed), one column
     per metric: ``clean``, ``<attack> <norm> <ε>`` (e.g. ``pgd linf 0.1``, ``autoattack linf
     0.1``), ``certified radius``, ``margin radius``, ``region radius``, ``minimal perturbation``
     (medians), ``region cap fraction``, ``R <regularizer>`` (test means), ``s/epoch`` and

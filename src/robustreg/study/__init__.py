@@ -3,17 +3,24 @@
 Needs the extra ``robustreg[experiments]``. One module per concept, from the bottom up:
 
 ==================  ==============================================================================
-``config``          typed, validated settings: :class:`Profile`, :class:`EvalSettings`,
-                    :class:`AutoAttackSettings`, :class:`Study`; the :data:`PROFILES`
+``config``          typed, validated settings: :class:`~robustreg.study.config.Profile`,
+                    :class:`~robustreg.study.config.EvalSettings`,
+                    :class:`~robustreg.study.config.AutoAttackSettings`,
+                    :class:`~robustreg.study.config.Study`; the
+                    :data:`~robustreg.study.config.PROFILES`
 ``grid``            profile → run configurations; method labels, result-file names, which runs
                     are attacked and published
 ``cache``           one run by configuration: its key (the one run identity) and the disk cache
 ``weights``         weight files labelled with their run's key (the one weight path)
-``store``           result files: :class:`ResultStore`, staleness, :func:`load_model`
+``store``           result files: :class:`~robustreg.study.store.ResultStore`, staleness,
+                    :func:`~robustreg.study.store.load_model`
 ``evaluate``        a run's effective evaluation settings and its metrics
 ``provenance``      the machine and numeric environment a run is computed in
-``execute``         :func:`run_grid`: serial, local processes, Slurm (submitit), shards
-``matched``         the matched-strength study: :func:`select_lambdas`, :func:`run_study`
+``execute``         :func:`~robustreg.study.execute.run_grid`: serial, local processes, Slurm
+                    (submitit), shards
+``matched``         the matched-strength study:
+                    :func:`~robustreg.study.matched.select_lambdas`,
+                    :func:`~robustreg.study.matched.run_study`
 ``reproduce``       retrain committed runs and compare their metrics with the files
 ``battery``         the gradient-masking battery on a study's published models, and its verdicts
 ==================  ==============================================================================

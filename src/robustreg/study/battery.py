@@ -44,6 +44,7 @@ from robustreg.study.provenance import machine, numeric_environment
 __all__ = [
     "ALLOWANCE",
     "BEYOND",
+    "SOURCES",
     "SWEEP",
     "battery_settings",
     "published",

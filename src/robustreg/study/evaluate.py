@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from robustreg import evaluation
 
-__all__ = ["effective_settings", "evaluate_model"]
+__all__ = ["LATER_SETTINGS", "effective_settings", "evaluate_model"]
 
 #: Evaluation settings added after results were published, left out at their defaults so that the
 #: settings recorded in earlier result files stay what they were.

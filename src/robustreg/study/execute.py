@@ -52,6 +52,7 @@ except ImportError as err:  # pragma: no cover - exercised without the extra
 
 __all__ = ["EXECUTORS", "SHARD_PLAN", "available_cores", "run_grid", "run_one", "select_shard"]
 
+#: The executors of :func:`run_grid`.
 EXECUTORS = ("serial", "processes", "slurm", "local")
 #: The file of a results directory that records how a sharded grid is split.
 SHARD_PLAN = "shard-plan.json"

@@ -95,8 +95,6 @@ def lowered(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> 
     """
     import pandas as pd
 
-    from robustreg import evaluation
-
     runs = evaluation.wide(rows)
     regs = list(selection["lambdas"])
     columns = [f"R {q}" for q in regs]
