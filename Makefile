@@ -11,15 +11,15 @@ export OMP_NUM_THREADS := 2
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first, pinned: this machine serves the CPU wheel of 2.13.0 (a newer one pulls CUDA).
+	# torch first, at constraints.txt's version: this machine serves its CPU wheel (a newer one pulls CUDA).
 	# Elsewhere set TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) to take the CPU wheel from there.
-	$(PY) -m pip install --quiet "torch==2.13.0" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt torch $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	# AutoAttack's standard components; its declared dependencies would pull torchvision
-	$(PY) -m pip install --quiet --no-deps "torchattacks==3.5.1"
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt torchattacks
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (robustreg)" >/dev/null
 	@touch $@
 

@@ -39,8 +39,19 @@ def test_environment_yml_matches_pyproject():
     assert not differing, f"version specifiers differ (pyproject, environment.yml): {differing}"
 
 
-def test_torch_is_pinned_to_the_cpu_wheel():
-    assert _pyproject()["torch"] == "==2.13.0"
+def _constraints():
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {Requirement(s).name: Requirement(s) for s in lines if s and not s.startswith("#")}
+
+
+def test_torch_is_a_range_and_ci_pins_the_cpu_wheel():
+    """A reader's torch within the range is kept; CI installs constraints.txt's exact version,
+    which the range must admit."""
+    torch_range = Requirement(f"torch{_pyproject()['torch']}").specifier
+    pinned = _constraints()["torch"]
+    assert str(pinned.specifier) == "==2.13.0"
+    assert "2.13.0" in torch_range and "2.14.0" in torch_range and "2.2.0" not in torch_range
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
 
 
 def test_the_package_needs_only_torch_and_numpy():
@@ -72,6 +83,7 @@ def test_binder_installs_the_runtime_only():
     binder = _normalized([s for s in lines if s and not s.startswith(("#", "-"))])
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     runtime = _normalized(project["dependencies"] + project["optional-dependencies"]["experiments"])
+    runtime["torch"] = str(_constraints()["torch"].specifier)  # Binder takes CI's exact torch
     assert {k: binder.get(k) for k in runtime} == runtime
     assert set(binder) - set(runtime) == {"myst-nb", "papermill"}
     assert "download.pytorch.org/whl/cpu" in (ROOT / ".binder" / "requirements.txt").read_text()
