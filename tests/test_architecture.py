@@ -27,6 +27,7 @@ DEFERRED = {
     "matplotlib",
     "mlxtend",
     "pandas",
+    "pooch",
     "safetensors",
     "sklearn",
     "submitit",

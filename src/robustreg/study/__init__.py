@@ -22,6 +22,7 @@ Needs the extra ``robustreg[experiments]``. One module per concept, from the bot
                     :func:`~robustreg.study.matched.select_lambdas`,
                     :func:`~robustreg.study.matched.run_study`
 ``reproduce``       retrain committed runs and compare their metrics with the files
+``release``         the published results outside a checkout: the release asset, fetched and verified
 ``battery``         the gradient-masking battery on a study's published models, and its verdicts
 ==================  ==============================================================================
 
@@ -42,6 +43,7 @@ SUBMODULES = (
     "grid",
     "matched",
     "provenance",
+    "release",
     "reproduce",
     "store",
     "weights",

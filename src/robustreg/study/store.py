@@ -19,7 +19,8 @@ writes them safely:
   stored configuration still hashes to the stored key.
 
 :func:`results_root` finds the published results: ``$ROBUSTREG_RESULTS`` when set, else the
-``results/`` folder of the checkout the package runs from.
+``results/`` folder of the checkout the package runs from, else the edition's release asset
+(:mod:`robustreg.study.release`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from robustreg import files
-from robustreg.study import cache, weights
+from robustreg.study import cache, release, weights
 from robustreg.study.grid import result_name
 
 __all__ = [
@@ -52,18 +53,19 @@ class StaleResultError(RuntimeError):
 
 
 def results_root() -> Path:
-    """Where the published results live: ``$ROBUSTREG_RESULTS`` if set, else the checkout's
-    ``results/`` (one directory per profile, e.g. ``results/default``)."""
+    """Where the published results live (one directory per profile, e.g. ``results/default``):
+    ``$ROBUSTREG_RESULTS`` if set, else the checkout's ``results/``, else this edition's release
+    asset, fetched and verified (:mod:`robustreg.study.release` gives the order and the errors)."""
     if os.environ.get("ROBUSTREG_RESULTS"):
-        return Path(os.environ["ROBUSTREG_RESULTS"])
-    checkout = Path(__file__).resolve().parents[3] / "results"
-    if checkout.is_dir():
+        root = Path(os.environ["ROBUSTREG_RESULTS"])
+        if not root.is_dir():
+            raise FileNotFoundError(f"ROBUSTREG_RESULTS={root} is not a directory")
+        return root
+    package = Path(__file__).resolve().parents[1]  # src/robustreg in a checkout
+    checkout = package.parents[1] / "results"
+    if package.parent.name == "src" and checkout.is_dir():
         return checkout
-    raise FileNotFoundError(
-        f"no published results: {checkout} does not exist (the package does not run from a "
-        "checkout); set ROBUSTREG_RESULTS to a directory holding the results/ folder of the "
-        "repository"
-    )
+    return release.fetch_results()
 
 
 #: The fields every result file has, with their types.
