@@ -7,7 +7,7 @@ CHAPTERS = $(shell $(PY) tools/chapters.py)
 export PYTHONHASHSEED := 0
 export OMP_NUM_THREADS := 2
 
-.PHONY: book html reproduce test lint unit smoke nbval nbval-portable reproduction reruns browser bench clean venv
+.PHONY: book html reproduce test lint unit smoke nbval nbval-portable reproduction reader reruns browser bench clean venv
 
 venv: $(VENV_STAMP)
 
@@ -48,6 +48,11 @@ html: $(VENV_STAMP)
 ## make test: everything CI checks, with a time per stage.
 test: $(VENV_STAMP)
 	bash tools/test_stages.sh
+
+## make reader: a theory and an experimental chapter run outside the checkout, from the wheel,
+## the experimental one with its results fetched from a release asset (tools/reader_stage.sh).
+reader: $(VENV_STAMP)
+	bash tools/reader_stage.sh
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check src tests tools benchmarks book

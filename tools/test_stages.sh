@@ -34,6 +34,7 @@ stage "papermill smoke runs (seed 1)" make --no-print-directory smoke
 stage "nbval (committed outputs)" make --no-print-directory nbval
 stage "nbval, another ISA and thread count" make --no-print-directory nbval-portable
 stage "committed runs retrained" make --no-print-directory reproduction
+stage "a reader outside the checkout" make --no-print-directory reader
 stage "jupyter-book build -W"  make --no-print-directory html
 stage "browser check"          make --no-print-directory browser
 report

@@ -1,0 +1,61 @@
+"""Evaluating a trained run: its effective evaluation settings and the metrics they produce.
+
+The settings are the keyword arguments of :func:`robustreg.evaluation.evaluate` (plus ``n_test``,
+the first n test images); :func:`effective_settings` fills every default, so a result file records
+exactly what was computed and a changed default makes the file stale instead of silently reused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from robustreg import evaluation
+
+__all__ = ["LATER_SETTINGS", "effective_settings", "evaluate_model"]
+
+#: Evaluation settings added after results were published, left out at their defaults so that the
+#: settings recorded in earlier result files stay what they were.
+LATER_SETTINGS = {"per_image": False, "autoattack_steps": 100, "autoattack_queries": 5000}
+
+
+def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`robustreg.evaluation.evaluate`'s keyword defaults updated by ``settings`` (plus
+    ``n_test``), less the :data:`LATER_SETTINGS` at their defaults, as canonical JSON."""
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(evaluation.evaluate).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    unknown = sorted(set(settings) - set(defaults) - {"n_test"})
+    if unknown:
+        raise ValueError(f"unknown evaluation settings {unknown}; valid: {sorted(defaults)}")
+    full = {**defaults, **settings}
+    for k, default in LATER_SETTINGS.items():
+        if full[k] == default:
+            del full[k]
+    return json.loads(json.dumps(full, sort_keys=True))
+
+
+def evaluate_model(
+    model: nn.Module, test: tuple[Tensor, Tensor], settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the first ``n_test`` images of ``test`` with ``settings``; return
+    ``{"rows", "seconds", "cpu_seconds"}`` (wall and process CPU time of the evaluation)."""
+    s = dict(settings)
+    n = s.pop("n_test", None)
+    x, y = test
+    if n is not None:
+        x, y = x[:n], y[:n]
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows = evaluation.evaluate(model, x, y, **s)
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+    }

@@ -1,0 +1,143 @@
+"""A profile's grid: its training configurations, their names, and what each run is given.
+
+:func:`grid` expands a :class:`~robustreg.study.config.Profile` into run configurations (the
+dictionaries of :func:`robustreg.study.cache.normalize_config`): per seed, plain training, every
+regularizer at every λ, and each PGD adversarial-training baseline. Each run has a method
+(:func:`label`), a result-file name (:func:`result_name`), its evaluation settings
+(:func:`run_eval_settings`: the profile's, with AutoAttack where :func:`attacked`) and, for some,
+published weights (:func:`publishes_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from robustreg.study import evaluate
+from robustreg.study.config import Profile, profile
+
+__all__ = [
+    "attacked",
+    "grid",
+    "label",
+    "publishes_weights",
+    "result_name",
+    "run_eval_settings",
+    "selected_runs",
+]
+
+
+def grid(
+    name: str | Profile = "default",
+    *,
+    selection: Mapping[str, Any] | None = None,
+    **overrides,
+) -> list[dict[str, Any]]:
+    """The training configurations of a profile (for :func:`robustreg.study.cache.train_cached`).
+
+    Per seed: plain training, every regularizer at every λ of the profile, and each PGD
+    adversarial-training baseline; with ``selection`` (from
+    :func:`robustreg.study.matched.select_lambdas`) also each regularizer at its selected λ not
+    already in the sweep. ``overrides`` replace profile fields (e.g. ``seeds=[0]``, ``epochs=3``).
+    """
+    p = profile(name, **overrides)
+    base = {"data": p.data, "model": dict(p.model), "epochs": p.epochs}
+    base.update(batch_size=p.batch_size, lr=p.lr)
+    if p.validation:
+        base["validation"] = True
+    extra = {reg: [] for reg in p.lambdas}
+    for reg, lam in selected_runs(selection):
+        if lam not in p.lambdas[reg] and lam not in extra[reg]:
+            extra[reg].append(lam)
+    configs = []
+    for seed in p.seeds:
+        configs.append({**base, "seed": seed})
+        for reg, lams in p.lambdas.items():
+            for lam in [*lams, *extra[reg]]:
+                configs.append(
+                    {
+                        **base,
+                        "seed": seed,
+                        "regularizer": reg,
+                        "lam": lam,
+                        "regularizer_options": dict(p.regularizer_options.get(reg, {})),
+                    }
+                )
+        for adv in p.adversarial:
+            configs.append({**base, "seed": seed, "adversarial": dict(adv)})
+    return configs
+
+
+def selected_runs(selection: Mapping[str, Any] | None) -> list[tuple[str, float]]:
+    """The (regularizer, λ) pairs a selection picked, in its order."""
+    out = []
+    for reg, targets in ((selection or {}).get("lambdas") or {}).items():
+        for entry in targets.values():
+            if entry.get("lam") is not None and (reg, entry["lam"]) not in out:
+                out.append((reg, float(entry["lam"])))
+    return out
+
+
+def label(config: Mapping[str, Any]) -> str:
+    """Short name of a configuration's method: ``plain``, ``adversarial`` (ℓ∞),
+    ``adversarial-l2`` or the regularizer."""
+    if config.get("adversarial"):
+        norm = config["adversarial"].get("norm", "linf")
+        return "adversarial" if norm == "linf" else f"adversarial-{norm}"
+    if config.get("regularizer") and config.get("lam", 0):
+        return str(config["regularizer"])
+    return "plain"
+
+
+def result_name(config: Mapping[str, Any]) -> str:
+    """File name of a run in a results directory: ``plain_seed0.json``,
+    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json`` (ℓ∞), ``adversarial-l2_seed1.json``."""
+    method = label(config)
+    plain = method == "plain" or method.startswith("adversarial")
+    lam = "" if plain else f"_lam{float(config['lam']):g}"
+    return f"{method}{lam}_seed{config['seed']}.json"
+
+
+def attacked(
+    name: str | Profile, config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
+) -> bool:
+    """Whether a run is evaluated with the profile's AutoAttack: in a study, plain training, the
+    baselines and each selected λ (every seed); in a grid, every run of the listed seeds."""
+    p = profile(name)
+    if p.autoattack is None:
+        return False
+    if p.study is None:
+        seeds = p.autoattack.seeds
+        return seeds is None or config["seed"] in seeds
+    method = label(config)
+    if method == "plain" or method.startswith("adversarial"):
+        return True
+    return (method, float(config["lam"])) in selected_runs(selection)
+
+
+def run_eval_settings(
+    name: str | Profile, config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """A run's effective evaluation settings (:func:`robustreg.study.evaluate.effective_settings`):
+    the profile's, with its AutoAttack where :func:`attacked`."""
+    p = profile(name)
+    settings = p.eval.as_dict()
+    if attacked(p, config, selection):
+        settings.update(p.autoattack.as_eval())
+    return evaluate.effective_settings(settings)
+
+
+def publishes_weights(
+    name: str | Profile, config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
+) -> bool:
+    """Whether a run's weights are kept next to its result file. Studies: the models of seed 0
+    that AutoAttack evaluates (plain training, the baselines, each regularizer at its selected
+    λ). Grids: plain training and each regularizer at the profile's largest λ (the models chapter
+    9 measures), every seed."""
+    p = profile(name)
+    method = label(config)
+    if p.study is not None:
+        return config["seed"] == 0 and attacked(p, config, selection)
+    if method == "plain":
+        return True
+    return method in p.lambdas and float(config["lam"]) == float(max(p.lambdas[method]))

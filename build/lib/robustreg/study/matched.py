@@ -1,0 +1,202 @@
+"""The matched-strength study: each regularizer at the λ that costs a target of clean accuracy.
+
+For a target t (points), the wanted clean validation accuracy is plain training's minus t points;
+:func:`select_lambdas` finds each regularizer's λ there along its sweep, and :func:`run_study` runs
+the three resumable stages: train the sweep, select, evaluate (PGD with restarts on every run,
+AutoAttack on plain training, the baselines and every selected λ).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from robustreg import data as data_module
+from robustreg import evaluation, files
+from robustreg.study import cache
+from robustreg.study.config import PROFILES, Profile, profile
+from robustreg.study.execute import run_grid
+from robustreg.study.grid import grid, label, result_name
+
+__all__ = ["SELECTION_FILE", "lowered", "run_study", "select_lambdas", "validation_rows"]
+
+#: The file of a study's results directory that keeps its selection.
+SELECTION_FILE = "selection.json"
+
+
+def _round_significant(value: float, digits: int = 3) -> float:
+    return float(f"{value:.{digits - 1}e}")
+
+
+def select_lambdas(
+    name: str | Profile, rows: Sequence[Mapping[str, Any]], **overrides
+) -> dict[str, Any]:
+    """λ at matched clean validation accuracy, per regularizer and target of the study.
+
+    For a target t (points), the wanted validation accuracy is a₀ − t/100, a₀ plain training's
+    mean over seeds. Along the sweep (λ increasing, mean validation accuracy over seeds a(λ)),
+    the first λ_i with a(λ_i) ≤ a₀ − t/100 and its predecessor λ_{i−1} bracket the target; λ*
+    interpolates log λ linearly in a and is rounded to 3 significant digits. ``lam`` is None
+    (with ``reason``) when the sweep never loses t points or its smallest λ already does.
+    ``rows``: ``val_accuracy`` rows (``method``, ``lam``, ``value``) of every seed's sweep;
+    ``overrides`` replace profile fields (``lambdas``, ``study``).
+    """
+    p = profile(name, **overrides)
+    if p.study is None:
+        raise ValueError(f"profile {p.name!r} is not a study (it has no targets)")
+    val = {}
+    for r in rows:
+        if r["metric"] == "val_accuracy":
+            val.setdefault((r["method"], float(r["lam"])), []).append(r["value"])
+    if ("plain", 0.0) not in val:
+        raise ValueError("select_lambdas needs plain training's val_accuracy rows")
+    mean = {k: statistics.fmean(v) for k, v in val.items()}
+    plain = mean["plain", 0.0]
+    out: dict[str, Any] = {
+        "plain_val_accuracy": plain,
+        "targets": list(p.study.targets),
+        "lambdas": {},
+    }
+    for reg, lams in p.lambdas.items():
+        curve = [(float(lam), mean[reg, float(lam)]) for lam in sorted(lams)]
+        out["lambdas"][reg] = {}
+        for t in p.study.targets:
+            wanted = plain - t / 100
+            entry: dict[str, Any] = {"wanted_val_accuracy": wanted, "curve": curve}
+            hit = next((i for i, (_, a) in enumerate(curve) if a <= wanted), None)
+            if hit is None:
+                entry.update(lam=None, reason=f"the largest λ loses less than {t} points")
+            elif hit == 0:
+                entry.update(
+                    lam=None, reason=f"the smallest λ already loses {t} points: extend the sweep"
+                )
+            else:
+                (l0, a0), (l1, a1) = curve[hit - 1], curve[hit]
+                w = (a0 - wanted) / (a0 - a1) if a0 != a1 else 1.0
+                lam = math.exp(math.log(l0) + w * (math.log(l1) - math.log(l0)))
+                entry.update(lam=_round_significant(lam), reason=None)
+            out["lambdas"][reg][str(t)] = entry
+    return out
+
+
+def lowered(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> dict[int, Any]:
+    """How much training with each regularizer at its selected λ lowers every regularizer.
+
+    For target t, regularizer r trained and regularizer q measured: the test mean of q for the
+    network of seed s trained with r, divided by plain training's of seed s,
+    ρ_s(r, q) = R̄_q(f_{r,s}) / R̄_q(f_{plain,s}). Returns ``{t: {"per_seed": {r: DataFrame[seed ×
+    q]}, "geometric_mean": DataFrame[r × q]}}``, the geometric mean exp(mean_s log ρ_s) over the
+    seeds present in ``rows`` (evaluation rows of the study, :func:`run_study`'s first result).
+    A regularizer whose sweep did not reach a target is left out at that target.
+    """
+    import pandas as pd
+
+    runs = evaluation.wide(rows)
+    regs = list(selection["lambdas"])
+    columns = [f"R {q}" for q in regs]
+    plain = runs.xs("plain", level="method")[columns].droplevel("lam")
+    out = {}
+    for t in selection["targets"]:
+        per_seed, means = {}, {}
+        for r in regs:
+            lam = selection["lambdas"][r][str(t)]["lam"]
+            if lam is None:
+                continue
+            trained = runs.xs((r, float(lam)), level=("method", "lam"))[columns]
+            ratio = (trained / plain.loc[trained.index]).rename(columns=lambda c: c[2:])
+            per_seed[r] = ratio
+            means[r] = ratio.apply(lambda v: math.exp(statistics.fmean(map(math.log, v))))
+        out[t] = {"per_seed": per_seed, "geometric_mean": pd.DataFrame(means).T}
+    return out
+
+
+def validation_rows(name: str, *, cache_dir=None, **overrides) -> list[dict[str, Any]]:
+    """Clean validation accuracy of every trained run of the sweep (from the run cache; a run not
+    trained yet raises FileNotFoundError)."""
+    root = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    rows = []
+    for config in grid(name, **overrides):
+        if not (root / f"{cache.cache_key(config)}.json").is_file():
+            raise FileNotFoundError(f"{result_name(config)} is not trained yet")
+        model, _ = cache.train_cached(config, cache_dir=cache_dir, progress=False)
+        dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
+        x_val, y_val = data_module.load(config["data"], "val", dtype=dtype)
+        acc = evaluation.accuracy(model, x_val, y_val)
+        rows.append(
+            {
+                "metric": "val_accuracy",
+                "method": label(config),
+                "lam": float(config.get("lam", 0.0)),
+                "value": acc,
+            }
+        )
+    return rows
+
+
+def run_study(
+    name: str = "sweep",
+    *,
+    results_dir: str | os.PathLike,
+    read_only: bool = False,
+    with_records: bool = False,
+    **kwargs,
+):
+    """The matched-strength study of a profile with a :class:`~robustreg.study.config.Study`, in
+    three resumable stages.
+
+    1. train plain training, the λ sweep and the adversarial baselines
+       (:func:`~robustreg.study.execute.run_grid` without evaluation: seconds a run) and measure
+       their clean accuracy on the validation split;
+    2. :func:`select_lambdas` from those accuracies, kept in ``selection.json`` (read, never
+       recomputed, once it exists: delete it to select again);
+    3. :func:`~robustreg.study.execute.run_grid` with the selection: every run evaluated on the
+       test set (PGD with restarts at every radius, per image) and plain training, the baselines
+       and each regularizer at its selected λ also under AutoAttack; one result file per run.
+
+    Returns ``(rows, selection)`` (``(rows, records, selection)`` with ``with_records``).
+    ``kwargs`` go to :func:`~robustreg.study.execute.run_grid` (``jobs``, ``executor``,
+    ``shard``, ``refresh``, ``progress``, profile overrides ...). With ``shard`` the selection
+    waits until every shard has finished stage 1: rerun then.
+    """
+    if profile(name).study is None:
+        raise ValueError(
+            f"profile {name!r} has no matched-strength targets; valid: "
+            + ", ".join(k for k, v in PROFILES.items() if v.study is not None)
+        )
+    results = Path(results_dir)
+    path = results / SELECTION_FILE
+    overrides = {k: v for k, v in kwargs.items() if k in _PROFILE_FIELDS}
+    if path.is_file():
+        selection = files.read_json(path, "selection file", "delete it to select again")
+    elif read_only:
+        raise FileNotFoundError(
+            f"{path}: no selection; compute it with "
+            f"`python -m robustreg run-grid --profile {name} --results-dir {results}`"
+        )
+    else:
+        run_grid(name, evaluate_models=False, **kwargs)  # stage 1: train (jobs, shards)
+        try:
+            val_rows = validation_rows(name, cache_dir=kwargs.get("cache_dir"), **overrides)
+        except FileNotFoundError as err:
+            raise RuntimeError(
+                f"stage 1 of the study is incomplete ({err}); when every shard has finished, "
+                "rerun to select λ and evaluate the models"
+            ) from None
+        selection = select_lambdas(name, val_rows, **overrides)
+        files.write_json(path, selection)
+    out = run_grid(
+        name,
+        results_dir=results,
+        read_only=read_only,
+        selection=selection,
+        with_records=with_records,
+        **kwargs,
+    )
+    return (*out, selection) if with_records else (out, selection)
+
+
+_PROFILE_FIELDS = set(Profile.__dataclass_fields__)
