@@ -80,8 +80,10 @@ def test_committed_outputs_present_and_no_volatile_metadata(path):
     )
     errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors, "a committed notebook carries an error output"
-    checked = [c for c in cells if _source(c).lstrip().startswith("# NBVAL_CHECK_OUTPUT")]
-    assert checked, "no cell is marked # NBVAL_CHECK_OUTPUT: nbval would check nothing"
+    checked = [c for c in cells if _checked(c)]
+    assert checked, "no cell is tagged nbval-check-output: nbval would check nothing"
+    markers = [i for i, c in enumerate(cells) if "NBVAL_" in _source(c)]
+    assert not markers, f"code cells {markers}: nbval markers belong in the tags, not the code"
     figures = [  # shown directly, or glued (myst-nb stores those under a papermill record type)
         o
         for c in cells
@@ -98,13 +100,18 @@ def test_committed_outputs_present_and_no_volatile_metadata(path):
 _ROUNDING_DEPENDENT = re.compile(r"\d\.\d{5,}|\d\.\d{2,}e[-+]\d+")
 
 
+def _checked(cell) -> bool:
+    """Whether nbval compares the cell's outputs (the tag; readers never see it)."""
+    return "nbval-check-output" in cell.get("metadata", {}).get("tags", [])
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_checked_outputs_are_machine_independent_text(path):
     """What nbval compares must be the same on every machine: checked cells print stable lines
     only — no expression value (Out[...]), no glue record, no float with rounding-level digits."""
     _, cells = _code_cells(path)
     for i, cell in enumerate(cells):
-        if "NBVAL_CHECK_OUTPUT" not in _source(cell):
+        if not _checked(cell):
             continue
         for output in cell.get("outputs", []):
             assert output["output_type"] == "stream", (
