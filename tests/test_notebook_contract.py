@@ -15,6 +15,7 @@ from robustreg import notebook
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
+import install_cell  # noqa: E402
 import strip_notebooks  # noqa: E402
 from chapters import chapter_notebooks, toc_files  # noqa: E402
 from strip_notebooks import strip_volatile, volatile_metadata  # noqa: E402
@@ -306,3 +307,13 @@ def test_no_function_is_defined_in_two_notebooks():
                 clashes.append(f"{name!r} in {seen[name]} and {path.stem}")
             seen.setdefault(name, path.stem)
     assert not clashes, "move these into src/robustreg: " + "; ".join(clashes)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_the_install_cell_follows_the_parameters(path):
+    """Outside a checkout a chapter installs what it imports (tools/install_cell.py, built from the
+    repository URL of _config.yml and the package's version); in a checkout the cell is silent."""
+    _, cells = _code_cells(path)
+    assert "install" in cells[1]["metadata"].get("tags", []), "the second code cell installs"
+    assert _source(cells[1]) == install_cell.source(), "run `python tools/install_cell.py`"
+    assert cells[1].get("outputs") == [], "in a checkout the install cell prints nothing"
