@@ -64,8 +64,8 @@ def test_parameters_cell_comes_first_with_typed_defaults(path):
     assert {"profile", "seed"} <= names, (
         f"parameters cell must declare profile and seed; has {names}"
     )
-    assert "setup(globals()" in "".join(_source(cells[1]).split()), (
-        "second code cell must call setup(globals(), ...)"
+    assert "setup(globals()" in "".join(_source(cells[2]).split()), (
+        "third code cell (after the install cell) must call setup(globals(), ...)"
     )
 
 
@@ -223,11 +223,12 @@ def test_setup_checks_only_the_parameters_and_injected_cells():
         'REPO = "https://example.org/book"',
         params,
         "# Parameters\nn = 3\n",
+        'EDITION = "https://example.org/book.zip"',  # the install cell: not a parameter
         "P = setup()",
     ]
     dtype = torch.get_default_dtype()
     try:
-        ns = _namespace(REPO="https://example.org/book", n=3, In=history)
+        ns = _namespace(REPO="https://example.org/book", EDITION="x", n=3, In=history)
         assert notebook.setup(ns, {"default": {"n": 1}}, show=False).n == 3
         history[3] = "# Parameters\nnn = 3\n"
         with pytest.raises(ValueError, match="unknown parameter 'nn'"):

@@ -93,10 +93,10 @@ def _assigned(source: str) -> list[str]:
 
 
 def _injected(namespace: Mapping) -> list[str] | None:
-    """The names assigned from the parameters cell up to the current cell (papermill's injected
-    cell comes right after the parameters cell), from IPython's input history ``In``; None
-    without a history that holds the parameters cell. Variables of earlier cells are not
-    parameters and are left alone."""
+    """The names assigned by the parameters cell and by papermill's injected cell (whose source
+    starts with ``# Parameters``; it follows the parameters cell), from IPython's input history
+    ``In``; None without a history that holds the parameters cell. Variables of other cells (an
+    install cell, a reader's own) are not parameters and are left alone."""
     history = list(namespace.get("In") or [])
     starts = [
         i
@@ -105,7 +105,12 @@ def _injected(namespace: Mapping) -> list[str] | None:
     ]
     if not starts:
         return None
-    return [name for source in history[starts[-1] : -1] for name in _assigned(source)]
+    cells = [history[starts[-1]]] + [
+        source
+        for source in history[starts[-1] + 1 : -1]
+        if isinstance(source, str) and source.lstrip().startswith("# Parameters")
+    ]
+    return [name for source in cells for name in _assigned(source)]
 
 
 def check_parameters(namespace: Mapping) -> dict[str, object]:
