@@ -6,8 +6,10 @@ For the index and every chapter of _toc.yml, served from a local HTTP server, it
 - math did not render (a `.math` element without MathJax output, a MathJax error, or raw `$` /
   `\\command` TeX left in the page's text),
 - an image did not load (`naturalWidth == 0`) or any request of the page failed,
-- an internal link points to a missing page or to a missing anchor.
-Uses Debian's `chromium` through Playwright (no browser download), with a fresh profile.
+- an internal link points to a missing page or to a missing anchor,
+- the page scrolls sideways, or a formula is wider than the box that holds it while that box does
+  not scroll (mathematics clipped at the edge of a proof, a theorem or the column),
+at a desktop width and at a phone's (:data:`WIDTHS`), with a screenshot of each. Uses Debian's `chromium` through Playwright (no browser download), with a fresh profile.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from playwright.sync_api import sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+#: The viewports every page is checked at: a desktop and a phone.
+WIDTHS = [(1400, 900), (420, 900)]
 
 
 class _Ids(HTMLParser):
@@ -71,6 +75,24 @@ async () => {
     errors: [...document.querySelectorAll('mjx-merror, .MathJax_Error')].map(e => e.textContent.slice(0, 80)),
     images: [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
+    pageOverflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    clipped: (() => {  // math wider than the box that holds it, where that box does not scroll
+      const out = [];
+      for (const m of document.querySelectorAll('mjx-container')) {
+        const r = m.getBoundingClientRect();
+        if (r.width === 0 || m.parentElement.closest('mjx-container')) continue;
+        if (['auto', 'scroll'].includes(getComputedStyle(m).overflowX) && m.clientWidth > 0) continue;
+        let a = m.parentElement, limit = document.documentElement.clientWidth;
+        while (a && a !== document.body) {
+          const st = getComputedStyle(a);
+          if (['auto', 'scroll'].includes(st.overflowX)) { limit = Infinity; break; }
+          if (['hidden', 'clip'].includes(st.overflowX)) { limit = a.getBoundingClientRect().right; break; }
+          a = a.parentElement;
+        }
+        if (r.right > limit + 1) out.push(m.textContent.slice(0, 50));
+      }
+      return out;
+    })(),
     rawTex: (() => {
       const main = document.querySelector('main, article, body').cloneNode(true);
       main.querySelectorAll('.math, mjx-container, pre, code, script, style, .highlight, .output, .cell_output')
@@ -102,6 +124,9 @@ def check_page(page, base: str, html_root: Path, rel: str) -> tuple[list[str], d
     problems += [f"MathJax error: {t!r}" for t in state["errors"]]
     problems += [f"raw TeX in the text (math not parsed): {t!r}" for t in state["rawTex"]]
     problems += [f"image did not load: {i['src']}" for i in state["images"] if not i["ok"]]
+    if state["pageOverflow"] > 0:
+        problems.append(f"the page scrolls sideways by {state['pageOverflow']} px")
+    problems += [f"math clipped (wider than its box, no scrolling): {t!r}" for t in state["clipped"]]
     for href in state["links"]:
         url, fragment = urldefrag(href)
         if not url.startswith(base):
@@ -133,23 +158,24 @@ def main(html_dir: str, shots_dir: str) -> int:
                 executable_path=CHROMIUM,
                 headless=True,
                 args=ARGS,
-                viewport={"width": 1280, "height": 900},
             )
-            for rel in pages:
+            for rel, (width, height) in [(r, w) for r in pages for w in WIDTHS]:
                 page = context.new_page()
+                page.set_viewport_size({"width": width, "height": height})
                 problems, state = check_page(page, base, html_root, rel)
-                shot = shots / (rel.replace("/", "_").removesuffix(".html") + ".png")
+                stem = rel.replace("/", "_").removesuffix(".html")
+                shot = shots / f"{stem}-{width}.png"
                 page.screenshot(path=str(shot), full_page=True)
                 page.close()
                 summary = f"{len(state['images'])} images, {state['math']} math, {len(state['links'])} links"
                 if problems:
                     failed += 1
-                    print(f"FAIL {rel} ({summary})")
+                    print(f"FAIL {rel} at {width} px ({summary})")
                     for problem in problems[:20]:
                         print(f"     {problem}")
                 else:
                     passed += 1
-                    print(f"ok   {rel} ({summary}) -> {shot}")
+                    print(f"ok   {rel} at {width} px ({summary}) -> {shot}")
             context.close()
     finally:
         server.shutdown()
