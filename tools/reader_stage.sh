@@ -16,7 +16,9 @@ THEORY=book/02_input_gradient.ipynb
 EXPERIMENT=book/10_training.ipynb
 
 echo "-- the wheel, in a fresh environment outside the checkout"
-.venv/bin/python -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/dist" .
+mkdir "$WORK/pkg"  # built from a copy, so that no build/ folder lands in the checkout
+cp -r src pyproject.toml README.md LICENSE "$WORK/pkg/"
+.venv/bin/python -m pip wheel --quiet --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/pkg"
 python3 -m venv "$WORK/venv"
 PY="$WORK/venv/bin/python"
 deps=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
