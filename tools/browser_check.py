@@ -126,7 +126,9 @@ def check_page(page, base: str, html_root: Path, rel: str) -> tuple[list[str], d
     problems += [f"image did not load: {i['src']}" for i in state["images"] if not i["ok"]]
     if state["pageOverflow"] > 0:
         problems.append(f"the page scrolls sideways by {state['pageOverflow']} px")
-    problems += [f"math clipped (wider than its box, no scrolling): {t!r}" for t in state["clipped"]]
+    problems += [
+        f"math clipped (wider than its box, no scrolling): {t!r}" for t in state["clipped"]
+    ]
     for href in state["links"]:
         url, fragment = urldefrag(href)
         if not url.startswith(base):

@@ -2,26 +2,25 @@
 
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def toc_files(toc_path: Path = ROOT / "_toc.yml") -> list[str]:
-    """Every `file:` entry of the table of contents (root first), without suffix."""
-    toc = yaml.safe_load(toc_path.read_text())
-    files = [toc["root"]]
+    """Every document of the table of contents in book order (root first), without suffix, as
+    Jupyter Book's own parser (sphinx-external-toc) reads it."""
+    from sphinx_external_toc.parsing import parse_toc_yaml
 
-    def walk(entries):
-        for entry in entries or []:
-            if "file" in entry:
-                files.append(entry["file"])
-            walk(entry.get("sections"))
-            walk(entry.get("chapters"))
+    site = parse_toc_yaml(str(toc_path))
+    files: list[str] = []
 
-    for part in toc.get("parts", []):
-        walk(part.get("chapters"))
-    walk(toc.get("chapters"))
+    def walk(docname: str) -> None:
+        files.append(docname)
+        for tree in site[docname].subtrees:
+            for item in tree.items:
+                if isinstance(item, str):  # a document (not a URL or glob)
+                    walk(item)
+
+    walk(site.root.docname)
     return files
 
 
