@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import install_cell  # noqa: E402
 import strip_notebooks  # noqa: E402
 from chapters import chapter_notebooks, toc_files  # noqa: E402
-from strip_notebooks import strip_volatile, volatile_metadata  # noqa: E402
+from strip_notebooks import volatile_metadata  # noqa: E402
 
 NOTEBOOKS = chapter_notebooks()
 IDS = [p.stem for p in NOTEBOOKS]
@@ -243,26 +243,35 @@ def test_setup_rejects_profile_setting_undeclared_name():
         notebook.setup(_namespace(), {"default": {"m": 1}}, show=False)
 
 
-def test_strip_removes_volatile_metadata():
+def test_strip_removes_volatile_metadata(tmp_path):
     nb = {
         "metadata": {
             "papermill": {"duration": 1.0},
-            "kernelspec": {"name": "python3"},
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
             "language_info": {"name": "python", "version": "3.11.7"},
         },
+        "nbformat": 4,
         "nbformat_minor": 5,
         "cells": [
             {
                 "cell_type": "code",
+                "execution_count": 3,
+                "id": "a1",
                 "metadata": {"execution": {"t": 1}, "papermill": {}, "tags": ["x"]},
-                "source": "",
+                "outputs": [{"name": "stdout", "output_type": "stream", "text": ["kept\n"]}],
+                "source": "print('kept')",
             }
         ],
     }
     assert volatile_metadata(nb)
-    clean = strip_volatile(nb)
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    assert strip_notebooks.main([str(path)]) == 0
+    clean = json.loads(path.read_text())
     assert volatile_metadata(clean) == []
-    assert clean["cells"][0]["metadata"] == {"tags": ["x"]}
+    cell = clean["cells"][0]
+    assert cell["metadata"] == {"tags": ["x"]} and cell["execution_count"] == 3
+    assert cell["outputs"][0]["text"] == ["kept\n"] and cell["id"] == "a1"
     assert clean["metadata"]["language_info"] == {"name": "python"}
 
 
@@ -272,7 +281,16 @@ def test_strip_command_rewrites_in_place(tmp_path):
         "metadata": {"papermill": {}, "kernelspec": {"name": "python3"}},
         "nbformat": 4,
         "nbformat_minor": 5,
-        "cells": [{"cell_type": "code", "metadata": {"execution": {}}, "source": "π = 3"}],
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": 1,
+                "id": "c1",
+                "metadata": {"execution": {}},
+                "outputs": [],
+                "source": "π = 3",
+            }
+        ],
     }
     path.write_text(json.dumps(nb), encoding="utf-8")
     assert strip_notebooks.main([str(path)]) == 0
