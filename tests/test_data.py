@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,8 @@ import pytest
 import torch
 
 from robustreg import data
+
+fetch = data._fetch  # the real download (pooch); the `isolated` fixture replaces it with "offline"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -61,7 +66,7 @@ def isolated(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("offline (test)")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data, "_fetch", offline)
     data._idx_arrays.cache_clear()
     yield
     data._idx_arrays.cache_clear()
@@ -200,7 +205,7 @@ def test_load_missing_file_says_where_and_how(tmp_path, monkeypatch):
         data.load("mnist", "test", download=False)
 
 
-def test_download_verifies_md5_and_writes_atomically(tmp_path, monkeypatch):
+def test_download_verifies_md5_and_writes_atomically(tmp_path, monkeypatch, request):
     """A download is checked against the publisher's MD5 and lands in the cache directory."""
     files = {}
     rng = np.random.default_rng(3)
@@ -218,23 +223,17 @@ def test_download_verifies_md5_and_writes_atomically(tmp_path, monkeypatch):
     monkeypatch.setitem(data.CHECKSUMS, "mnist", sums)
     monkeypatch.setitem(data.GZ_MD5, "mnist", md5)
 
-    class Response:
-        def __init__(self, blob):
-            self.blob = blob
-
-        def read(self):
-            return self.blob
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    def fake_urlopen(url, timeout):
-        return Response(files[url.rsplit("/", 1)[1]])
-
-    monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+    site = tmp_path / "site"
+    site.mkdir()
+    for fname, blob in files.items():
+        (site / fname).write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    request.addfinalizer(server.shutdown)
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    monkeypatch.setitem(data.DOWNLOAD_URLS, "mnist", ("http://127.0.0.1:9/", url))  # 1st fails
+    monkeypatch.setattr(data, "_fetch", fetch)  # pooch, not the offline stub of `isolated`
     x, y = data.load("mnist", "train")
     assert x.shape == (4, 1, 28, 28) and y.tolist() == [0, 1, 2, 3]
     cached = sorted(p.name for p in (tmp_path / "cache" / "robustreg" / "mnist").iterdir())
@@ -243,7 +242,7 @@ def test_download_verifies_md5_and_writes_atomically(tmp_path, monkeypatch):
     # A download whose MD5 differs is rejected and nothing is written.
     monkeypatch.setitem(data.GZ_MD5, "mnist", {k: "0" * 32 for k in md5})
     data._idx_arrays.cache_clear()
-    with pytest.raises(FileNotFoundError, match="differs from the publisher"):
+    with pytest.raises(FileNotFoundError, match="MD5 differs from the publisher"):
         data.load("mnist", "test")
     assert not (tmp_path / "cache" / "robustreg" / "mnist" / "t10k-images-idx3-ubyte.gz").exists()
 

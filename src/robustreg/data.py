@@ -63,15 +63,12 @@ import functools
 import gzip
 import hashlib
 import os
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from robustreg import files
 from robustreg.extras import require
 
 __all__ = [
@@ -265,7 +262,7 @@ def _find(name: str, stem: str, root, download: bool) -> Path:
     if download and root is None:
         try:
             return _download(name, stem)
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
+        except OSError as err:
             reason = f"; download failed: {err}"
     else:
         reason = "; download disabled" if root is None else ""
@@ -276,24 +273,31 @@ def _find(name: str, stem: str, root, download: bool) -> Path:
     )
 
 
+def _fetch(url: str, md5: str, directory: Path, fname: str) -> Path:
+    """One download with pooch: into ``directory/fname`` only if its MD5 is ``md5`` (pooch writes
+    to a temporary file and moves it in place; a file of another hash is deleted)."""
+    require("pooch", "downloading data sets")
+    import pooch
+
+    return Path(
+        pooch.retrieve(url, known_hash=f"md5:{md5}", fname=fname, path=directory, progressbar=False)
+    )
+
+
 def _download(name: str, stem: str) -> Path:
-    target_dir = cache_dir() / name
-    target = target_dir / (stem + ".gz")
+    """``stem``.gz from the first of :data:`DOWNLOAD_URLS` that serves the publisher's file (its
+    MD5 in :data:`GZ_MD5`), into :func:`cache_dir`; ``OSError`` naming every attempt otherwise."""
     errors = []
+    md5 = GZ_MD5[name][stem]
     for base in DOWNLOAD_URLS[name]:
         url = base + stem + ".gz"
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                blob = response.read()
-        except (urllib.error.URLError, OSError, TimeoutError) as err:
-            errors.append(f"{url}: {err}")
-            continue
-        md5 = hashlib.md5(blob, usedforsecurity=False).hexdigest()
-        if md5 != GZ_MD5[name][stem]:
-            errors.append(f"{url}: MD5 {md5} differs from the publisher's {GZ_MD5[name][stem]}")
-            continue
-        return files.atomic_write(target, lambda tmp, blob=blob: Path(tmp).write_bytes(blob))
-    raise urllib.error.URLError("; ".join(errors))
+            return _fetch(url, md5, cache_dir() / name, stem + ".gz")
+        except ValueError as err:  # pooch: the file's hash is not the publisher's
+            errors.append(f"{url}: its MD5 differs from the publisher's {md5} ({err})")
+        except Exception as err:  # no network, HTTP errors, a proxy
+            errors.append(f"{url}: {type(err).__name__}: {err}")
+    raise OSError("; ".join(errors))
 
 
 @functools.lru_cache(maxsize=8)
