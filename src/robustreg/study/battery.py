@@ -185,6 +185,17 @@ def verdict(result: Mapping[str, Any]) -> dict[str, Any]:
     return {"masking": bool(signs), "signs": signs}
 
 
+def _stored(path: Path, wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """A battery file, when it is of this model and these settings; else StaleResultError."""
+    stored = files.read_json(path, "battery file", "delete it to recompute it")
+    if {k: stored.get(k) for k in wanted} != dict(wanted):
+        raise store.StaleResultError(
+            f"{path} belongs to another model or other battery settings than this run; "
+            "it is left untouched: pass refresh=True (--refresh) to replace it on purpose"
+        )
+    return stored
+
+
 def published(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The models the battery checks: the seed-0 runs of a results directory that AutoAttack
     evaluated and whose weights are published, ``{result file name: record}``."""
@@ -232,13 +243,7 @@ def run_battery(
         path = out_dir / model_name
         wanted = {"model": model_name, "key": record["key"], "settings": s}
         if path.is_file() and not refresh:
-            stored = files.read_json(path, "battery file", "delete it to recompute it")
-            if {k: stored.get(k) for k in wanted} != wanted:
-                raise store.StaleResultError(
-                    f"{path} belongs to another model or other battery settings than this run; "
-                    "it is left untouched: pass refresh=True (--refresh) to replace it on purpose"
-                )
-            done[model_name] = stored
+            done[model_name] = _stored(path, wanted)
         elif read_only and partial:
             continue
         elif read_only:
@@ -252,7 +257,7 @@ def run_battery(
         mine = set(select_shard(sorted(records), shard))
         todo = [m for m in todo if m in mine]
     if not todo:
-        return done
+        return dict(sorted(done.items()))
     from tqdm import tqdm  # text bars: no ipywidgets needed in notebooks
 
     loaded = {m: store.load_model(results / m) for m in records}
@@ -268,8 +273,9 @@ def run_battery(
     bar = tqdm(todo, desc="masking battery", unit="model", disable=not progress)
     for model_name in bar:
         bar.set_postfix_str(model_name)
-        if (out_dir / model_name).is_file():  # another process finished it meanwhile
-            done[model_name] = files.read_json(out_dir / model_name, "battery file")
+        if (out_dir / model_name).is_file() and not refresh:  # another process finished it
+            wanted = {"model": model_name, "key": records[model_name]["key"], "settings": s}
+            done[model_name] = _stored(out_dir / model_name, wanted)
             continue
         model = loaded[model_name].to(device)
         t0, c0 = time.perf_counter(), time.process_time()
