@@ -85,15 +85,18 @@ def test_committed_outputs_present_and_no_volatile_metadata(path):
     assert checked, "no cell is tagged nbval-check-output: nbval would check nothing"
     markers = [i for i, c in enumerate(cells) if "NBVAL_" in _source(c)]
     assert not markers, f"code cells {markers}: nbval markers belong in the tags, not the code"
-    figures = [  # shown directly, or glued (myst-nb stores those under a papermill record type)
-        o
+    kinds = [  # shown directly, or glued (myst-nb stores those under a papermill record type)
+        k.rsplit("/", 2)[-2] + "/" + k.rsplit("/", 1)[-1]
         for c in cells
         for o in c.get("outputs", [])
-        if any(k.endswith("image/png") for k in o.get("data", {}))
+        for k in o.get("data", {})
+        if "image/" in k
     ]
-    assert figures, (
+    assert "image/svg+xml" in kinds, (
         "no figure in the published outputs (nbval does not compare images: look at the page)"
     )
+    raster = sorted(set(kinds) - {"image/svg+xml"})
+    assert not raster, f"figures are vector (robustreg.plotting.use_book_style), found {raster}"
 
 
 # A float printed with many significant digits (plain or scientific) depends on rounding: on another

@@ -85,3 +85,15 @@ def test_check_identity_and_inequality_fail_loudly(capsys):
     with pytest.raises(AssertionError):
         check_identity("nan", torch.tensor([float("nan")]), torch.tensor([1.0]))
     assert check_inequality("le", torch.tensor([1.0, 1.0]), torch.tensor([2.0, 1.0])) == 1.0
+
+
+def test_html_table_is_deterministic_markup_that_keeps_emphasis():
+    import pandas as pd
+
+    from robustreg.notebook import html_table
+
+    frame = pd.DataFrame({"ℓ∞ 0.1": ["<b>+1.0 [+0.2, +1.8]</b>", None]}, index=["a", "b"])
+    html = html_table(frame).data
+    assert html == html_table(frame.copy()).data  # no random ids (a Styler has them)
+    assert "<b>+1.0 [+0.2, +1.8]</b>" in html and "—" in html
+    assert 'class="dataframe robustreg-table"' in html

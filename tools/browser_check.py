@@ -9,6 +9,13 @@ For the index and every chapter of _toc.yml, served from a local HTTP server, it
 - an internal link points to a missing page or to a missing anchor,
 - the page scrolls sideways, or a formula is wider than the box that holds it while that box does
   not scroll (mathematics clipped at the edge of a proof, a theorem or the column),
+- at the desktop width: a formula or a line of code (collapsed cells opened) that the reader must
+  scroll sideways to read,
+- a figure has no caption, or is shown smaller than its text can be read: every label of an SVG
+  figure (its largest glyphs: sub- and superscripts are smaller by design) must measure at least
+  :data:`MIN_TEXT_PX` CSS pixels (9 pt) as displayed; a raster figure, whose text cannot be
+  measured, must carry at least :data:`MIN_RASTER_DENSITY` image pixels per displayed pixel,
+- a test marker (`NBVAL`) or an unparsed directive or role (`{prf:`, a code fence) is visible,
 at a desktop width and at a phone's (:data:`WIDTHS`), with a screenshot of each. Uses Debian's `chromium` through Playwright (no browser download), with a fresh profile.
 """
 
@@ -16,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import http.server
+import re
 import sys
 import tempfile
 import threading
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urldefrag, urljoin, urlparse
+from urllib.parse import unquote, urldefrag, urljoin, urlparse
+from xml.etree import ElementTree
 
 from chapters import toc_files
 from playwright.sync_api import sync_playwright
@@ -30,6 +39,11 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 #: The viewports every page is checked at: a desktop and a phone.
 WIDTHS = [(1400, 900), (420, 900)]
+DESKTOP = WIDTHS[0][0]
+#: The smallest text a figure may show, in CSS pixels: 9 pt (a CSS pixel is 1/96 in, a point 1/72).
+MIN_TEXT_PX = 9 * 96 / 72
+#: A raster figure needs this many image pixels per displayed CSS pixel (a 2× rendering).
+MIN_RASTER_DENSITY = 2.0
 
 
 class _Ids(HTMLParser):
@@ -54,6 +68,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def handle(self):  # a browser may drop a request it no longer needs (e.g. the favicon)
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
 
 def _serve(root: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     handler = functools.partial(_QuietHandler, directory=str(root))
@@ -76,6 +96,40 @@ async () => {
     images: [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
     pageOverflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    figures: (() => {
+      const article = document.querySelector('article.bd-article') || document.querySelector('main');
+      return [...article.querySelectorAll('img')]
+        .filter(i => i.getBoundingClientRect().width > 0)
+        .map(i => {
+          const f = i.closest('figure');
+          return {src: i.currentSrc || i.src, natural: i.naturalWidth, shown: i.getBoundingClientRect().width,
+                  caption: !!(f && f.querySelector('figcaption') && f.querySelector('figcaption').textContent.trim())};
+        });
+    })(),
+    scrolled: (() => {  // formulas and code lines that need sideways scrolling (collapsed cells opened)
+      const closed = [...document.querySelectorAll('details')].filter(d => !d.open);
+      closed.forEach(d => { d.open = true; });
+      // 2 px of slack: accents and italic overhang may poke out of a formula's box
+      const scrolls = e => ['auto', 'scroll'].includes(getComputedStyle(e).overflowX);
+      const wide = e => scrolls(e) && e.clientWidth > 0 && e.scrollWidth > e.clientWidth + 2;
+      const math = [...document.querySelectorAll('mjx-container')].filter(wide)
+        .map(m => 'formula: ' + m.textContent.slice(0, 50));
+      const code = [...document.querySelectorAll('div.cell_input pre, div.highlight pre')]
+        .filter(p => !p.closest('div.cell_output, div.output')).filter(wide)
+        .map(p => {
+          const lines = p.textContent.split('\n');
+          const longest = lines.reduce((a, b) => b.length > a.length ? b : a, '');
+          return `code line of ${longest.length} characters: ${longest.trim().slice(0, 60)}`;
+        });
+      closed.forEach(d => { d.open = false; });
+      return [...math, ...code];
+    })(),
+    markers: (() => {
+      const main = (document.querySelector('article.bd-article') || document.body).cloneNode(true);
+      main.querySelectorAll('script, style').forEach(e => e.remove());
+      const text = main.textContent;
+      return ['NBVAL', '{prf:', '```{', '{glue:', '{numref}'].filter(m => text.includes(m));
+    })(),
     clipped: (() => {  // math wider than the box that holds it, where that box does not scroll
       const out = [];
       for (const m of document.querySelectorAll('mjx-container')) {
@@ -111,7 +165,57 @@ async () => {
 """
 
 
-def check_page(page, base: str, html_root: Path, rel: str) -> tuple[list[str], dict]:
+def svg_label_sizes(path: Path) -> list[float]:
+    """The size of every label of an SVG figure in the file's own units: per ``<text>`` element its
+    largest font size (the label's body; sub- and superscripts are smaller)."""
+
+    def size(element) -> float:
+        style = element.get("style", "") + ";" + "font-size:" + element.get("font-size", "")
+        sizes = [float(v) for v in re.findall(r"font(?:-size)?:\s*([0-9.]+)px", style)]
+        return max(sizes, default=0.0)
+
+    root = ElementTree.parse(path).getroot()
+    out = []
+    for text in root.iter("{http://www.w3.org/2000/svg}text"):
+        sizes = [size(text)] + [size(t) for t in text.iter("{http://www.w3.org/2000/svg}tspan")]
+        if "".join(text.itertext()).strip() and max(sizes) > 0:
+            out.append(max(sizes))
+    return out
+
+
+def svg_width(path: Path) -> float:
+    """The width of an SVG in its user units (the viewBox), which its font sizes are given in."""
+    root = ElementTree.parse(path).getroot()
+    box = root.get("viewBox")
+    if box:
+        return float(box.split()[2])
+    return float(re.sub(r"[a-z]+$", "", root.get("width", "0")))
+
+
+def figure_problems(figure: dict, base: str, html_root: Path) -> list[str]:
+    """A figure without a caption, or shown too small to read (see the module's rules)."""
+    name = figure["src"].rsplit("/", 1)[-1]
+    problems = [] if figure["caption"] else [f"figure without a caption: {name}"]
+    if not figure["src"].startswith(base):
+        return problems
+    path = html_root / unquote(urlparse(figure["src"]).path).lstrip("/")
+    if path.suffix == ".svg":
+        sizes = svg_label_sizes(path)
+        if sizes:
+            smallest = min(sizes) * figure["shown"] / svg_width(path)
+            if smallest < MIN_TEXT_PX - 0.05:
+                problems.append(
+                    f"figure text shown at {smallest:.1f} px (< {MIN_TEXT_PX:.0f} px = 9 pt): {name}"
+                )
+    elif figure["shown"] > 0 and figure["natural"] / figure["shown"] < MIN_RASTER_DENSITY:
+        problems.append(
+            f"raster figure at {figure['natural'] / figure['shown']:.2f} image pixels per shown pixel "
+            f"(< {MIN_RASTER_DENSITY:g}; its text cannot be checked): {name}"
+        )
+    return problems
+
+
+def check_page(page, base: str, html_root: Path, rel: str, width: int) -> tuple[list[str], dict]:
     """Load one page and return (problems, state)."""
     failed: list[str] = []
     page.on("requestfailed", lambda r: failed.append(r.url))
@@ -129,6 +233,11 @@ def check_page(page, base: str, html_root: Path, rel: str) -> tuple[list[str], d
     problems += [
         f"math clipped (wider than its box, no scrolling): {t!r}" for t in state["clipped"]
     ]
+    if width >= DESKTOP:
+        problems += [f"needs sideways scrolling at {width} px: {t!r}" for t in state["scrolled"]]
+    problems += [f"visible marker or unparsed markup: {m!r}" for m in state["markers"]]
+    for figure in state["figures"]:
+        problems += figure_problems(figure, base, html_root)
     for href in state["links"]:
         url, fragment = urldefrag(href)
         if not url.startswith(base):
@@ -164,7 +273,7 @@ def main(html_dir: str, shots_dir: str) -> int:
             for rel, (width, height) in [(r, w) for r in pages for w in WIDTHS]:
                 page = context.new_page()
                 page.set_viewport_size({"width": width, "height": height})
-                problems, state = check_page(page, base, html_root, rel)
+                problems, state = check_page(page, base, html_root, rel, width)
                 stem = rel.replace("/", "_").removesuffix(".html")
                 shot = shots / f"{stem}-{width}.png"
                 page.screenshot(path=str(shot), full_page=True)

@@ -25,18 +25,20 @@ def source() -> str:
 
     url = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
     archive = f"{url}/archive/refs/tags/v{robustreg.__version__}.zip"
-    return f'''# Outside a checkout (Colab, Binder, this notebook downloaded alone), install what the chapter
-# imports: the book's package at this edition and myst-nb (for `glue`). In a checkout `make` has
-# installed both, and this cell does nothing. (Private names: they are not parameters.)
+    return f'''# Outside a checkout (Colab, Binder, this notebook downloaded alone), install what
+# the chapter imports: the book's package at this edition and myst-nb (for `glue`).
+# In a checkout `make` has installed both, and this cell does nothing. (Private
+# names: they are not parameters.)
 import importlib.util
 import subprocess
 import sys
 
 _EDITION = "{archive}"
 _wanted = {{"robustreg": f"robustreg[experiments] @ {{_EDITION}}", "myst_nb": "myst-nb"}}
-_missing = [spec for module, spec in _wanted.items() if importlib.util.find_spec(module) is None]
+_missing = [s for m, s in _wanted.items() if importlib.util.find_spec(m) is None]
 if _missing:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *_missing], check=True)'''
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, *_missing], check=True)'''
 
 
 def install(path: Path) -> bool:

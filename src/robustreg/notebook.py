@@ -9,7 +9,10 @@ annotations (papermill injects its overrides after it, without annotations)::
 
 and follows it with::
 
-    P = setup(globals(), profiles={"smoke": dict(n_networks=3), "default": dict(n_networks=40)})
+    P = setup(
+        globals(),
+        profiles={"smoke": dict(n_networks=3), "default": dict(n_networks=40)},
+    )
 
 :func:`setup` rejects names that are not declared parameters (papermill only warns on them),
 checks each value against its annotation and its range (``seed`` in numpy's range, every other
@@ -34,7 +37,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from robustreg.extras import require
+from robustreg.plotting import use_book_style
 from robustreg.study.config import PROFILES
 
 THREADS = 2
@@ -172,24 +175,6 @@ def reproducible(seed: int, threads: int = THREADS, dtype: torch.dtype = torch.f
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def _figure_style() -> None:
-    require("matplotlib")
-    import matplotlib as mpl
-
-    mpl.rcParams.update(
-        {
-            "figure.dpi": 100,
-            "savefig.dpi": 100,
-            "figure.figsize": (6.4, 4.0),
-            "axes.grid": True,
-            "grid.alpha": 0.3,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-            "svg.hashsalt": "robustreg",
-        }
-    )
-
-
 #: Seeds reach numpy, which accepts 0 … 2³² − 1.
 MAX_SEED = 2**32 - 1
 
@@ -256,7 +241,20 @@ def setup(
     _check_ranges(resolved, profiles)
     threads = int(os.environ.get("ROBUSTREG_THREADS", threads))  # the portability check's override
     reproducible(int(resolved["seed"]), threads=threads, dtype=dtype)
-    _figure_style()
+    use_book_style()
     if show:
         print("parameters: " + ", ".join(f"{k}={v!r}" for k, v in resolved.items()))
     return types.SimpleNamespace(**resolved)
+
+
+def html_table(frame, *, index: bool = True):
+    """A results table as the book shows it: ``frame`` (cells already formatted as text, which may
+    carry ``<b>`` for emphasis) as an HTML table, for ``myst_nb.glue`` and a ``glue:figure`` with
+    a caption. Unlike a pandas ``Styler`` the markup has no random ids, so a rerun writes the same
+    notebook; the book's CSS aligns the numbers and lets a wide table scroll inside its box."""
+    from IPython.display import HTML
+
+    html = frame.to_html(
+        escape=False, border=0, index=index, na_rep="—", classes="robustreg-table"
+    )
+    return HTML(html)

@@ -1,4 +1,10 @@
-"""Reusable figures of the book (matplotlib). Each function draws on a given ``Axes`` and returns it."""
+"""Reusable figures of the book (matplotlib), and the one style every figure shares.
+
+Each drawing function draws on a given ``Axes`` and returns it. :func:`use_book_style` sets the
+book's style (called by :func:`robustreg.notebook.setup`); :func:`legible` checks a finished
+figure against the rules the browser check enforces on the built page (text ≥ :data:`MIN_FONT_PT`
+at the size the page shows it, no overlapping labels) before it is glued.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +29,141 @@ METHOD_NAMES = {
     "adversarial": "PGD training ℓ∞",
     "adversarial-l2": "PGD training ℓ2",
 }
+
+#: Okabe & Ito's palette, told apart by the common colour-vision deficiencies (black, orange, sky
+#: blue, bluish green, yellow, blue, vermillion, reddish purple).
+PALETTE = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"]
+
+#: One look per training method in every chapter: a colour of :data:`PALETTE` *and* a marker and a
+#: line style, so that methods stay apart in greyscale and for colour-blind readers.
+METHOD_STYLE = {
+    "plain": dict(color="#000000", marker="o", linestyle="-"),
+    "input_gradient": dict(color="#E69F00", marker="s", linestyle="--"),
+    "jacobian_frobenius": dict(color="#56B4E9", marker="^", linestyle="-."),
+    "cross_lipschitz": dict(color="#009E73", marker="D", linestyle=":"),
+    "curvature": dict(color="#D55E00", marker="v", linestyle="-"),
+    "hessian_trace": dict(color="#CC79A7", marker="P", linestyle="--"),
+    "adversarial": dict(color="#0072B2", marker="X", linestyle="-."),
+    "adversarial-l2": dict(color="#0072B2", marker="h", linestyle=":"),
+}
+
+#: The smallest text a figure may carry at the size the page shows it (points). The theme shows
+#: a figure at its natural size up to :data:`MAX_WIDTH_IN`, so this is the font size in the file.
+MIN_FONT_PT = 9.0
+#: The widest figure the book's column shows without shrinking it: 720 CSS px at 96 px per inch
+#: (the column holds about 750 px at a desktop width).
+MAX_WIDTH_IN = 7.5
+
+
+def book_style() -> dict:
+    """The book's matplotlib settings (rcParams): text of 10 pt (ticks and legends 9 pt), the
+    palette cycled with line styles, SVG output with its text kept as text (so that the browser
+    check can read its size) and stable ids."""
+    from cycler import cycler
+
+    # the palette's yellow is too faint for lines on white: cycled without it
+    colors = [c for c in PALETTE if c != "#F0E442"]
+    colors = colors[1:] + colors[:1]  # black last: it is plain training's
+    styles = ["-", "--", "-.", ":", "-", "--", "-."]
+    return {
+        "figure.dpi": 100,
+        "savefig.dpi": 200,
+        "figure.figsize": (6.4, 4.0),
+        "figure.constrained_layout.use": True,
+        "font.size": 10,
+        "axes.titlesize": 10,
+        "axes.labelsize": 10,
+        "xtick.labelsize": MIN_FONT_PT,
+        "ytick.labelsize": MIN_FONT_PT,
+        "legend.fontsize": MIN_FONT_PT,
+        "figure.titlesize": 11,
+        "axes.prop_cycle": cycler(color=colors, linestyle=styles),
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "svg.fonttype": "none",
+        "svg.hashsalt": "robustreg",
+    }
+
+
+def use_book_style() -> None:
+    """Apply :func:`book_style`; inside IPython, show figures as SVG without a date (so that a
+    rerun writes the same file)."""
+    require("matplotlib")
+    import matplotlib as mpl
+
+    mpl.rcParams.update(book_style())
+    try:
+        from IPython import get_ipython
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+    except ImportError:  # plain Python: nothing to configure
+        return
+    if get_ipython() is not None:
+        set_matplotlib_formats("svg", metadata={"Date": None})
+
+
+def _drawn_texts(fig, renderer) -> list:
+    """The texts of ``fig`` that its last draw put on the canvas: visible, non-empty, with every
+    ancestor visible, and inside the figure (tick labels of ticks outside the view are skipped)."""
+    from matplotlib.text import Text
+
+    page = fig.bbox.padded(2)
+    hidden = set()  # labels of ticks outside the view: kept by matplotlib, not drawn
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if (
+                    not low - 1e-12 * abs(high - low)
+                    <= tick.get_loc()
+                    <= high + 1e-12 * abs(high - low)
+                ):
+                    hidden.update({id(tick.label1), id(tick.label2)})
+    out = []
+    for t in fig.findobj(lambda a: isinstance(a, Text)):
+        if id(t) in hidden or not (t.get_visible() and t.get_text().strip()):
+            continue
+        if t.axes is not None and not t.axes.get_visible():
+            continue
+        box = t.get_window_extent(renderer)
+        if box.width > 0 and box.height > 0 and page.contains(*box.p0) and page.contains(*box.p1):
+            out.append((t, box))
+    return out
+
+
+def legible(fig, min_pt: float = MIN_FONT_PT, max_width_in: float = MAX_WIDTH_IN):
+    """Return ``fig`` unchanged if a reader can read it as the book shows it, else raise.
+
+    Rules: the figure is at most ``max_width_in`` wide (wider ones are shrunk by the page, and
+    their text with them); every text is at least ``min_pt`` points (sub- and superscripts of
+    mathematics are drawn at 70 % of their label's size by matplotlib and are not counted); no two
+    texts overlap (tick labels, axis labels, titles, legend entries, annotations). Raises
+    ``ValueError`` naming each offending text.
+    """
+    width = float(fig.get_figwidth())
+    problems = []
+    if width > max_width_in + 1e-9:
+        problems.append(
+            f"figure is {width:g} in wide; at most {max_width_in:g} in is shown unshrunk"
+        )
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # text sizes and places are known once drawn
+    texts = _drawn_texts(fig, renderer)
+    for t, _ in texts:
+        if t.get_fontsize() < min_pt - 1e-9:
+            problems.append(
+                f"text {t.get_text()!r} is {t.get_fontsize():g} pt (at least {min_pt:g})"
+            )
+    # glyph boxes carry a blank margin (line spacing): shrink them before testing for overlap
+    boxes = [(t, box.shrunk(0.94, 0.8)) for t, box in texts]
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1 :]:
+            if box_a.overlaps(box_b):
+                problems.append(f"texts {a.get_text()!r} and {b.get_text()!r} overlap")
+    if problems:
+        raise ValueError("figure not legible: " + "; ".join(problems[:12]))
+    return fig
 
 
 def grid_2d(
@@ -89,7 +230,7 @@ def scatter_matrix(
     rho: np.ndarray | None = None,
     highlight: np.ndarray | None = None,
     log: bool = True,
-    size: float = 1.7,
+    size: float = 1.45,
 ):
     """Pairwise scatter plots of per-sample values, e.g. several regularizers on one test set.
 
@@ -116,15 +257,19 @@ def scatter_matrix(
             ax = axes[i, j]
             if i == j:
                 v = np.log10(data[i]) if log else data[i]
-                ax.hist(v, bins=30, color="C0", alpha=0.8)
+                ax.hist(v, bins=30, color="#0072B2", alpha=0.8)
                 ax.set_yticks([])
                 if log:
                     ax.xaxis.set_major_formatter(
                         plt.FuncFormatter(lambda t, _: f"$10^{{{t:.0f}}}$")
                     )
             elif i > j:
-                ax.scatter(data[j][~mark], data[i][~mark], s=3, color="C0", alpha=0.6, linewidths=0)
-                ax.scatter(data[j][mark], data[i][mark], s=6, color="C1", linewidths=0)
+                ax.scatter(
+                    data[j][~mark], data[i][~mark], s=3, color="#0072B2", alpha=0.6, linewidths=0
+                )
+                ax.scatter(
+                    data[j][mark], data[i][mark], s=8, marker="s", color="#E69F00", linewidths=0
+                )
                 if log:
                     ax.set_xscale("log")
                     ax.set_yscale("log")
@@ -139,12 +284,12 @@ def scatter_matrix(
                         ha="center",
                         va="center",
                         transform=ax.transAxes,
-                        fontsize=11,
+                        fontsize=10,
                         bbox=dict(
                             boxstyle="round", fc=plt.cm.Blues(0.15 + 0.6 * abs(r)), ec="none"
                         ),
                     )
-            ax.tick_params(labelsize=7)
+            ax.tick_params(labelsize=MIN_FONT_PT)
             if i < n - 1:
                 ax.set_xticklabels([])
             else:

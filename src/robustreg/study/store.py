@@ -2,8 +2,8 @@
 
 ::
 
-    <directory>/<method>[_lam<λ>]_seed<s>.json          configuration, history, metrics, machine
-    <directory>/<method>[_lam<λ>]_seed<s>.safetensors   the weights of a published run
+    <dir>/<method>[_lam<λ>]_seed<s>.json         configuration, history, metrics, machine
+    <dir>/<method>[_lam<λ>]_seed<s>.safetensors  the weights of a published run
 
 A result file carries the run's key (:func:`robustreg.study.cache.cache_key`, a hash of its
 effective configuration) and its effective evaluation settings. :class:`ResultStore` reads and
