@@ -299,7 +299,6 @@ def scatter_matrix(
             elif j == 0 and i > 0:
                 ax.set_ylabel(labels[i])
             ax.minorticks_off()
-    fig.tight_layout()
     return fig
 
 
