@@ -254,7 +254,5 @@ def html_table(frame, *, index: bool = True):
     notebook; the book's CSS aligns the numbers and lets a wide table scroll inside its box."""
     from IPython.display import HTML
 
-    html = frame.to_html(
-        escape=False, border=0, index=index, na_rep="—", classes="robustreg-table"
-    )
+    html = frame.to_html(escape=False, border=0, index=index, na_rep="—", classes="robustreg-table")
     return HTML(html)
