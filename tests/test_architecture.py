@@ -23,8 +23,11 @@ CORE = ("models", "geometry", "regularizers", "conventions", "reference", "attac
 #: imports with torch and numpy alone) and the CLI, which must set the numeric environment before
 #: torch loads.
 DEFERRED = {
+    "IPython",  # a notebook's (notebook.html_table, plotting.use_book_style)
     "art",
+    "cycler",  # matplotlib's
     "matplotlib",
+    "matplotlib_inline",  # a notebook's
     "mlxtend",
     "pandas",
     "pooch",
