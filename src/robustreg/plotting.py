@@ -30,21 +30,30 @@ METHOD_NAMES = {
     "adversarial-l2": "PGD training ℓ2",
 }
 
-#: Okabe & Ito's palette, told apart by the common colour-vision deficiencies (black, orange, sky
-#: blue, bluish green, yellow, blue, vermillion, reddish purple).
-PALETTE = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7"]
+#: Okabe & Ito's palette by name, told apart by the common colour-vision deficiencies.
+COLORS = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky blue": "#56B4E9",
+    "green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "purple": "#CC79A7",
+}
+PALETTE = list(COLORS.values())
 
 #: One look per training method in every chapter: a colour of :data:`PALETTE` *and* a marker and a
 #: line style, so that methods stay apart in greyscale and for colour-blind readers.
 METHOD_STYLE = {
-    "plain": dict(color="#000000", marker="o", linestyle="-"),
-    "input_gradient": dict(color="#E69F00", marker="s", linestyle="--"),
-    "jacobian_frobenius": dict(color="#56B4E9", marker="^", linestyle="-."),
-    "cross_lipschitz": dict(color="#009E73", marker="D", linestyle=":"),
-    "curvature": dict(color="#D55E00", marker="v", linestyle="-"),
-    "hessian_trace": dict(color="#CC79A7", marker="P", linestyle="--"),
-    "adversarial": dict(color="#0072B2", marker="X", linestyle="-."),
-    "adversarial-l2": dict(color="#0072B2", marker="h", linestyle=":"),
+    "plain": dict(color=COLORS["black"], marker="o", linestyle="-"),
+    "input_gradient": dict(color=COLORS["orange"], marker="s", linestyle="--"),
+    "jacobian_frobenius": dict(color=COLORS["sky blue"], marker="^", linestyle="-."),
+    "cross_lipschitz": dict(color=COLORS["green"], marker="D", linestyle=":"),
+    "curvature": dict(color=COLORS["vermillion"], marker="v", linestyle="-"),
+    "hessian_trace": dict(color=COLORS["purple"], marker="P", linestyle="--"),
+    "adversarial": dict(color=COLORS["blue"], marker="X", linestyle="-."),
+    "adversarial-l2": dict(color=COLORS["blue"], marker="h", linestyle=":"),
 }
 
 #: The smallest text a figure may carry at the size the page shows it (points). The theme shows
@@ -62,7 +71,7 @@ def book_style() -> dict:
     from cycler import cycler
 
     # the palette's yellow is too faint for lines on white: cycled without it
-    colors = [c for c in PALETTE if c != "#F0E442"]
+    colors = [c for name, c in COLORS.items() if name != "yellow"]
     colors = colors[1:] + colors[:1]  # black last: it is plain training's
     styles = ["-", "--", "-.", ":", "-", "--", "-."]
     return {
@@ -114,11 +123,8 @@ def _drawn_texts(fig, renderer) -> list:
         for axis in (ax.xaxis, ax.yaxis):
             low, high = sorted(axis.get_view_interval())
             for tick in axis.get_major_ticks() + axis.get_minor_ticks():
-                if (
-                    not low - 1e-12 * abs(high - low)
-                    <= tick.get_loc()
-                    <= high + 1e-12 * abs(high - low)
-                ):
+                slack = 1e-12 * (high - low)
+                if not low - slack <= tick.get_loc() <= high + slack:
                     hidden.update({id(tick.label1), id(tick.label2)})
     out = []
     for t in fig.findobj(lambda a: isinstance(a, Text)):
@@ -257,7 +263,7 @@ def scatter_matrix(
             ax = axes[i, j]
             if i == j:
                 v = np.log10(data[i]) if log else data[i]
-                ax.hist(v, bins=30, color="#0072B2", alpha=0.8)
+                ax.hist(v, bins=30, color=COLORS["blue"], alpha=0.8)
                 ax.set_yticks([])
                 if log:
                     ax.xaxis.set_major_formatter(
@@ -265,10 +271,20 @@ def scatter_matrix(
                     )
             elif i > j:
                 ax.scatter(
-                    data[j][~mark], data[i][~mark], s=3, color="#0072B2", alpha=0.6, linewidths=0
+                    data[j][~mark],
+                    data[i][~mark],
+                    s=3,
+                    color=COLORS["blue"],
+                    alpha=0.6,
+                    linewidths=0,
                 )
                 ax.scatter(
-                    data[j][mark], data[i][mark], s=8, marker="s", color="#E69F00", linewidths=0
+                    data[j][mark],
+                    data[i][mark],
+                    s=8,
+                    marker="s",
+                    color=COLORS["orange"],
+                    linewidths=0,
                 )
                 if log:
                     ax.set_xscale("log")
