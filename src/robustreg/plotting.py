@@ -41,9 +41,10 @@ COLORS = {
     "vermillion": "#D55E00",
     "purple": "#CC79A7",
 }
+#: The same colours as a list, in Okabe & Ito's order.
 PALETTE = list(COLORS.values())
 
-#: One look per training method in every chapter: a colour of :data:`PALETTE` *and* a marker and a
+#: One look per training method in every chapter: a colour of :data:`COLORS` *and* a marker and a
 #: line style, so that methods stay apart in greyscale and for colour-blind readers.
 METHOD_STYLE = {
     "plain": dict(color=COLORS["black"], marker="o", linestyle="-"),
