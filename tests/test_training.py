@@ -183,6 +183,66 @@ def test_checkpoint_resume_is_exact(digits, tmp_path):
     assert hres.loss == hfull.loss
 
 
+def test_onecycle_schedule_and_validation_curve(digits, tmp_path):
+    """One-cycle: the rate rises to lr and anneals far below it; the validation curve is the
+    clean accuracy after each epoch and does not change the training; resuming is exact."""
+    x_val, y_val = data.load("digits", "test", dtype=torch.float32)
+    kw = dict(epochs=3, batch_size=64, lr=3e-3, seed=2, progress=False, schedule="onecycle")
+    rates = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.Adam.step = spy
+    try:
+        m1, h1 = training.train(fresh_model(), digits, validation=(x_val, y_val), **kw)
+    finally:
+        torch.optim.Adam.step = real_step
+    assert len(rates) == 3 * 7
+    assert math.isclose(max(rates), 3e-3, rel_tol=1e-2) and rates[0] < 3e-3 / 20
+    assert rates[-1] < 3e-3 / 1e3 and 0.2 * 21 <= rates.index(max(rates)) <= 0.4 * 21
+    assert len(h1.val_accuracy) == 3
+    assert h1.val_accuracy[-1] == evaluation.accuracy(m1, x_val, y_val)
+    m2, h2 = training.train(fresh_model(), digits, **kw)  # no validation: same weights
+    assert same(params(m1), params(m2)) and h2.val_accuracy == []
+    assert "val_accuracy" not in h2.as_dict() and "val_accuracy" in h1.as_dict()
+    m3, _ = training.train(fresh_model(), digits, **{**kw, "schedule": "constant"})
+    assert not same(params(m1), params(m3))
+    # interrupted during epoch 3, resumed: the schedule continues where it stood
+    ckpt = tmp_path / "run.partial.pt"
+    calls = {"n": 0, "stop_at": None}
+
+    def reg(model, x, y):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            raise Interrupt
+        return model(x).pow(2).mean(1)
+
+    full, _ = training.train(fresh_model(), digits, reg, 1e-3, **kw)
+    calls.update(n=0, stop_at=2 * 7 + 3)
+    with pytest.raises(Interrupt):
+        training.train(fresh_model(), digits, reg, 1e-3, checkpoint=ckpt, **kw)
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+    calls.update(n=0, stop_at=None)
+    resumed, _ = training.train(fresh_model(), digits, reg, 1e-3, checkpoint=ckpt, **kw)
+    assert calls["n"] == 7 and same(params(full), params(resumed))
+
+
+def test_schedule_errors_name_the_valid_ones(digits):
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'; valid: constant, onecycle"):
+        training.train(fresh_model(), digits, epochs=1, schedule="cosine", progress=False)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        cache.normalize_config({"schedule": "cosine"})
+    with pytest.raises(ValueError, match="schedule is 'cosine'; valid: constant, onecycle"):
+        study.config.profile("smoke", schedule="cosine")
+    assert study.config.SCHEDULES == training.SCHEDULES
+    # a constant schedule leaves the key of every earlier configuration as it was
+    assert cache.cache_key({"schedule": "constant"}) == cache.cache_key({})
+    assert cache.cache_key({"schedule": "onecycle"}) != cache.cache_key({})
+
+
 # --- cached training ---------------------------------------------------------------------------
 
 SMALL = {"data": "digits", "model": {"name": "mlp", "hidden": [16]}, "epochs": 2, "lr": 3e-3}

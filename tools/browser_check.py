@@ -16,7 +16,9 @@ For the index and every chapter of _toc.yml, served from a local HTTP server, it
   :data:`MIN_TEXT_PX` CSS pixels (9 pt) as displayed; a raster figure, whose text cannot be
   measured, must carry at least :data:`MIN_RASTER_DENSITY` image pixels per displayed pixel,
 - a test marker (`NBVAL`) or an unparsed directive or role (`{prf:`, a code fence) is visible,
-at a desktop width and at a phone's (:data:`WIDTHS`), with a screenshot of each. Uses Debian's `chromium` through Playwright (no browser download), with a fresh profile.
+at a desktop width and at a phone's (:data:`WIDTHS`), with a screenshot of each. Uses Debian's
+`chromium` through Playwright (no browser download), with a fresh profile; :data:`WORKERS`
+browsers share the pages.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import sys
 import tempfile
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlparse
@@ -44,6 +47,8 @@ DESKTOP = WIDTHS[0][0]
 MIN_TEXT_PX = 9 * 96 / 72
 #: A raster figure needs this many image pixels per displayed CSS pixel (a 2× rendering).
 MIN_RASTER_DENSITY = 2.0
+#: Browsers side by side (one per core of the 2-core machine CI runs on), each with its own server.
+WORKERS = 2
 
 
 class _Ids(HTMLParser):
@@ -252,16 +257,10 @@ def check_page(page, base: str, html_root: Path, rel: str, width: int) -> tuple[
     return problems, state
 
 
-def main(html_dir: str, shots_dir: str) -> int:
-    html_root = Path(html_dir).resolve()
-    shots = Path(shots_dir)
-    shots.mkdir(parents=True, exist_ok=True)
-    if not (html_root / "index.html").exists():
-        print(f"no {html_root / 'index.html'}: build the book first (make html)")
-        return 1
-    pages = ["index.html"] + [f"{f}.html" for f in toc_files()]
+def check_pages(html_root: Path, shots: Path, jobs: list[tuple[str, int, int]]) -> list:
+    """Check ``jobs`` (page, width, height) in one headless Chromium; ``[(ok, lines)]`` in order."""
     server, base = _serve(html_root)
-    passed = failed = 0
+    out = []
     try:
         with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
             context = p.chromium.launch_persistent_context(
@@ -270,7 +269,7 @@ def main(html_dir: str, shots_dir: str) -> int:
                 headless=True,
                 args=ARGS,
             )
-            for rel, (width, height) in [(r, w) for r in pages for w in WIDTHS]:
+            for rel, width, height in jobs:
                 page = context.new_page()
                 page.set_viewport_size({"width": width, "height": height})
                 problems, state = check_page(page, base, html_root, rel, width)
@@ -280,18 +279,38 @@ def main(html_dir: str, shots_dir: str) -> int:
                 page.close()
                 summary = f"{len(state['images'])} images, {state['math']} math, {len(state['links'])} links"
                 if problems:
-                    failed += 1
-                    print(f"FAIL {rel} at {width} px ({summary})")
-                    for problem in problems[:20]:
-                        print(f"     {problem}")
+                    lines = [f"FAIL {rel} at {width} px ({summary})"]
+                    lines += [f"     {problem}" for problem in problems[:20]]
                 else:
-                    passed += 1
-                    print(f"ok   {rel} at {width} px ({summary}) -> {shot}")
+                    lines = [f"ok   {rel} at {width} px ({summary}) -> {shot}"]
+                out.append((not problems, lines))
             context.close()
     finally:
         server.shutdown()
-    print(f"browser: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return out
+
+
+def main(html_dir: str, shots_dir: str, workers: int = WORKERS) -> int:
+    html_root = Path(html_dir).resolve()
+    shots = Path(shots_dir)
+    shots.mkdir(parents=True, exist_ok=True)
+    if not (html_root / "index.html").exists():
+        print(f"no {html_root / 'index.html'}: build the book first (make html)")
+        return 1
+    pages = ["index.html"] + [f"{f}.html" for f in toc_files()]
+    jobs = [(r, w, h) for r in pages for w, h in WIDTHS]
+    # pages are dealt round-robin to the workers, each with its own browser; printed in order
+    shares = [jobs[i::workers] for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(check_pages, [html_root] * workers, [shots] * workers, shares))
+    results = [None] * len(jobs)
+    for i, part in enumerate(parts):
+        results[i::workers] = part
+    passed = sum(ok for ok, _ in results)
+    for _, lines in results:
+        print("\n".join(lines))
+    print(f"browser: {passed} passed, {len(results) - passed} failed")
+    return 0 if passed == len(results) else 1
 
 
 if __name__ == "__main__":

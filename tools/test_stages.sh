@@ -28,14 +28,50 @@ stage() {
   fi
   summary+=("$name: ${dt} s")
 }
+# lane LOG SUMMARY name=target ...: the stages of one lane in order (_ in a name: a space), output to LOG, their times
+# (or the failure) to SUMMARY; the exit status of the first failing stage.
+lane() {
+  local log=$1 sum=$2; shift 2
+  local spec name target t0 rc
+  for spec in "$@"; do
+    name=${spec%%=*}; name=${name//_/ }; target=${spec#*=}
+    echo "===== stage: $name =====" >> "$log"
+    t0=$(date +%s)
+    make --no-print-directory "$target" >> "$log" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ]; then
+      echo "$name: FAILED after $(( $(date +%s) - t0 )) s" >> "$sum"
+      return $rc
+    fi
+    echo "$name: $(( $(date +%s) - t0 )) s (side by side)" >> "$sum"
+  done
+}
+# side_by_side "name=target ..." "name=target ...": two lanes of stages at once (stages that leave a
+# core idle: one process, or a last job alone); each lane's output is printed when both are done.
+side_by_side() {
+  local dir; dir=$(mktemp -d)
+  # shellcheck disable=SC2086  # the lanes are word lists on purpose
+  lane "$dir/1.log" "$dir/1.sum" $1 & local p1=$!
+  # shellcheck disable=SC2086
+  lane "$dir/2.log" "$dir/2.sum" $2 & local p2=$!
+  wait $p1; local rc1=$?
+  wait $p2; local rc2=$?
+  echo
+  cat "$dir/1.log" "$dir/2.log"
+  while IFS= read -r line; do summary+=("$line"); done < <(cat "$dir/1.sum" "$dir/2.sum" 2>/dev/null)
+  rm -rf "$dir"
+  if [ $rc1 -ne 0 ] || [ $rc2 -ne 0 ]; then
+    report
+    echo "make test: a stage failed (exit $(( rc1 ? rc1 : rc2 )))"
+    exit $(( rc1 ? rc1 : rc2 ))
+  fi
+}
 stage "lint (ruff, actionlint)" make --no-print-directory lint
 stage "unit and property tests" make --no-print-directory unit
 stage "papermill smoke runs (seed 1)" make --no-print-directory smoke
 stage "nbval (committed outputs)" make --no-print-directory nbval
 stage "nbval, another ISA and thread count" make --no-print-directory nbval-portable
-stage "committed runs retrained" make --no-print-directory reproduction
-stage "a reader outside the checkout" make --no-print-directory reader
-stage "jupyter-book build -W"  make --no-print-directory html
-stage "browser check"          make --no-print-directory browser
+side_by_side "committed_runs_retrained=reproduction" \
+  "a_reader_outside_the_checkout=reader jupyter-book_build_-W=html browser_check=browser"
 report
 echo "stages: ${#summary[@]} passed, 0 failed"

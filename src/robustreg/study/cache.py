@@ -75,6 +75,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "lr": 1e-3,
     "optimizer": "adam",
     "weight_decay": 0.0,
+    "schedule": "constant",  # or "onecycle" (robustreg.training.SCHEDULES)
     "seed": 0,
     "dtype": "float32",
     "validation": False,  # True: train on the "fit" split, keeping "val" out (robustreg.data)
@@ -82,7 +83,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 #: Keys added after results were published: left out of the canonical form at their default, so
 #: the keys of configurations that predate them stay what they were.
-_LATER_KEYS = {"validation": False}
+_LATER_KEYS = {"validation": False, "schedule": "constant"}
 
 
 def default_cache_dir() -> Path:
@@ -117,6 +118,10 @@ def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
         adv.update(full["adversarial"])
         full["adversarial"] = adv
     full["validation"] = bool(full["validation"])
+    if full["schedule"] not in training.SCHEDULES:
+        raise ValueError(
+            f"unknown schedule {full['schedule']!r}; valid: {', '.join(training.SCHEDULES)}"
+        )
     for k, default in _LATER_KEYS.items():
         if full[k] == default:
             del full[k]
@@ -220,7 +225,9 @@ def train_cached(
     name; its train split is used), ``model`` (``{"name": "mlp" | "lenet", **kwargs}``),
     ``regularizer``, ``lam``, ``regularizer_options``, ``adversarial`` (None or PGD settings:
     then :func:`robustreg.training.adversarial_training` is used), ``epochs``, ``batch_size``,
-    ``lr``, ``optimizer``, ``weight_decay``, ``seed`` (also seeds the initialisation), ``dtype``.
+    ``lr``, ``optimizer``, ``weight_decay``, ``schedule``, ``seed`` (also seeds the
+    initialisation), ``dtype``, ``validation`` (train on the "fit" split and record the accuracy
+    on "val" after every epoch in the history's ``val_accuracy``).
 
     Files under ``cache_dir`` (default :func:`default_cache_dir`): see the module docstring.
     ``record`` is the JSON content plus ``"cached": True`` when it was loaded. The returned model
@@ -279,9 +286,12 @@ def train_cached(
         seed=full["seed"],
         optimizer=full["optimizer"],
         weight_decay=full["weight_decay"],
+        schedule=full.get("schedule", "constant"),
         progress=progress,
         checkpoint=partial,
     )
+    if full.get("validation"):  # the validation curve: clean accuracy on "val" after every epoch
+        common["validation"] = data_module.load(full["data"], "val", dtype=dtype)
     if full["adversarial"] is not None:
         adv = dict(full["adversarial"])
         _, history = training.adversarial_training(model, (x, y), adv.pop("eps"), **adv, **common)

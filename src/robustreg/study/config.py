@@ -53,6 +53,8 @@ REGULARIZERS = (
     "mmr",
 )
 DATASETS = ("digits", "moons", "mnist5k", "fashion-mnist", "mnist")
+#: Learning-rate schedules (:data:`robustreg.training.SCHEDULES`, by name).
+SCHEDULES = ("constant", "onecycle")
 MODELS = ("mlp", "lenet")
 
 
@@ -254,6 +256,7 @@ class Profile:
     autoattack: AutoAttackSettings | None = None
     validation: bool = False
     study: Study | None = None
+    schedule: str = "constant"
 
     def __post_init__(self):
         w = f"profile {self.name!r}"
@@ -265,6 +268,7 @@ class Profile:
         _positive_int(w, "epochs", self.epochs)
         _positive_int(w, "batch_size", self.batch_size)
         _positive_float(w, "lr", self.lr)
+        _choice(w, "schedule", self.schedule, SCHEDULES)
         if isinstance(self.seeds, str | int) or not self.seeds:
             raise _fail(w, "seeds", f"must be a non-empty list of seeds, got {self.seeds!r}")
         seeds = tuple(_seed(w, "seeds", s) for s in self.seeds)

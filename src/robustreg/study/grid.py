@@ -43,6 +43,8 @@ def grid(
     p = profile(name, **overrides)
     base = {"data": p.data, "model": dict(p.model), "epochs": p.epochs}
     base.update(batch_size=p.batch_size, lr=p.lr)
+    if p.schedule != "constant":
+        base["schedule"] = p.schedule
     if p.validation:
         base["validation"] = True
     extra = {reg: [] for reg in p.lambdas}

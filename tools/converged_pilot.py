@@ -1,0 +1,130 @@
+"""The converged study's pilot (issue 22): how many epochs, and which λ ranges, on seed 0.
+
+Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"), the MLP
+784-256-256-10, Adam with a one-cycle schedule peaking at lr 3·10⁻³, batches of 128:
+
+- ``epochs``: plain training, input gradient λ = 1, CURE λ = 10, PGD-ℓ∞ (ε = 0.1) and PGD-ℓ2
+  (ε = 1.5) adversarial training, each at E and 2E epochs: a method has converged at E when its
+  final validation accuracy is within 0.3 points of the 2E run's (the plateau).
+- ``lambdas``: every regularizer of the sweep at decade-spaced λ, E epochs: the range from no
+  measurable effect to more than eight points of clean validation accuracy lost, from which the
+  sweep's √10-spaced grid is taken.
+
+Every run goes through the training cache (:func:`robustreg.study.train_cached`: an interrupted
+pilot resumes, a finished run is loaded), and its record (configuration, history with the
+validation curve, CPU seconds) is written to ``results/converged/pilot/<stage>/<name>.json``.
+Runs go ``--jobs`` at a time, one thread each; a diverged run is recorded as such.
+
+    python tools/converged_pilot.py [--stage epochs lambdas] [--epochs 15] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BASE = {
+    "data": "fashion-mnist",
+    "model": {"name": "mlp", "hidden": [256, 256]},
+    "batch_size": 128,
+    "lr": 3e-3,
+    "schedule": "onecycle",
+    "validation": True,
+    "seed": 0,
+}
+ONE_DRAW = {
+    "jacobian_frobenius": {"n_proj": 1},
+    "cross_lipschitz": {"n_proj": 1},
+    "hessian_trace": {"n_samples": 1},
+}
+EPOCH_RUNS = {
+    "plain": {},
+    "input_gradient_lam1": {"regularizer": "input_gradient", "lam": 1.0},
+    "curvature_lam10": {"regularizer": "curvature", "lam": 10.0},
+    "adversarial": {"adversarial": {"eps": 0.1, "norm": "linf", "steps": 7}},
+    "adversarial-l2": {"adversarial": {"eps": 1.5, "norm": "l2", "steps": 7}},
+}
+DECADES = {
+    "input_gradient": [0.01, 0.1, 1.0, 10.0, 100.0],
+    "jacobian_frobenius": [0.001, 0.01, 0.1, 1.0, 10.0],
+    "cross_lipschitz": [0.005, 0.05, 0.5, 5.0, 50.0],
+    "curvature": [1.0, 10.0, 100.0, 1000.0, 10000.0],
+    "hessian_trace": [0.01, 0.1, 1.0, 10.0, 100.0],
+    "grad_align": [0.01, 0.1, 1.0, 10.0, 100.0],
+    "local_linearity": [0.01, 0.1, 1.0, 10.0, 100.0],
+}
+
+
+def runs(stage: str, epochs: int) -> dict[str, dict]:
+    """``{file name: configuration}`` of a stage."""
+    out = {}
+    if stage == "epochs":
+        for e in (epochs, 2 * epochs):
+            for name, extra in EPOCH_RUNS.items():
+                out[f"{name}_ep{e}"] = {**BASE, **extra, "epochs": e}
+    else:
+        for reg, lams in DECADES.items():
+            for lam in lams:
+                config = {**BASE, "regularizer": reg, "lam": lam, "epochs": epochs}
+                config["regularizer_options"] = dict(ONE_DRAW.get(reg, {}))
+                out[f"{reg}_lam{lam:g}"] = config
+    return out
+
+
+def run(name: str, config: dict, out: Path) -> str:
+    import torch
+
+    from robustreg import files
+    from robustreg.study import cache
+
+    torch.set_num_threads(1)
+    path = out / f"{name}.json"
+    if path.is_file():
+        return f"{name}: done before"
+    try:
+        _, record = cache.train_cached(config, device="cpu", progress=False)
+    except FloatingPointError as err:
+        files.write_json(path, {"name": name, "config": config, "diverged": str(err)})
+        return f"{name}: diverged"
+    hist = record["history"]
+    files.write_json(
+        path,
+        {
+            "name": name,
+            "key": record["key"],
+            "config": record["config"],
+            "history": hist,
+            "cpu_seconds": sum(hist["cpu_time"]),
+        },
+    )
+    val = hist["val_accuracy"]
+    return f"{name}: val {val[-1]:.4f} (best {max(val):.4f}), {sum(hist['cpu_time']):.0f} CPU-s"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", nargs="+", default=["epochs", "lambdas"])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "converged" / "pilot")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    todo = []
+    for stage in args.stage:
+        if stage not in ("epochs", "lambdas"):
+            parser.error(f"unknown stage {stage!r}; valid: epochs, lambdas")
+        todo += [(n, c, args.out / stage) for n, c in runs(stage, args.epochs).items()]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run, *job) for job in todo]
+        for i, fut in enumerate(as_completed(futures), 1):
+            print(f"[{i}/{len(todo)}] {fut.result()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
