@@ -540,6 +540,26 @@ def test_layerwise_hyperplanes_equal_forward_mode(case: Case, q: float, per_chun
     checks.check_identity("‖∇c‖_q", fast[2], ref[2], TOL, scale=batch_scale(ref[2]))
 
 
+@settings(deadline=None)
+@given(networks(), st.sampled_from(["linf", "l1"]))
+def test_pruned_distance_equals_every_constraint_computed(case: Case, norm: str):
+    """The ℓ∞ / ℓ1 boundary distance, which computes the exact ℓq norm only for constraints whose
+    ℓ2 bound could attain the minimum (issue 26), equals the minimum over every constraint's
+    exact distance (forward mode) on every architecture kind."""
+    from robustreg import geometry
+
+    q = 1.0 if norm == "linf" else math.inf
+    c, valid, gnorm = geometry._constraints_forward(case.model, case.x, 2**22, q)
+    full = geometry._distances(c, valid, gnorm).min(1).values if c.shape[1] else None
+    fast = boundary_distance(case.model, case.x, norm=norm)
+    if full is None:
+        assert torch.isinf(fast).all()
+        return
+    assert torch.equal(torch.isinf(fast), torch.isinf(full))
+    finite = torch.isfinite(full)
+    checks.check_identity("dist", fast[finite], full[finite], TOL, scale=full[finite].abs())
+
+
 def test_layerwise_hyperplanes_through_every_known_leaf():
     """Batch norm (eval), average pooling, constant and zero padding, transposed convolution,
     a per-channel PReLU, dropout (eval), Unflatten, adaptive max-pooling: equal to forward mode."""

@@ -31,6 +31,11 @@ NEEDS_RESULTS = {
 }
 
 
+#: Chapters whose runs take several times the others' (08: exact radii by MILP; 12: a study and
+#: its masking battery): started first.
+LONGEST = ("08_", "12_")
+
+
 def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, float, str]:
     name = f"{nb.stem} {profile} seed {seed}"
     needed = NEEDS_RESULTS.get((nb.stem, profile))
@@ -80,6 +85,8 @@ def main(argv=None) -> int:
         for nb in chapter_notebooks()
         if args.chapters is None or any(nb.stem.startswith(c) for c in args.chapters)
     ]
+    # the longest runs first, so that none of them is left running alone at the end
+    notebooks.sort(key=lambda nb: not nb.stem.startswith(LONGEST))
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = []

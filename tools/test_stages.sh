@@ -46,24 +46,31 @@ lane() {
     echo "$name: $(( $(date +%s) - t0 )) s (side by side)" >> "$sum"
   done
 }
-# side_by_side "name=target ..." "name=target ...": two lanes of stages at once (stages that leave a
-# core idle: one process, or a last job alone); each lane's output is printed when both are done.
+# side_by_side "name=target ..." ...: lanes of stages at once (stages that leave a core idle: one
+# process, or a last job alone); each lane's output is printed, in order, when all are done.
 side_by_side() {
   local dir; dir=$(mktemp -d)
-  # shellcheck disable=SC2086  # the lanes are word lists on purpose
-  lane "$dir/1.log" "$dir/1.sum" $1 & local p1=$!
-  # shellcheck disable=SC2086
-  lane "$dir/2.log" "$dir/2.sum" $2 & local p2=$!
-  wait $p1; local rc1=$?
-  wait $p2; local rc2=$?
+  local pids=() i=0 spec rc first=0
+  for spec in "$@"; do
+    i=$((i + 1))
+    # shellcheck disable=SC2086  # a lane is a word list on purpose
+    lane "$dir/$i.log" "$dir/$i.sum" $spec &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do
+    wait "$pid"; rc=$?
+    [ $first -eq 0 ] && first=$rc
+  done
   echo
-  cat "$dir/1.log" "$dir/2.log"
-  while IFS= read -r line; do summary+=("$line"); done < <(cat "$dir/1.sum" "$dir/2.sum" 2>/dev/null)
+  for ((j = 1; j <= i; j++)); do cat "$dir/$j.log"; done
+  for ((j = 1; j <= i; j++)); do
+    while IFS= read -r line; do summary+=("$line"); done < <(cat "$dir/$j.sum" 2>/dev/null)
+  done
   rm -rf "$dir"
-  if [ $rc1 -ne 0 ] || [ $rc2 -ne 0 ]; then
+  if [ $first -ne 0 ]; then
     report
-    echo "make test: a stage failed (exit $(( rc1 ? rc1 : rc2 )))"
-    exit $(( rc1 ? rc1 : rc2 ))
+    echo "make test: a stage failed (exit $first)"
+    exit $first
   fi
 }
 stage "lint (ruff, actionlint)" make --no-print-directory lint
@@ -71,7 +78,7 @@ stage "unit and property tests" make --no-print-directory unit
 stage "papermill smoke runs (seed 1)" make --no-print-directory smoke
 stage "nbval (committed outputs)" make --no-print-directory nbval
 stage "nbval, another ISA and thread count" make --no-print-directory nbval-portable
-side_by_side "committed_runs_retrained=reproduction" \
-  "a_reader_outside_the_checkout=reader jupyter-book_build_-W=html browser_check=browser"
+side_by_side "committed_runs_retrained=reproduction" "a_reader_outside_the_checkout=reader" \
+  "jupyter-book_build_-W=html browser_check=browser"
 report
 echo "stages: ${#summary[@]} passed, 0 failed"
