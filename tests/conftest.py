@@ -15,6 +15,10 @@ settings.register_profile("full", max_examples=400, derandomize=True, print_blob
 settings.register_profile("explore", max_examples=30, **common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Every exact radius of the tests is solved by HiGHS, never read back from the optima that
+# robustreg.verification keeps for the chapters (a test of that store points it at its own folder).
+os.environ["ROBUSTREG_MILP_CACHE"] = ""
+
 
 #: The longest tests (tens of seconds each on 2 cores: grids trained in worker processes, MILPs,
 #: coverage simulations), longest first. Under `pytest -n N --dist worksteal` each worker starts

@@ -175,3 +175,32 @@ def test_a_presolve_failure_of_highs_is_solved_without_presolve():
     assert torch.isfinite(exact.radius).all() and exact.violation.max() <= SOLVER_TOLERANCE
     found = attacks.minimal_pgd_perturbation(net, x, generator=torch.Generator().manual_seed(0))
     assert exact.radius[0] <= found[0] + 10 * SOLVER_TOLERANCE
+
+
+def test_proven_optima_are_kept_and_read_back_for_the_same_problem_only(tmp_path, monkeypatch):
+    """A solved problem is kept (keyed by its whole problem) and read back identically, without
+    solving; another point, box or network is solved afresh; a corrupt file is solved again."""
+    from robustreg import verification
+
+    monkeypatch.setenv("ROBUSTREG_MILP_CACHE", str(tmp_path))
+    net = models.random_network("mlp", (3,), 3, depth=2, width=5, seed=7)
+    x = torch.rand(3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    first = minimal_perturbation(net, x, norm="linf", radius=1.0)
+    kept = sorted(tmp_path.glob("*.npz"))
+    assert len(kept) == 3
+    calls = []
+    monkeypatch.setattr(verification, "_target_program", lambda *a: calls.append(a))
+    again = minimal_perturbation(net, x, norm="linf", radius=1.0)
+    assert calls == []  # read back: nothing built or solved
+    for field in ("radius", "point", "target", "binaries", "violation"):
+        assert torch.equal(getattr(again, field), getattr(first, field)), field
+    # another radius is another problem: it is built (and fails here, _target_program replaced)
+    with pytest.raises(TypeError):
+        minimal_perturbation(net, x, norm="linf", radius=0.5)
+    monkeypatch.undo()
+    monkeypatch.setenv("ROBUSTREG_MILP_CACHE", str(tmp_path))
+    kept[0].write_bytes(b"not an npz")  # corrupt: solved again, and rewritten
+    third = minimal_perturbation(net, x, norm="linf", radius=1.0)
+    assert torch.equal(third.radius, first.radius)
+    monkeypatch.setenv("ROBUSTREG_MILP_CACHE", "")  # empty: nothing kept
+    assert verification._solutions_dir() is None

@@ -22,6 +22,12 @@ feasibility tolerance of 1e-6 on every constraint (:data:`SOLVER_TOLERANCE`), so
 to those; :class:`Exact` reports, per sample, by how much the returned point misses changing the
 prediction when the network is evaluated in float64 (``violation`` = max(0, f_c − f_k) there).
 
+A proven optimum is kept on disk, keyed by the SHA-256 of its whole problem (weights, point,
+box, class, norm, solver settings and SciPy's version: :data:`SOLUTION_VERSION`), and the same
+problem is not solved twice: a chapter rerun, or executed again under another instruction set or
+thread count (which change nothing in these NumPy/HiGHS programs), reads it back
+(``$ROBUSTREG_MILP_CACHE``: another folder, or empty for none).
+
 The search box is ‖x′ − x‖∞ ≤ ``radius`` (an upper bound on ε*, e.g. from an attack; it only
 tightens the interval bounds and cannot cut off the optimum when it is ≥ ε*). Supported layers:
 ``Flatten``, ``Linear``, ``ReLU``, ``LeakyReLU``, ``PReLU`` in an ``nn.Sequential`` — the
@@ -31,11 +37,15 @@ for small networks (the two-moons network, an MLP with a few dozen hidden units 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing
+import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +53,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 from torch import Tensor, nn
 
+from robustreg import files
 from robustreg.validation import check_batch, check_model, check_norm, check_positive
 
 __all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_perturbation"]
@@ -111,6 +122,68 @@ def affine_layers(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray, np.nda
     if not layers or layers[-1][2] is not None:
         raise ValueError("the last layer must be a Linear layer (the logits)")
     return layers
+
+
+#: Bump when a change in this module alters what a program solves to.
+SOLUTION_VERSION = 1
+
+
+def _problem_key(layers, xi, lo, hi, c: int, norm: str) -> str:
+    """SHA-256 of one sample's problem: every weight, bias and slope, the point, its search box,
+    its class, the norm, the solver's settings and versions (the same key: the same programs)."""
+    import scipy
+
+    h = hashlib.sha256(
+        repr((SOLUTION_VERSION, scipy.__version__, SOLVER_TOLERANCE, c, norm)).encode()
+    )
+    for w, b, a in layers:
+        for arr in (w, b, np.zeros(0) if a is None else a):
+            arr = np.ascontiguousarray(arr, dtype=np.float64)
+            h.update(repr(arr.shape).encode())
+            h.update(arr.tobytes())
+    for arr in (xi, lo, hi):
+        h.update(np.ascontiguousarray(arr, dtype=np.float64).tobytes())
+    return h.hexdigest()[:32]
+
+
+def _solutions_dir() -> Path | None:
+    """Where proven optima are kept: ``$ROBUSTREG_MILP_CACHE`` if set (empty: nowhere, every
+    program is solved), else the ``milp`` folder of :func:`robustreg.data.cache_dir`."""
+    if "ROBUSTREG_MILP_CACHE" in os.environ:
+        where = os.environ["ROBUSTREG_MILP_CACHE"]
+        return Path(where) if where else None
+    from robustreg import data
+
+    return data.cache_dir() / "milp"
+
+
+def _read_solution(key: str) -> dict | None:
+    """A proven optimum of this problem solved before (radius, target, point), or None."""
+    folder = _solutions_dir()
+    if folder is None:
+        return None
+    path = folder / f"{key}.npz"
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in ("radius", "target", "point")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None  # absent, or unreadable: solved again
+
+
+def _write_solution(key: str, radius: float, target: int, point: np.ndarray) -> None:
+    """Keep a proven optimum, written atomically (a crash leaves no partial file)."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, radius=np.float64(radius), target=np.int64(target), point=point)
+
+    folder = _solutions_dir()
+    if folder is None:
+        return
+    try:
+        files.atomic_write(folder / f"{key}.npz", write)
+    except OSError:  # a read-only cache: the result is still returned
+        pass
 
 
 def _sigma(t: np.ndarray, a: np.ndarray) -> np.ndarray:
@@ -350,6 +423,13 @@ def minimal_perturbation(
             lo, hi = np.clip(lo, 0, 1), np.clip(hi, 0, 1)
         bounds = _interval_bounds(layers, lo, hi)
         out_b[i] = int(sum(((l < 0) & (u > 0)).sum() for l, u in bounds))
+        key, best_point = _problem_key(layers, xi, lo, hi, c, norm), np.zeros(0)
+        solved = _read_solution(key)
+        if solved is not None:  # this very problem was solved before: its optimum
+            if solved["target"] >= 0:
+                out_r[i], out_t[i] = float(solved["radius"]), int(solved["target"])
+                out_p[i] = torch.as_tensor(solved["point"]).reshape(x.shape[1:]).to(x)
+            continue
         for k in range(n_classes):
             if k == c:
                 continue
@@ -376,6 +456,8 @@ def minimal_perturbation(
                 out_r[i] = float(res.x[t])
                 out_t[i] = k
                 out_p[i] = torch.as_tensor(res.x[xp]).reshape(x.shape[1:]).to(x)
+                best_point = np.asarray(res.x[xp], dtype=np.float64)
+        _write_solution(key, float(out_r[i]), int(out_t[i]), best_point)
     violation = torch.zeros(len(x), dtype=torch.float64)
     done = out_t >= 0
     if done.any():
