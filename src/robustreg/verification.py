@@ -48,12 +48,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 from torch import Tensor, nn
 
-from robustreg import files
+from robustreg import data, files
 from robustreg.validation import check_batch, check_model, check_norm, check_positive
 
 __all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_perturbation"]
@@ -131,8 +132,6 @@ SOLUTION_VERSION = 1
 def _problem_key(layers, xi, lo, hi, c: int, norm: str) -> str:
     """SHA-256 of one sample's problem: every weight, bias and slope, the point, its search box,
     its class, the norm, the solver's settings and versions (the same key: the same programs)."""
-    import scipy
-
     h = hashlib.sha256(
         repr((SOLUTION_VERSION, scipy.__version__, SOLVER_TOLERANCE, c, norm)).encode()
     )
@@ -152,8 +151,6 @@ def _solutions_dir() -> Path | None:
     if "ROBUSTREG_MILP_CACHE" in os.environ:
         where = os.environ["ROBUSTREG_MILP_CACHE"]
         return Path(where) if where else None
-    from robustreg import data
-
     return data.cache_dir() / "milp"
 
 
