@@ -57,7 +57,14 @@ from torch import Tensor, nn
 from robustreg import data, files
 from robustreg.validation import check_batch, check_model, check_norm, check_positive
 
-__all__ = ["NORMS", "SOLVER_TOLERANCE", "Exact", "affine_layers", "minimal_perturbation"]
+__all__ = [
+    "NORMS",
+    "SOLUTION_VERSION",
+    "SOLVER_TOLERANCE",
+    "Exact",
+    "affine_layers",
+    "minimal_perturbation",
+]
 
 #: The norms of the exact radii (names of :data:`robustreg.validation.NORMS`).
 NORMS = ("linf", "l1")
