@@ -27,10 +27,12 @@ $(VENV_STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 ## make book: execute every chapter at its default parameters into _build/ (Jupyter Book's
-## jupyter-cache), then build the HTML from those executions. The checkout is left untouched.
+## jupyter-cache, two chapters at a time), then build the HTML from those executions. The
+## checkout is left untouched.
 book: $(VENV_STAMP)
 	@mkdir -p _build
 	$(PY) tools/execute_config.py > _build/_config_execute.yml
+	$(PY) tools/execute_parallel.py _build/.jupyter_cache
 	.venv/bin/jupyter-book build . --config _build/_config_execute.yml -W -n --keep-going
 	@echo "Open $(CURDIR)/_build/html/index.html"
 
