@@ -530,28 +530,40 @@ def _feature_sizes(model: nn.Module, x: Tensor) -> list[int]:
     return sizes
 
 
+def _identity_tangent(x: Tensor) -> Tensor:
+    """∂x/∂x for one sample, ``[1, d, *x.shape[1:]]``: the tangent the layer-wise pass starts from."""
+    d = math.prod(x.shape[1:])
+    return torch.eye(d, dtype=x.dtype, device=x.device).reshape(1, d, *x.shape[1:])
+
+
+def _sites(model: nn.Module, x: Tensor, eye: Tensor, q: float, sites: _Sites) -> _Sites:
+    """The layer-wise pass over ``x`` from the identity tangent, until its last wanted site."""
+    try:
+        with torch.no_grad():
+            _layerwise(model, x.detach(), eye, None, q, sites)
+    except _AllSitesSeen:
+        pass
+    return sites
+
+
 def _constraints_layerwise(model: nn.Module, x: Tensor, chunk_elements: int, q: float):
     """:func:`_constraints` by one pass through the layers (``None`` where the model is not a
     (nested) ``nn.Sequential``/``Residual`` of known leaves: the caller falls back)."""
     if not _layerwise_supported(model):
         return None
     d = math.prod(x.shape[1:])
-    eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape(1, d, *x.shape[1:])
+    eye = _identity_tangent(x)
     widest = max([1] + _feature_sizes(model, x[:1]))  # the widest per-sample activation
     per_chunk = max(1, chunk_elements // (d * widest))
     total = _count_sites(model)
     if total == 0:
         empty = torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
         return empty, empty.bool(), empty
-    parts, memo = [], {"identity": eye.data_ptr()}
-    with torch.no_grad():
-        for start in range(0, x.shape[0], per_chunk):
-            sites = _Sites(total, memo)
-            try:
-                _layerwise(model, x[start : start + per_chunk].detach(), eye, None, q, sites)
-            except _AllSitesSeen:
-                pass
-            parts.append(sites)
+    memo = {"identity": eye.data_ptr()}
+    parts = [
+        _sites(model, x[start : start + per_chunk], eye, q, _Sites(total, memo))
+        for start in range(0, x.shape[0], per_chunk)
+    ]
     joined = [torch.cat([torch.cat([s[i] for s in sites], 1) for sites in parts]) for i in range(3)]
     return tuple(joined)
 
@@ -636,14 +648,8 @@ def _first_site_norms(model: nn.Module, x: Tensor, q: float) -> Tensor | None:
     on one sample; ``None`` otherwise."""
     if not _layerwise_supported(model) or _count_sites(model) == 0:
         return None
-    d = x[0].numel()
-    eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape(1, d, *x.shape[1:])
-    sites = _Sites(1, {"identity": eye.data_ptr()})
-    try:
-        with torch.no_grad():
-            _layerwise(model, x[:1].detach(), eye, None, q, sites)
-    except _AllSitesSeen:
-        pass
+    eye = _identity_tangent(x)
+    sites = _sites(model, x[:1], eye, q, _Sites(1, {"identity": eye.data_ptr()}))
     return sites[0][2][0] if sites.shared and sites.shared[0] else None
 
 
