@@ -627,11 +627,26 @@ def grad_align(
         eta = eps * _uniform(x.shape, x, generator)
         fw1 = _Forward(model, x + eta, fw.create_graph)
         g1 = fw1.to_input(fw1.loss_grad(y)).flatten(1)
-        n0, n1 = g0.norm(dim=1), g1.norm(dim=1)
-        ok = (n0 > 0) & (n1 > 0)
-        cos = (g0 * g1).sum(1) / torch.where(ok, n0 * n1, torch.ones_like(n0))
+        cos, ok = _cosine(g0, g1)
         values = torch.where(ok, 1 - cos, torch.zeros_like(cos))
     return _finish(fw, values, return_logits)
+
+
+def _cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos(a_i, b_i) per row, whether both rows are nonzero; cos = 0 where not), finite with a finite gradient however
+    small the rows: each row is divided by its largest |entry| (a constant of the graph; the
+    cosine is scale-invariant, so its value and gradient are unchanged) before any square is
+    formed. Squares of the raw rows underflow in float32 below ≈ 1e-19 (‖a‖ rounds to 0 while a
+    does not, and a/‖a‖ is then inf in the backward pass) — as the loss gradients of a confident
+    network do."""
+    sa = a.detach().abs().amax(1, keepdim=True)
+    sb = b.detach().abs().amax(1, keepdim=True)
+    ok = ((sa > 0) & (sb > 0)).squeeze(1)
+    ua = a / torch.where(sa > 0, sa, torch.ones_like(sa))
+    ub = b / torch.where(sb > 0, sb, torch.ones_like(sb))
+    na, nb = ua.norm(dim=1), ub.norm(dim=1)
+    cos = (ua * ub).sum(1) / torch.where(ok, na * nb, torch.ones_like(na))
+    return torch.where(ok, cos, torch.zeros_like(cos)), ok
 
 
 def local_linearity(
