@@ -154,13 +154,11 @@ def test_minimal_pgd_perturbation_is_an_upper_bound():
     assert not (torch.isinf(exact.radius) & hit).any()
 
 
-def test_a_presolve_failure_of_highs_is_solved_without_presolve():
-    """Chapter 08's full profile (seed 1, the input-gradient network, test point 171): HiGHS's
-    presolve ends in "Solve error" on this 2-16-16-2 program; without presolve it is optimal.
-    The exact radius must come back, change the prediction, and lie below the attack's."""
+def _moons_network(file: str) -> tuple[nn.Module, torch.Tensor]:
+    """A 2-16-16-2 leaky-ReLU network of chapter 08 and its test point, from ``tests/data``."""
     from safetensors.torch import load_file
 
-    state = load_file(Path(__file__).parent / "data" / "highs_presolve_failure.safetensors")
+    state = load_file(Path(__file__).parent / "data" / file)
     x = state.pop("x")
     net = nn.Sequential(
         nn.Flatten(),
@@ -171,10 +169,33 @@ def test_a_presolve_failure_of_highs_is_solved_without_presolve():
         nn.Linear(16, 2),
     ).double()
     net.load_state_dict(state)
+    return net, x
+
+
+@pytest.mark.parametrize(
+    "file",
+    [
+        # seed 1, input gradient, point 171: presolve ended in "Solve error"
+        "highs_presolve_failure.safetensors",
+        # seed 2, Jacobian, point 101: presolve reported 0.0479 as optimal (truth ≈ 0.0104)
+        "highs_presolve_wrong_optimum.safetensors",
+    ],
+)
+def test_programs_that_highs_presolve_got_wrong_are_solved_exactly(file):
+    """Two programs of chapter 08's full profile on which HiGHS's presolve failed. The exact
+    radius must come back, change the prediction, lie below the attack's, and no point of a fine
+    grid over the ℓ∞ ball of 99.9 % of it may change the prediction (in two dimensions the grid
+    is an independent check of optimality, up to its spacing)."""
+    net, x = _moons_network(file)
     exact = minimal_perturbation(net, x, norm="linf", radius=1.0)
     assert torch.isfinite(exact.radius).all() and exact.violation.max() <= SOLVER_TOLERANCE
     found = attacks.minimal_pgd_perturbation(net, x, generator=torch.Generator().manual_seed(0))
     assert exact.radius[0] <= found[0] + 10 * SOLVER_TOLERANCE
+    r = 0.999 * float(exact.radius[0])
+    t = torch.linspace(-r, r, 801, dtype=torch.float64)
+    grid = (torch.cartesian_prod(t, t) + x).clamp(0, 1)
+    with torch.no_grad():
+        assert (net(grid).argmax(1) == net(x).argmax(1)).all()
 
 
 def test_proven_optima_are_kept_and_read_back_for_the_same_problem_only(tmp_path, monkeypatch):
