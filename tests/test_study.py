@@ -190,6 +190,42 @@ def test_selected_lambda_is_evaluated_with_autoattack_and_named_by_value():
     assert not study.grid.publishes_weights("sweep", {**chosen, "lam": 10.0}, sel)
 
 
+def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lambdas():
+    """``converged`` selects λ on seed 0's sweeps: seeds 1 and 2 train no sweep, then each
+    regularizer at its selected λ; the selection averages the selecting seed's rows only;
+    AutoAttack and published weights are seed 0's; every baseline has its own file name."""
+    p = PROFILES["converged"]
+    assert p.study.selection_seeds == (0,)
+    before = study.grid.grid("converged")
+    per_seed = {s: [c for c in before if c["seed"] == s] for s in p.seeds}
+    n_sweep = sum(len(v) for v in p.lambdas.values())
+    assert len(per_seed[0]) == 1 + n_sweep + len(p.adversarial)
+    assert len(per_seed[1]) == len(per_seed[2]) == 1 + len(p.adversarial)
+    names = [study.grid.result_name(c) for c in before]
+    assert len(set(names)) == len(names)  # six baselines, six names
+    sel = {"lambdas": {"curvature": {"1": {"lam": 4.2}, "3": {"lam": 10.0}}}}
+    after = study.grid.grid("converged", selection=sel)
+    seed1 = [c["lam"] for c in after if c["seed"] == 1 and c.get("regularizer")]
+    assert seed1 == [4.2, 10.0]
+    curv0 = [c["lam"] for c in after if c["seed"] == 0 and c.get("regularizer") == "curvature"]
+    assert curv0 == [*p.lambdas["curvature"], 4.2]  # 10 is in the sweep already
+    attacked = [c for c in after if study.grid.attacked("converged", c, sel)]
+    assert {c["seed"] for c in attacked} == {0}
+    assert not study.grid.publishes_weights("converged", {**attacked[0], "seed": 1}, sel)
+    # the selection reads seed 0's rows: seed 1's (far lower) accuracies change nothing
+    curves = {
+        reg: [(lam, 0.90 - 0.01 * i) for i, lam in enumerate(lams)]
+        for reg, lams in p.lambdas.items()
+    }
+    rows = [{**r, "seed": 0} for r in _val_rows(curves, 0.905)]
+    noise = [{**r, "seed": 1, "value": 0.5} for r in rows]
+    assert study.select_lambdas("converged", rows) == study.select_lambdas(
+        "converged", rows + noise
+    )
+    with pytest.raises(ValueError, match="selection_seeds"):
+        p.replace(study={"targets": [1], "selection_seeds": [7]})
+
+
 # --- the whole study, end to end ---------------------------------------------------------------
 
 

@@ -17,8 +17,8 @@ from robustreg.extras import require
 from .geometry import activation_pattern
 
 #: How tables and legends name the training methods of the experiment grid
-#: (:func:`robustreg.study.grid.label`): plain training, the five regularizers, and PGD
-#: adversarial training against ℓ∞ and against ℓ2.
+#: (:func:`robustreg.study.grid.label`): plain training, the regularizers, and PGD adversarial
+#: training against ℓ∞ and against ℓ2 (at the radius in the name where it is not 0.1 or 1).
 METHOD_NAMES = {
     "plain": "plain",
     "input_gradient": "input gradient",
@@ -26,8 +26,15 @@ METHOD_NAMES = {
     "cross_lipschitz": "cross-Lipschitz",
     "curvature": "CURE",
     "hessian_trace": "Hessian trace",
+    "grad_align": "GradAlign",
+    "local_linearity": "local linearity",
     "adversarial": "PGD training ℓ∞",
     "adversarial-l2": "PGD training ℓ2",
+    # the converged study's baselines at other radii (ℓ∞ 0.1 and ℓ2 1 are the two above)
+    "adversarial-eps0.01": "PGD training ℓ∞ 0.01",
+    "adversarial-eps0.03": "PGD training ℓ∞ 0.03",
+    "adversarial-l2-eps0.3": "PGD training ℓ2 0.3",
+    "adversarial-l2-eps1.5": "PGD training ℓ2 1.5",
 }
 
 #: Okabe & Ito's palette by name, told apart by the common colour-vision deficiencies.
@@ -55,6 +62,12 @@ METHOD_STYLE = {
     "hessian_trace": dict(color=COLORS["purple"], marker="P", linestyle="--"),
     "adversarial": dict(color=COLORS["blue"], marker="X", linestyle="-."),
     "adversarial-l2": dict(color=COLORS["blue"], marker="h", linestyle=":"),
+    "grad_align": dict(color=COLORS["sky blue"], marker="*", linestyle="--"),
+    "local_linearity": dict(color=COLORS["green"], marker="p", linestyle="-"),
+    "adversarial-eps0.01": dict(color=COLORS["blue"], marker="<", linestyle="-."),
+    "adversarial-eps0.03": dict(color=COLORS["blue"], marker=">", linestyle="-."),
+    "adversarial-l2-eps0.3": dict(color=COLORS["blue"], marker="d", linestyle=":"),
+    "adversarial-l2-eps1.5": dict(color=COLORS["blue"], marker="H", linestyle=":"),
 }
 
 #: The smallest text a figure may carry at the size the page shows it (points). The theme shows

@@ -165,8 +165,8 @@ class AutoAttackSettings:
     """AutoAttack in a profile: radius per norm, the first ``n`` test images (None: all of
     ``n_test``), the version, and the iterations of its gradient attacks and queries of Square
     (other than the published 100 and 5,000 only in the seconds-long smoke profiles). ``seeds``:
-    the seeds whose runs are attacked in a grid (None: every seed); a :class:`Study` attacks
-    plain training, the baselines and each selected λ of every seed."""
+    the seeds whose runs are attacked (None: every seed); a :class:`Study` attacks plain
+    training, the baselines and each selected λ of those seeds."""
 
     eps: Mapping[str, float]
     n: int | None = 100
@@ -212,9 +212,12 @@ class AutoAttackSettings:
 class Study:
     """A matched-strength study: for each target t (points), each regularizer's λ at which the
     clean validation accuracy is plain training's minus t points
-    (:func:`robustreg.study.matched.select_lambdas`)."""
+    (:func:`robustreg.study.matched.select_lambdas`). ``selection_seeds``: the seeds whose λ
+    sweeps select (None: every seed of the profile); the other seeds train plain training, the
+    baselines and each regularizer at its selected λ only."""
 
     targets: tuple[int, ...] = (1, 3)
+    selection_seeds: tuple[int, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -222,6 +225,13 @@ class Study:
             raise _fail("study", "targets", "must name at least one target")
         for t in self.targets:
             _positive_int("study", "targets", t)
+        if self.selection_seeds is not None:
+            seeds = tuple(self.selection_seeds)
+            if not seeds:
+                raise _fail("study", "selection_seeds", "must name at least one seed, or be None")
+            for s in seeds:
+                _seed("study", "selection_seeds", s)
+            object.__setattr__(self, "selection_seeds", seeds)
 
 
 def _adversarial(where: str, entry: Any) -> dict[str, Any]:
@@ -298,6 +308,11 @@ class Profile:
             raise _fail(w, "validation", f"must be True or False, got {self.validation!r}")
         if self.study is not None and not self.validation:
             raise _fail(w, "validation", "must be True in a study (λ is selected on it)")
+        chosen = self.study.selection_seeds if self.study is not None else None
+        if chosen is not None and not set(chosen) <= set(seeds):
+            raise _fail(
+                w, "study selection_seeds", f"{list(chosen)} must be among seeds {list(seeds)}"
+            )
 
     def replace(self, **changes) -> Profile:
         """A copy with ``changes`` (e.g. ``seeds=[0]``, ``epochs=3``), checked like the original;
@@ -402,6 +417,37 @@ _FASHION_LENET = {
     "lr": 1e-3,
 }
 
+# The converged study (issue 22): Fashion-MNIST's 55,000 fit images (5,000 for validation), the
+# MLP 784-256-256-10, Adam with a one-cycle schedule peaking at 3·10⁻³; the epochs, λ ranges and
+# baseline radii from tools/converged_pilot.py (results/converged/pilot): every method's validation
+# accuracy within 0.3 points of a run twice as long; each sweep √10-spaced from no measurable
+# effect to more than eight points lost; PGD training at three radii per norm, from the field's
+# (ℓ∞ 0.1, ℓ2 1.5 on Fashion-MNIST) down to radii that cost about a point, so that the baselines
+# too are compared at matched clean accuracy.
+CONVERGED_EPOCHS = 30
+LOCAL_LINEARITY_SWEEP = [0.03, 0.1, 0.3, 1.0, 3.0]
+_CONVERGED_MLP = {
+    "data": "fashion-mnist",
+    "model": {"name": "mlp", "hidden": [256, 256]},
+    "epochs": CONVERGED_EPOCHS,
+    "batch_size": 128,
+    "lr": 3e-3,
+    "schedule": "onecycle",
+}
+_CONVERGED_SWEEP = {
+    "input_gradient": [0.03, 0.1, 0.3, 1.0, 3.0],
+    "jacobian_frobenius": [0.003, 0.01, 0.03, 0.1, 0.3],
+    "cross_lipschitz": [0.015, 0.05, 0.15, 0.5, 1.5],
+    "curvature": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
+    "hessian_trace": [0.03, 0.1, 0.3, 1.0, 3.0],
+    "grad_align": [10.0, 30.0, 100.0, 300.0, 1000.0],
+    "local_linearity": LOCAL_LINEARITY_SWEEP,
+}
+_CONVERGED_BASELINES = [
+    *({"eps": e, "norm": "linf", "steps": 7} for e in (0.01, 0.03, 0.1)),
+    *({"eps": e, "norm": "l2", "steps": 7} for e in (0.3, 1.0, 1.5)),
+]
+
 _DEFINITIONS: dict[str, dict[str, Any]] = {
     "smoke": {
         **_SMOKE_NETWORK,
@@ -481,6 +527,25 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         **_STUDY,
         "eval": {"n_test": 1000, "n_certified": 100, **_STUDY_EVAL},
         "autoattack": _STANDARD_AA,
+    },
+    # the converged study: λ selected on seed 0's sweeps; plain training, the baselines and the
+    # selected λ on three seeds, PGD-100×5 on every model; standard AutoAttack (1,000 test
+    # images, both norms at the field's radii) and the masking battery on seed 0's models
+    "converged": {
+        **_CONVERGED_MLP,
+        "seeds": [0, 1, 2],
+        "validation": True,
+        "lambdas": _CONVERGED_SWEEP,
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": _CONVERGED_BASELINES,
+        "study": {"targets": [1, 3], "selection_seeds": [0]},
+        "eval": {"n_test": 1000, "n_certified": 100, **_STUDY_EVAL},
+        "autoattack": {
+            "eps": {"linf": 0.1, "l2": 1.5},
+            "n": 1000,
+            "version": "standard",
+            "seeds": [0],
+        },
     },
     "sweep-full": {
         **_FASHION_LENET,

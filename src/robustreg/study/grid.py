@@ -38,7 +38,9 @@ def grid(
     Per seed: plain training, every regularizer at every λ of the profile, and each PGD
     adversarial-training baseline; with ``selection`` (from
     :func:`robustreg.study.matched.select_lambdas`) also each regularizer at its selected λ not
-    already in the sweep. ``overrides`` replace profile fields (e.g. ``seeds=[0]``, ``epochs=3``).
+    already in the sweep. In a study with ``selection_seeds``, the other seeds train no sweep:
+    only each regularizer at its selected λ (none before the selection). ``overrides`` replace
+    profile fields (e.g. ``seeds=[0]``, ``epochs=3``).
     """
     p = profile(name, **overrides)
     base = {"data": p.data, "model": dict(p.model), "epochs": p.epochs}
@@ -47,15 +49,18 @@ def grid(
         base["schedule"] = p.schedule
     if p.validation:
         base["validation"] = True
-    extra = {reg: [] for reg in p.lambdas}
+    picked = {reg: [] for reg in p.lambdas}
     for reg, lam in selected_runs(selection):
-        if lam not in p.lambdas[reg] and lam not in extra[reg]:
-            extra[reg].append(lam)
+        if lam not in picked[reg]:
+            picked[reg].append(lam)
+    chosen = p.study.selection_seeds if p.study is not None else None
     configs = []
     for seed in p.seeds:
         configs.append({**base, "seed": seed})
+        sweeps = chosen is None or seed in chosen
         for reg, lams in p.lambdas.items():
-            for lam in [*lams, *extra[reg]]:
+            extra = [lam for lam in picked[reg] if lam not in lams]
+            for lam in [*lams, *extra] if sweeps else picked[reg]:
                 configs.append(
                     {
                         **base,
@@ -80,12 +85,21 @@ def selected_runs(selection: Mapping[str, Any] | None) -> list[tuple[str, float]
     return out
 
 
+#: The radius of each norm's first baseline: its runs keep the names they were published under
+#: (``adversarial``, ``adversarial-l2``); a baseline at another radius carries it in its name.
+BASELINE_EPS = {"linf": 0.1, "l2": 1.0}
+
+
 def label(config: Mapping[str, Any]) -> str:
-    """Short name of a configuration's method: ``plain``, ``adversarial`` (ℓ∞),
-    ``adversarial-l2`` or the regularizer."""
+    """Short name of a configuration's method: ``plain``, ``adversarial`` (PGD-ℓ∞ training at
+    ε = 0.1), ``adversarial-l2`` (PGD-ℓ2 at ε = 1), ``adversarial-eps0.03`` /
+    ``adversarial-l2-eps0.3`` (at another ε, :data:`BASELINE_EPS`), or the regularizer."""
     if config.get("adversarial"):
-        norm = config["adversarial"].get("norm", "linf")
-        return "adversarial" if norm == "linf" else f"adversarial-{norm}"
+        adv = config["adversarial"]
+        norm = adv.get("norm", "linf")
+        name = "adversarial" if norm == "linf" else f"adversarial-{norm}"
+        eps = float(adv["eps"])
+        return name if eps == BASELINE_EPS[norm] else f"{name}-eps{eps:g}"
     if config.get("regularizer") and config.get("lam", 0):
         return str(config["regularizer"])
     return "plain"
@@ -93,7 +107,8 @@ def label(config: Mapping[str, Any]) -> str:
 
 def result_name(config: Mapping[str, Any]) -> str:
     """File name of a run in a results directory: ``plain_seed0.json``,
-    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json`` (ℓ∞), ``adversarial-l2_seed1.json``."""
+    ``curvature_lam1_seed2.json``, ``adversarial_seed1.json`` (ℓ∞), ``adversarial-l2_seed1.json``,
+    ``adversarial-eps0.03_seed1.json`` (:func:`label`)."""
     method = label(config)
     plain = method == "plain" or method.startswith("adversarial")
     lam = "" if plain else f"_lam{float(config['lam']):g}"
@@ -104,13 +119,16 @@ def attacked(
     name: str | Profile, config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
 ) -> bool:
     """Whether a run is evaluated with the profile's AutoAttack: in a study, plain training, the
-    baselines and each selected λ (every seed); in a grid, every run of the listed seeds."""
+    baselines and each selected λ; in a grid, every run; in both, of the seeds its
+    :class:`~robustreg.study.config.AutoAttackSettings` lists (None: every seed)."""
     p = profile(name)
     if p.autoattack is None:
         return False
     if p.study is None:
         seeds = p.autoattack.seeds
         return seeds is None or config["seed"] in seeds
+    if p.autoattack.seeds is not None and config["seed"] not in p.autoattack.seeds:
+        return False
     method = label(config)
     if method == "plain" or method.startswith("adversarial"):
         return True

@@ -38,7 +38,8 @@ def select_lambdas(
     """λ at matched clean validation accuracy, per regularizer and target of the study.
 
     For a target t (points), the wanted validation accuracy is a₀ − t/100, a₀ plain training's
-    mean over seeds. Along the sweep (λ increasing, mean validation accuracy over seeds a(λ)),
+    mean over the seeds that select (``selection_seeds``, rows with ``seed``; every seed when
+    None). Along the sweep (λ increasing, mean validation accuracy over seeds a(λ)),
     the first λ_i with a(λ_i) ≤ a₀ − t/100 and its predecessor λ_{i−1} bracket the target; λ*
     interpolates log λ linearly in a and is rounded to 3 significant digits. ``lam`` is None
     (with ``reason``) when the sweep never loses t points or its smallest λ already does.
@@ -48,8 +49,11 @@ def select_lambdas(
     p = profile(name, **overrides)
     if p.study is None:
         raise ValueError(f"profile {p.name!r} is not a study (it has no targets)")
+    chosen = p.study.selection_seeds
     val = {}
     for r in rows:
+        if chosen is not None and r.get("seed") not in chosen:
+            continue  # a seed that does not select
         if r["metric"] == "val_accuracy":
             val.setdefault((r["method"], float(r["lam"])), []).append(r["value"])
     if ("plain", 0.0) not in val:
@@ -131,6 +135,7 @@ def validation_rows(name: str, *, cache_dir=None, **overrides) -> list[dict[str,
                 "metric": "val_accuracy",
                 "method": label(config),
                 "lam": float(config.get("lam", 0.0)),
+                "seed": config["seed"],
                 "value": acc,
             }
         )
