@@ -393,3 +393,23 @@ def test_an_exact_radius_of_a_nan_input_is_refused():
     x = torch.full((1, 4), math.nan, dtype=torch.float64)
     with pytest.raises(ValueError, match="NaN or infinite values in 1 of 1 samples"):
         verification.minimal_perturbation(model, x)
+
+
+def test_each_command_computes_in_its_profiles_numeric_environment(tmp_path):
+    """run-grid and masking-battery set the profile's environment before torch loads;
+    reproduce-results the one its run's file records (portable when none, or no file)."""
+    import argparse
+
+    from robustreg.__main__ import _environment
+    from robustreg.study.config import NUMERIC_ENVIRONMENTS
+
+    portable, avx2 = NUMERIC_ENVIRONMENTS["portable"], NUMERIC_ENVIRONMENTS["avx2"]
+    ns = argparse.Namespace
+    assert _environment(ns(command="run-grid", profile="converged")) == avx2
+    assert _environment(ns(command="masking-battery", profile="sweep")) == portable
+    (tmp_path / "a_seed0.json").write_text(json.dumps({"machine": {"environment": avx2}}))
+    (tmp_path / "b_seed0.json").write_text(json.dumps({"machine": {"environment": {}}}))
+    reproduce = ns(command="reproduce-results", results_dir=str(tmp_path))
+    assert _environment(ns(**vars(reproduce), runs=["a_seed0"])) == avx2
+    assert _environment(ns(**vars(reproduce), runs=["b_seed0.json"])) == portable
+    assert _environment(ns(**vars(reproduce), runs=["missing"])) == portable

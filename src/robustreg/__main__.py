@@ -32,12 +32,13 @@ their shapes — a quick check that the files are where the loader looks.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from robustreg.study.config import PROFILES  # plain data: torch is not loaded yet
+from robustreg.study.config import NUMERIC_ENVIRONMENTS, PROFILES  # plain data: no torch yet
 
 # The package is imported inside the commands, not at the top: PORTABLE_ENVIRONMENT must be set
 # before torch loads.
@@ -199,8 +200,25 @@ def _data(args) -> int:
 
 #: The numeric environment of the committed runs: ATen's portable kernels and Intel MKL's
 #: conditional numerical reproducibility make a training bitwise identical on every x86-64 CPU
-#: (one thread). Both are read when torch loads, so they are set before it is imported.
-PORTABLE_ENVIRONMENT = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
+#: (one thread). Both are read when torch loads, so they are set before it is imported. A profile
+#: may name another (:data:`robustreg.study.config.NUMERIC_ENVIRONMENTS`).
+PORTABLE_ENVIRONMENT = NUMERIC_ENVIRONMENTS["portable"]
+
+
+def _environment(args) -> dict[str, str]:
+    """The numeric environment a command computes in: its profile's, or for reproduce-results the
+    one its first run's file records (portable when it records none)."""
+    if args.command != "reproduce-results":
+        return NUMERIC_ENVIRONMENTS[PROFILES[args.profile].environment]
+    path = Path(args.results_dir) / f"{args.runs[0].removesuffix('.json')}.json"
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["machine"]["environment"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return PORTABLE_ENVIRONMENT  # check_reproduction names a missing file
+    for env in NUMERIC_ENVIRONMENTS.values():
+        if recorded == env:
+            return env
+    return PORTABLE_ENVIRONMENT
 
 
 def _count(minimum: int, maximum: int | None = None):
@@ -293,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(func=_data)
     args = parser.parse_args(argv)
     if args.command in ("run-grid", "reproduce-results", "masking-battery"):
+        wanted = _environment(args)
         if "torch" not in sys.modules:
-            for k, v in PORTABLE_ENVIRONMENT.items():
+            for k, v in wanted.items():
                 os.environ.setdefault(k, v)
-        elif any(os.environ.get(k) != v for k, v in PORTABLE_ENVIRONMENT.items()):
+        elif any(os.environ.get(k) != v for k, v in wanted.items()):
             print(
-                "note: torch is already loaded; the portable environment is not in effect",
+                f"note: torch is already loaded; the numeric environment {wanted} is not in effect",
                 file=sys.stderr,
             )
     try:
