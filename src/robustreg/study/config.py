@@ -437,7 +437,7 @@ _FASHION_LENET = {
 # effect to more than eight points lost; PGD training at three radii per norm, from the field's
 # (ℓ∞ 0.1, ℓ2 1.5 on Fashion-MNIST) down to radii that cost about a point, so that the baselines
 # too are compared at matched clean accuracy.
-CONVERGED_EPOCHS = 30
+CONVERGED_EPOCHS = 60
 LOCAL_LINEARITY_SWEEP = [0.03, 0.1, 0.3, 1.0, 3.0]
 _CONVERGED_MLP = {
     "data": "fashion-mnist",

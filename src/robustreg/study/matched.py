@@ -2,8 +2,9 @@
 
 For a target t (points), the wanted clean validation accuracy is plain training's minus t points;
 :func:`select_lambdas` finds each regularizer's λ there along its sweep, and :func:`run_study` runs
-the three resumable stages: train the sweep, select, evaluate (PGD with restarts on every run,
-AutoAttack on plain training, the baselines and every selected λ).
+the three resumable stages: train and evaluate the sweep, select, train and evaluate the
+selected λ (PGD with restarts on every run, AutoAttack on plain training, the baselines and every
+selected λ).
 """
 
 from __future__ import annotations
@@ -153,14 +154,16 @@ def run_study(
     """The matched-strength study of a profile with a :class:`~robustreg.study.config.Study`, in
     three resumable stages.
 
-    1. train plain training, the λ sweep and the adversarial baselines
-       (:func:`~robustreg.study.execute.run_grid` without evaluation: seconds a run) and measure
-       their clean accuracy on the validation split;
+    1. train and evaluate plain training, the λ sweep and the adversarial baselines
+       (:func:`~robustreg.study.execute.run_grid`: a result file per run as it finishes, so that
+       a long study's results are kept, and can be committed, as they come) and measure their
+       clean accuracy on the validation split;
     2. :func:`select_lambdas` from those accuracies, kept in ``selection.json`` (read, never
        recomputed, once it exists: delete it to select again);
-    3. :func:`~robustreg.study.execute.run_grid` with the selection: every run evaluated on the
-       test set (PGD with restarts at every radius, per image) and plain training, the baselines
-       and each regularizer at its selected λ also under AutoAttack; one result file per run.
+    3. :func:`~robustreg.study.execute.run_grid` with the selection: the selected λ trained
+       and every run evaluated on the test set (PGD with restarts at every radius, per image)
+       — the files of stage 1 read back — and plain training, the baselines and each
+       regularizer at its selected λ also under AutoAttack; one result file per run.
 
     Returns ``(rows, selection)`` (``(rows, records, selection)`` with ``with_records``).
     ``kwargs`` go to :func:`~robustreg.study.execute.run_grid` (``jobs``, ``executor``,
@@ -183,7 +186,10 @@ def run_study(
             f"`python -m robustreg run-grid --profile {name} --results-dir {results}`"
         )
     else:
-        run_grid(name, evaluate_models=False, **kwargs)  # stage 1: train (jobs, shards)
+        # stage 1: train and evaluate the sweep, plain training and the baselines, a result file
+        # each as it finishes (jobs, shards); AutoAttack on those of them that are attacked
+        # whatever is selected (plain training, the baselines)
+        run_grid(name, results_dir=results, **kwargs)
         try:
             val_rows = validation_rows(name, cache_dir=kwargs.get("cache_dir"), **overrides)
         except FileNotFoundError as err:
