@@ -74,6 +74,31 @@ def test_robust_flags_are_nested_and_below_clean_and_single_pgd(digits_model):
     assert 0 < int(flags[0.1].sum()) < int(correct.sum())  # not vacuous at this radius
 
 
+def test_margin_restarts_break_what_a_saturated_cross_entropy_hides(digits_model):
+    """Logits scaled by 10³ (the same classifier) saturate float32's softmax: PGD on the
+    cross-entropy then sees no gradient and leaves most images standing, the margin loss breaks
+    them. ("ce", "margin") runs the cross-entropy's restarts exactly as ("ce",) does, then the
+    margin's on the survivors: never more robust, image by image."""
+    import copy
+
+    model, x, y = digits_model
+    sharp = copy.deepcopy(model)
+    last = [m for m in sharp.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e3)
+        last.bias.mul_(1e3)
+    assert torch.equal(evaluation.predict(sharp, x), evaluation.predict(model, x))
+    kw = dict(steps=10, restarts=2)
+    ce = evaluation.robust_flags(sharp, x, y, [0.1], "linf", **kw)[0.1]
+    both = evaluation.robust_flags(sharp, x, y, [0.1], "linf", losses=("ce", "margin"), **kw)[0.1]
+    reference = evaluation.robust_flags(model, x, y, [0.1], "linf", **kw)[0.1]
+    assert bool((both <= ce).all())
+    assert int(both.sum()) <= int(reference.sum()) + 3  # the margin attack sees the classifier
+    assert int(ce.sum()) > int(both.sum()) + 10  # the saturated cross-entropy does not
+    with pytest.raises(ValueError, match="valid"):
+        evaluation.robust_flags(sharp, x, y, [0.1], "linf", losses=("dlr",))
+
+
 def test_flags_string_round_trip():
     f = torch.tensor([True, False, True, True])
     assert evaluation.flags_string(f) == "1011"

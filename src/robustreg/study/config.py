@@ -54,6 +54,8 @@ REGULARIZERS = (
     "mmr",
 )
 DATASETS = ("digits", "moons", "mnist5k", "fashion-mnist", "mnist")
+#: PGD's losses (:data:`robustreg.attacks.LOSSES`, by name).
+PGD_LOSSES = ("ce", "margin")
 #: Learning-rate schedules (:data:`robustreg.training.SCHEDULES`, by name).
 SCHEDULES = ("constant", "onecycle")
 #: The numeric environments a profile's runs are computed in (set before torch loads, by
@@ -131,6 +133,7 @@ class EvalSettings:
     per_image: bool = False
     autoattack_steps: int = 100
     autoattack_queries: int = 5000
+    pgd_losses: tuple[str, ...] = ("ce",)
 
     def __post_init__(self):
         w = "evaluation settings"
@@ -159,6 +162,12 @@ class EvalSettings:
             raise _fail(w, "per_image", f"must be True or False, got {self.per_image!r}")
         _positive_int(w, "autoattack_steps", self.autoattack_steps)
         _positive_int(w, "autoattack_queries", self.autoattack_queries)
+        if isinstance(self.pgd_losses, str) or not self.pgd_losses:
+            raise _fail(w, "pgd_losses", f"must be a list of PGD losses, got {self.pgd_losses!r}")
+        losses = tuple(_choice(w, "pgd_losses", v, PGD_LOSSES) for v in self.pgd_losses)
+        if losses != ("ce",) and not self.per_image:
+            raise _fail(w, "pgd_losses", f"{list(losses)} needs per_image=True")
+        object.__setattr__(self, "pgd_losses", losses)
 
     def replace(self, **changes) -> EvalSettings:
         """A copy with ``changes``; an unknown name is an error naming the valid ones."""
@@ -554,7 +563,14 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         "regularizer_options": _ONE_DRAW,
         "adversarial": _CONVERGED_BASELINES,
         "study": {"targets": [1, 3], "selection_seeds": [0]},
-        "eval": {"n_test": 1000, "n_certified": 100, **_STUDY_EVAL},
+        # PGD-100×5 with the cross-entropy and PGD-100×5 with the margin loss: at 60 epochs the
+        # cross-entropy's softmax saturates (evaluation.robust_flags)
+        "eval": {
+            "n_test": 1000,
+            "n_certified": 100,
+            **_STUDY_EVAL,
+            "pgd_losses": ["ce", "margin"],
+        },
         "autoattack": {
             "eps": {"linf": 0.1, "l2": 1.5},
             "n": 1000,

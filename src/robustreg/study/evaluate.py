@@ -21,7 +21,12 @@ __all__ = ["LATER_SETTINGS", "effective_settings", "evaluate_model"]
 
 #: Evaluation settings added after results were published, left out at their defaults so that the
 #: settings recorded in earlier result files stay what they were.
-LATER_SETTINGS = {"per_image": False, "autoattack_steps": 100, "autoattack_queries": 5000}
+LATER_SETTINGS = {
+    "per_image": False,
+    "autoattack_steps": 100,
+    "autoattack_queries": 5000,
+    "pgd_losses": ["ce"],
+}
 
 
 def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
