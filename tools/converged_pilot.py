@@ -3,10 +3,11 @@
 Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"), the MLP
 784-256-256-10, Adam with a one-cycle schedule peaking at lr 3·10⁻³, batches of 128:
 
-- ``epochs``: plain training, input gradient λ = 1, CURE λ = 10, PGD-ℓ∞ (ε = 0.1) and PGD-ℓ2
-  (ε = 1.5) adversarial training, each at E, 2E and (but plain training) 4E epochs: a method has
-  converged at an epoch count when its final validation accuracy is within 0.3 points of the
-  longer runs' (the plateau).
+- ``epochs``: plain training, input gradient λ = 1, CURE λ = 10, GradAlign λ = 100, local
+  linearity λ = 1, PGD-ℓ∞ (ε = 0.1) and PGD-ℓ2 (ε = 1.5) adversarial training, at E, 2E, 4E
+  and 8E epochs (:data:`MULTIPLES`: plain training at E and 2E, local linearity at 2E and 4E): a
+  method has converged at an epoch count when its final validation accuracy is within 0.3 points
+  of the longer runs' (the plateau).
 - ``lambdas``: every regularizer of the sweep at decade-spaced λ, E epochs: the range from no
   measurable effect to more than eight points of clean validation accuracy lost, from which the
   sweep's √10-spaced grid is taken.
@@ -49,7 +50,13 @@ EPOCH_RUNS = {
     "curvature_lam10": {"regularizer": "curvature", "lam": 10.0},
     "adversarial": {"adversarial": {"eps": 0.1, "norm": "linf", "steps": 7}},
     "adversarial-l2": {"adversarial": {"eps": 1.5, "norm": "l2", "steps": 7}},
+    "grad_align_lam100": {"regularizer": "grad_align", "lam": 100.0},
+    "local_linearity_lam1": {"regularizer": "local_linearity", "lam": 1.0},
 }
+#: The multiples of E each method is trained for: plain training's plateau is reached at E; the
+#: study trains 4E (60 epochs), so the others are compared with 8E; local linearity (ten PGD steps
+#: per batch) only at 2E and 4E.
+MULTIPLES = {"plain": (1, 2), "local_linearity_lam1": (2, 4)}
 DECADES = {
     "input_gradient": [0.01, 0.1, 1.0, 10.0, 100.0],
     "jacobian_frobenius": [0.001, 0.01, 0.1, 1.0, 10.0],
@@ -65,10 +72,13 @@ def runs(stage: str, epochs: int) -> dict[str, dict]:
     """``{file name: configuration}`` of a stage."""
     out = {}
     if stage == "epochs":
-        for e in (epochs, 2 * epochs, 4 * epochs):
+        for m in (1, 2, 4, 8):
             for name, extra in EPOCH_RUNS.items():
-                if e < 4 * epochs or name != "plain":  # plain training's plateau is reached at E
-                    out[f"{name}_ep{e}"] = {**BASE, **extra, "epochs": e}
+                if m in MULTIPLES.get(name, (1, 2, 4, 8)):
+                    config = {**BASE, **extra, "epochs": m * epochs}
+                    if extra.get("regularizer"):
+                        config["regularizer_options"] = dict(ONE_DRAW.get(extra["regularizer"], {}))
+                    out[f"{name}_ep{m * epochs}"] = config
     else:
         for reg, lams in DECADES.items():
             for lam in lams:
