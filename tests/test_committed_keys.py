@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[1] / "results"
 DIRECTORIES = sorted(p.name for p in ROOT.iterdir() if p.is_dir() and any(p.glob("*.json")))
 
 
+def _in_progress(directory: Path) -> bool:
+    """A study still running commits its result files as they come, and says so in a file
+    ``IN_PROGRESS``: then the committed runs must be some of the grid's, not all."""
+    return (directory / "IN_PROGRESS").is_file()
+
+
 def _selection(directory: Path):
     path = directory / "selection.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -33,7 +39,11 @@ def test_every_committed_result_reproduces_its_key_and_settings(profile):
     configs = grid.grid(profile, selection=selection)
     by_name = {grid.result_name(c): c for c in configs}
     committed = {p.name for p in directory.glob("*.json") if "key" in json.loads(p.read_text())}
-    assert set(by_name) == committed
+    if _in_progress(directory):
+        assert committed <= set(by_name), committed - set(by_name)
+        by_name = {n: c for n, c in by_name.items() if n in committed}
+    else:
+        assert set(by_name) == committed
     for name, config in by_name.items():
         stored = store.read_result(directory / name)
         assert cache.cache_key(config) == stored["key"], name
@@ -53,6 +63,8 @@ def test_every_published_weight_file_is_the_profiles_and_carries_its_key(profile
         if grid.publishes_weights(profile, c, selection)
     }
     weights = {p.with_suffix(".json").name for p in directory.glob("*.safetensors")}
+    if _in_progress(directory):
+        published &= {p.name for p in directory.glob("*.json")}
     assert weights == published
     for name in weights:
         with safe_open(str(directory / name.replace(".json", ".safetensors")), "pt") as f:
