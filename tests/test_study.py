@@ -254,6 +254,60 @@ def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lamb
 # --- the whole study, end to end ---------------------------------------------------------------
 
 
+def test_a_diverged_training_is_kept_written_and_never_selected(tmp_path, monkeypatch):
+    """A loss that becomes non-finite is a result too: the cache keeps the divergence (a rerun
+    raises at once, training nothing), the grid writes the run's file with the message and no
+    rows and goes on, and the selection names the divergence instead of interpolating to it."""
+    from robustreg import training
+
+    config = {
+        "data": "digits",
+        "model": {"name": "mlp", "hidden": [8]},
+        "epochs": 2,
+        "lr": 1e8,
+        "regularizer": "input_gradient",
+        "lam": 1e6,
+    }
+    with pytest.raises(cache.DivergedError, match="non-finite training loss"):
+        cache.train_cached(config, cache_dir=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c").glob("*.partial.pt"))
+
+    grid = dict(
+        cache_dir=tmp_path / "c",
+        results_dir=tmp_path / "r",
+        progress=False,
+        device="cpu",
+        seeds=[0],
+        lr=1e8,
+        epochs=2,
+        lambdas={"input_gradient": [1e6]},
+        adversarial=[],
+    )
+    rows = study.run_grid("smoke", **grid)
+    assert {r["method"] for r in rows} == {"plain"}  # the diverged run has no rows
+    stored = study.read_result(tmp_path / "r" / "input_gradient_lam1e+06_seed0.json")
+    assert "non-finite" in stored["diverged"] and stored["rows"] == []
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept divergence is not trained again")
+
+    monkeypatch.setattr(training, "train", no_training)
+    with pytest.raises(cache.DivergedError, match="non-finite training loss"):
+        cache.train_cached(config, cache_dir=tmp_path / "c", progress=False)
+    assert study.run_grid("smoke", **grid) == rows  # the files read back
+    diverged = tmp_path / "r" / "input_gradient_lam1e+06_seed0.json"
+    diverged.unlink()  # rewritten from the cache's record: raised, not trained
+    assert study.run_grid("smoke", **grid) == rows
+    assert study.read_result(diverged)["diverged"] == stored["diverged"]
+    curves = {reg: [(lam, 0.95) for lam in lams] for reg, lams in PROFILES["sweep"].lambdas.items()}
+    curves["input_gradient"] = [(0.03, 0.95), (0.1, 0.945), (0.3, math.nan)] + [
+        (lam, math.nan) for lam in (1.0, 3.0, 10.0)
+    ]
+    sel = study.select_lambdas("sweep", _val_rows(curves, 0.95))
+    assert sel["lambdas"]["input_gradient"]["1"]["lam"] is None
+    assert "diverges at λ = 0.3" in sel["lambdas"]["input_gradient"]["1"]["reason"]
+
+
 def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     pytest.importorskip("torchattacks")
     small = {  # the smoke profile, smaller still: two regularizers, one baseline, 40 images

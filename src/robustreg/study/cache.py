@@ -14,6 +14,8 @@ data) and keeps, under the cache directory::
     <key>.json          configuration, the weights' SHA-256, history, device, time (written
                         last: marks a finished run)
     <key>.partial.pt    per-epoch resume state while training (its run identity checked)
+    <key>.diverged.json a run whose loss became non-finite: its configuration and the message
+                        (:class:`DivergedError`; the run is not trained again)
 
 A rerun with the same configuration loads the files instead of training, after verifying the
 weights (:func:`robustreg.study.weights.read_weights`: label, layout, SHA-256); an interrupted run
@@ -48,6 +50,7 @@ __all__ = [
     "CACHE_VERSION",
     "DEFAULT_CONFIG",
     "DIGITS_MLP",
+    "DivergedError",
     "build_model",
     "cache_key",
     "default_cache_dir",
@@ -212,6 +215,15 @@ def _cached_record(meta: Path, weights: Path, key: str) -> dict[str, Any] | None
     return record
 
 
+class DivergedError(FloatingPointError):
+    """A configuration whose training loss became non-finite (:func:`train_cached`): ``key`` and
+    ``message`` (the training's, naming the epoch, batch and terms)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key, self.message = key, message
+
+
 def train_cached(
     config: Mapping[str, Any],
     *,
@@ -229,7 +241,9 @@ def train_cached(
     initialisation), ``dtype``, ``validation`` (train on the "fit" split and record the accuracy
     on "val" after every epoch in the history's ``val_accuracy``).
 
-    Files under ``cache_dir`` (default :func:`default_cache_dir`): see the module docstring.
+    Files under ``cache_dir`` (default :func:`default_cache_dir`): see the module docstring. A
+    training whose loss becomes non-finite raises :class:`DivergedError`, now and on every
+    later call (the divergence is kept in the cache).
     ``record`` is the JSON content plus ``"cached": True`` when it was loaded. The returned model
     is on ``device`` (default :func:`robustreg.training.default_device`), in eval mode. The data
     are always the configuration's (loaded by name, memoized by :mod:`robustreg.data`).
@@ -259,6 +273,9 @@ def train_cached(
             torch.set_default_dtype(default_dtype)
     model = model.to(device)
 
+    diverged = root / f"{key}.diverged.json"
+    if diverged.is_file():  # trained before, to a non-finite loss: the same again
+        raise DivergedError(key, files.read_json(diverged, "divergence record")["diverged"])
     record = _cached_record(meta, weights, key)
     if record is not None:
         expected = weight_files.expected_layout(model)
@@ -292,13 +309,25 @@ def train_cached(
     )
     if full.get("validation"):  # the validation curve: clean accuracy on "val" after every epoch
         common["validation"] = data_module.load(full["data"], "val", dtype=dtype)
-    if full["adversarial"] is not None:
-        adv = dict(full["adversarial"])
-        _, history = training.adversarial_training(model, (x, y), adv.pop("eps"), **adv, **common)
-    else:
-        _, history = training.train(
-            model, (x, y), full["regularizer"], full["lam"], **common, **full["regularizer_options"]
-        )
+    try:
+        if full["adversarial"] is not None:
+            adv = dict(full["adversarial"])
+            _, history = training.adversarial_training(
+                model, (x, y), adv.pop("eps"), **adv, **common
+            )
+        else:
+            _, history = training.train(
+                model,
+                (x, y),
+                full["regularizer"],
+                full["lam"],
+                **common,
+                **full["regularizer_options"],
+            )
+    except FloatingPointError as err:  # deterministic: kept, so that a rerun does not repeat it
+        files.write_json(diverged, {"key": key, "config": full, "diverged": str(err)})
+        partial.unlink(missing_ok=True)
+        raise DivergedError(key, str(err)) from None
     sha256 = weight_files.write_weights(model, weights, key)
     record = {
         "key": key,

@@ -174,10 +174,15 @@ def run_one(
         )
     model = None
     if stored is None or not evaluate_models:
-        model, record = cache.train_cached(
-            config, cache_dir=cache_dir, device=device, progress=progress
-        )
+        try:
+            model, record = cache.train_cached(
+                config, cache_dir=cache_dir, device=device, progress=progress
+            )
+        except cache.DivergedError as err:  # a result of the run too: it has no metrics
+            return [], _diverged_record(config, key, eval_s, err, store)
     if stored is not None:
+        if stored.get("diverged"):
+            return [], stored
         record = stored
     times, cpu = record["history"]["time"], record["history"].get("cpu_time")
     extra = {
@@ -220,6 +225,28 @@ def run_one(
             published = publishes_weights(p, config, selection)
             store.write(stored, model if published else None)
     return [{**extra, **r} for r in stored["rows"]], stored
+
+
+def _diverged_record(config, key, eval_s, err, store) -> dict[str, Any]:
+    """The result file of a run whose training diverged: its identity, the message, no rows."""
+    x, y = data_module.load(config["data"], "train")
+    record = {
+        "name": result_name(config),
+        "method": label(config),
+        "lam": float(config.get("lam", 0.0)),
+        "seed": config["seed"],
+        "key": key,
+        "config": cache.normalize_config(config),
+        "eval": eval_s,
+        "input_shape": list(x.shape[1:]),
+        "num_classes": int(y.max()) + 1,
+        "diverged": err.message,
+        "machine": provenance.machine(),
+        "rows": [],
+    }
+    if store is not None:
+        store.write(record)
+    return record
 
 
 def _submitit_outputs(task, configs, kind, folder, options, threads, environment):

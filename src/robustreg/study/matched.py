@@ -43,7 +43,8 @@ def select_lambdas(
     None). Along the sweep (λ increasing, mean validation accuracy over seeds a(λ)),
     the first λ_i with a(λ_i) ≤ a₀ − t/100 and its predecessor λ_{i−1} bracket the target; λ*
     interpolates log λ linearly in a and is rounded to 3 significant digits. ``lam`` is None
-    (with ``reason``) when the sweep never loses t points or its smallest λ already does.
+    (with ``reason``) when the sweep never loses t points, its smallest λ already does, or its
+    training diverges (accuracy NaN, :func:`validation_rows`) before it loses them.
     ``rows``: ``val_accuracy`` rows (``method``, ``lam``, ``value``) of every seed's sweep;
     ``overrides`` replace profile fields (``lambdas``, ``study``).
     """
@@ -72,9 +73,15 @@ def select_lambdas(
         for t in p.study.targets:
             wanted = plain - t / 100
             entry: dict[str, Any] = {"wanted_val_accuracy": wanted, "curve": curve}
-            hit = next((i for i, (_, a) in enumerate(curve) if a <= wanted), None)
+            hit = next((i for i, (_, a) in enumerate(curve) if math.isnan(a) or a <= wanted), None)
             if hit is None:
                 entry.update(lam=None, reason=f"the largest λ loses less than {t} points")
+            elif math.isnan(curve[hit][1]):
+                entry.update(
+                    lam=None,
+                    reason=f"training diverges at λ = {curve[hit][0]:g} before losing {t} points: "
+                    "refine the sweep below it",
+                )
             elif hit == 0:
                 entry.update(
                     lam=None, reason=f"the smallest λ already loses {t} points: extend the sweep"
@@ -125,12 +132,17 @@ def validation_rows(name: str, *, cache_dir=None, **overrides) -> list[dict[str,
     root = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
     rows = []
     for config in grid(name, **overrides):
-        if not (root / f"{cache.cache_key(config)}.json").is_file():
+        key = cache.cache_key(config)
+        if not any((root / f"{key}{end}").is_file() for end in (".json", ".diverged.json")):
             raise FileNotFoundError(f"{result_name(config)} is not trained yet")
-        model, _ = cache.train_cached(config, cache_dir=cache_dir, progress=False)
-        dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
-        x_val, y_val = data_module.load(config["data"], "val", dtype=dtype)
-        acc = evaluation.accuracy(model, x_val, y_val)
+        try:
+            model, _ = cache.train_cached(config, cache_dir=cache_dir, progress=False)
+        except cache.DivergedError:
+            acc = math.nan  # a diverged training: no network, and no accuracy to select by
+        else:
+            dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
+            x_val, y_val = data_module.load(config["data"], "val", dtype=dtype)
+            acc = evaluation.accuracy(model, x_val, y_val)
         rows.append(
             {
                 "metric": "val_accuracy",
