@@ -99,6 +99,35 @@ def test_margin_restarts_break_what_a_saturated_cross_entropy_hides(digits_model
         evaluation.robust_flags(sharp, x, y, [0.1], "linf", losses=("dlr",))
 
 
+def test_full_test_accuracy_is_the_clean_accuracy_on_every_test_image(digits_model):
+    """The attacks run on the first n_test images; ``full_test_accuracy`` adds the clean accuracy
+    on all of them (the converged study's 10,000 against its attacks' 1,000), and leaves the
+    recorded settings of files that never asked for it as they were."""
+    model, _, _ = digits_model
+    test = data.load("digits", "test")
+    settings = study.evaluate.effective_settings(
+        {
+            "n_test": 50,
+            "full_test_accuracy": True,
+            "linf_eps": [],
+            "l2_eps": [],
+            "n_certified": 0,
+            "regularizers": False,
+        }
+    )
+    rows = study.evaluate.evaluate_model(model, test, settings)["rows"]
+    by_metric = {r["metric"]: r["value"] for r in rows}
+    assert by_metric["test_accuracy"] == evaluation.accuracy(model, *test)
+    assert by_metric["clean_accuracy"] == evaluation.accuracy(model, test[0][:50], test[1][:50])
+    plain = study.evaluate.effective_settings({"n_test": 50})
+    assert "full_test_accuracy" not in plain
+    assert "full_test_accuracy" not in study.evaluate.effective_settings(
+        {"n_test": 50, "full_test_accuracy": False}
+    )
+    with pytest.raises(ValueError, match="full_test_accuracy"):
+        PROFILES["smoke"].eval.replace(full_test_accuracy="yes")
+
+
 def test_flags_string_round_trip():
     f = torch.tensor([True, False, True, True])
     assert evaluation.flags_string(f) == "1011"

@@ -33,7 +33,9 @@ METHOD_NAMES = {
     # the converged study's baselines at other radii (ℓ∞ 0.1 and ℓ2 1 are the two above)
     "adversarial-eps0.01": "PGD training ℓ∞ 0.01",
     "adversarial-eps0.03": "PGD training ℓ∞ 0.03",
+    "adversarial-eps0.05": "PGD training ℓ∞ 0.05",
     "adversarial-l2-eps0.3": "PGD training ℓ2 0.3",
+    "adversarial-l2-eps0.6": "PGD training ℓ2 0.6",
     "adversarial-l2-eps1.5": "PGD training ℓ2 1.5",
 }
 
@@ -66,7 +68,9 @@ METHOD_STYLE = {
     "local_linearity": dict(color=COLORS["green"], marker="p", linestyle="-"),
     "adversarial-eps0.01": dict(color=COLORS["blue"], marker="<", linestyle="-."),
     "adversarial-eps0.03": dict(color=COLORS["blue"], marker=">", linestyle="-."),
+    "adversarial-eps0.05": dict(color=COLORS["blue"], marker="8", linestyle="-."),
     "adversarial-l2-eps0.3": dict(color=COLORS["blue"], marker="d", linestyle=":"),
+    "adversarial-l2-eps0.6": dict(color=COLORS["blue"], marker="1", linestyle=":"),
     "adversarial-l2-eps1.5": dict(color=COLORS["blue"], marker="H", linestyle=":"),
 }
 

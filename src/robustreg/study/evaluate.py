@@ -1,7 +1,7 @@
 """Evaluating a trained run: its effective evaluation settings and the metrics they produce.
 
 The settings are the keyword arguments of :func:`robustreg.evaluation.evaluate` (plus ``n_test``,
-the first n test images); :func:`effective_settings` fills every default, so a result file records
+the first n test images, and ``full_test_accuracy``, the clean accuracy on the whole test set); :func:`effective_settings` fills every default, so a result file records
 exactly what was computed and a changed default makes the file stale instead of silently reused.
 """
 
@@ -22,11 +22,17 @@ __all__ = ["LATER_SETTINGS", "effective_settings", "evaluate_model"]
 #: Evaluation settings added after results were published, left out at their defaults so that the
 #: settings recorded in earlier result files stay what they were.
 LATER_SETTINGS = {
+    "full_test_accuracy": False,
     "per_image": False,
     "autoattack_steps": 100,
     "autoattack_queries": 5000,
     "pgd_losses": ["ce"],
 }
+
+
+#: The settings of this module rather than of :func:`robustreg.evaluation.evaluate` (besides
+#: ``n_test``), with their defaults.
+_OWN = {"full_test_accuracy": False}
 
 
 def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,10 +43,10 @@ def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         for k, p in inspect.signature(evaluation.evaluate).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
-    unknown = sorted(set(settings) - set(defaults) - {"n_test"})
+    unknown = sorted(set(settings) - set(defaults) - set(_OWN) - {"n_test"})
     if unknown:
         raise ValueError(f"unknown evaluation settings {unknown}; valid: {sorted(defaults)}")
-    full = {**defaults, **settings}
+    full = {**defaults, **_OWN, **settings}
     for k, default in LATER_SETTINGS.items():
         if full[k] == default:
             del full[k]
@@ -50,15 +56,20 @@ def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
 def evaluate_model(
     model: nn.Module, test: tuple[Tensor, Tensor], settings: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the first ``n_test`` images of ``test`` with ``settings``; return
+    """Evaluate ``model`` on the first ``n_test`` images of ``test`` with ``settings`` (and, with
+    ``full_test_accuracy``, add a ``test_accuracy`` row: the clean accuracy on all of ``test``); return
     ``{"rows", "seconds", "cpu_seconds"}`` (wall and process CPU time of the evaluation)."""
     s = dict(settings)
     n = s.pop("n_test", None)
+    full = s.pop("full_test_accuracy", False)
     x, y = test
     if n is not None:
         x, y = x[:n], y[:n]
     t0, c0 = time.perf_counter(), time.process_time()
     rows = evaluation.evaluate(model, x, y, **s)
+    if full:  # the clean accuracy on every test image (the attacks run on the first n_test)
+        row = {"metric": "test_accuracy", "attack": None, "norm": None, "eps": None}
+        rows.insert(1, {**row, "regularizer": None, "value": evaluation.accuracy(model, *test)})
     return {
         "rows": rows,
         "seconds": time.perf_counter() - t0,
