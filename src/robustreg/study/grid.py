@@ -17,6 +17,7 @@ from robustreg.study import evaluate
 from robustreg.study.config import Profile, profile
 
 __all__ = [
+    "BASELINE_EPS",
     "attacked",
     "grid",
     "label",
