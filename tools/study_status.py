@@ -1,0 +1,62 @@
+"""Where a study stands: runs finished of its grid, CPU time spent per stage, what is left.
+
+    python tools/study_status.py [--profile converged] [--results-dir results/converged]
+
+Reads the result files only (no torch): per method, the runs finished, their training CPU-seconds
+(the sum of the per-epoch process times in the history) and evaluation CPU-seconds, and the runs
+of the grid still missing (before the selection, the grid without the selected λ).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="converged")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from robustreg.study import grid, store
+
+    results = args.results_dir or ROOT / "results" / args.profile
+    selection_file = results / "selection.json"
+    selection = json.loads(selection_file.read_text()) if selection_file.is_file() else None
+    wanted = {grid.result_name(c): c for c in grid.grid(args.profile, selection=selection)}
+    done = {r["name"]: r for r in store.load_results(results)}
+    table = defaultdict(lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "diverged": 0})
+    for name, config in wanted.items():
+        row = table[grid.label(config)]
+        record = done.get(name)
+        if record is None:
+            row["left"] += 1
+            continue
+        row["done"] += 1
+        row["diverged"] += bool(record.get("diverged"))
+        row["train"] += sum(record.get("history", {}).get("cpu_time") or [])
+        row["eval"] += record.get("eval_cpu_seconds") or 0.0
+    print(
+        f"{args.profile}: {sum(r['done'] for r in table.values())} of {len(wanted)} runs done"
+        + ("" if selection else " (before the selection)")
+    )
+    print(f"{'method':24s} {'done':>5s} {'left':>5s} {'train CPU-h':>12s} {'eval CPU-h':>11s}")
+    for method, r in table.items():
+        flag = f"  ({r['diverged']} diverged)" if r["diverged"] else ""
+        print(
+            f"{method:24s} {r['done']:5d} {r['left']:5d} {r['train'] / 3600:12.2f} "
+            f"{r['eval'] / 3600:11.2f}{flag}"
+        )
+    train = sum(r["train"] for r in table.values()) / 3600
+    evaluation = sum(r["eval"] for r in table.values()) / 3600
+    print(f"{'total':24s} {'':5s} {'':5s} {train:12.2f} {evaluation:11.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
