@@ -13,6 +13,8 @@ Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"),
   sweep's √10-spaced grid is taken.
 - ``plain-seeds``: plain training on seeds 1 and 2 at E, 2E and 4E (on seed 0 its validation
   accuracy fell by half a point from 15 to 60 epochs: is that a trend or noise?).
+- ``lenet``: the LeNet of the headline comparison: plain and PGD-ℓ∞ training at E and 2E, CURE
+  λ = 10 at E, 2E and 4E, CURE λ = 1 and 100 at E (its epochs and CURE's λ range on a CNN).
 
 Every run goes through the training cache (:func:`robustreg.study.train_cached`: an interrupted
 pilot resumes, a finished run is loaded), and its record (configuration, history with the
@@ -70,13 +72,26 @@ DECADES = {
 }
 
 
-STAGES = ("epochs", "lambdas", "plain-seeds")
+STAGES = ("epochs", "lambdas", "plain-seeds", "lenet")
 
 
 def runs(stage: str, epochs: int) -> dict[str, dict]:
     """``{file name: configuration}`` of a stage."""
     out = {}
-    if stage == "plain-seeds":  # does plain training lose accuracy from E to 4E? seeds 1, 2
+    if stage == "lenet":  # the CNN of the headline comparison: its epochs and CURE's λ range
+        lenet = {**BASE, "model": {"name": "lenet"}}
+        for m, name, extra in (
+            (1, "plain", {}),
+            (2, "plain", {}),
+            (1, "adversarial", EPOCH_RUNS["adversarial"]),
+            (2, "adversarial", EPOCH_RUNS["adversarial"]),
+            *((m, "curvature_lam10", EPOCH_RUNS["curvature_lam10"]) for m in (1, 2, 4)),
+        ):
+            out[f"lenet_{name}_ep{m * epochs}"] = {**lenet, **extra, "epochs": m * epochs}
+        for lam in (1.0, 100.0):
+            config = {**lenet, "regularizer": "curvature", "lam": lam, "epochs": epochs}
+            out[f"lenet_curvature_lam{lam:g}_ep{epochs}"] = config
+    elif stage == "plain-seeds":  # does plain training lose accuracy from E to 4E? seeds 1, 2
         for seed in (1, 2):
             for m in (1, 2, 4):
                 out[f"plain_seed{seed}_ep{m * epochs}"] = {
