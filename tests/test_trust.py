@@ -409,7 +409,10 @@ def test_each_command_computes_in_its_profiles_numeric_environment(tmp_path):
     assert _environment(ns(command="masking-battery", profile="sweep")) == portable
     (tmp_path / "a_seed0.json").write_text(json.dumps({"machine": {"environment": avx2}}))
     (tmp_path / "b_seed0.json").write_text(json.dumps({"machine": {"environment": {}}}))
+    older = {k: avx2[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}  # before oneDNN's pin
+    (tmp_path / "c_seed0.json").write_text(json.dumps({"machine": {"environment": older}}))
     reproduce = ns(command="reproduce-results", results_dir=str(tmp_path))
     assert _environment(ns(**vars(reproduce), runs=["a_seed0"])) == avx2
     assert _environment(ns(**vars(reproduce), runs=["b_seed0.json"])) == portable
     assert _environment(ns(**vars(reproduce), runs=["missing"])) == portable
+    assert _environment(ns(**vars(reproduce), runs=["c_seed0"])) == avx2

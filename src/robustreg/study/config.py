@@ -59,16 +59,21 @@ PGD_LOSSES = ("ce", "margin")
 #: Learning-rate schedules (:data:`robustreg.training.SCHEDULES`, by name).
 SCHEDULES = ("constant", "onecycle")
 #: The numeric environments a profile's runs are computed in (set before torch loads, by
-#: ``python -m robustreg``): ATen's instruction set and Intel MKL's conditional numerical
-#: reproducibility branch, which fix the bits of a one-thread training. ``portable``: ATen's
-#: portable kernels and MKL's SSE2 (COMPATIBLE) branch, the same bits on every x86-64 CPU;
+#: ``python -m robustreg``): ATen's instruction set, Intel MKL's conditional numerical
+#: reproducibility branch (matrix products) and oneDNN's instruction set (convolutions), which fix
+#: the bits of a one-thread training. ``portable``: ATen's portable kernels, MKL's SSE2
+#: (COMPATIBLE) branch and oneDNN's SSE4.1 kernels, the same bits on every x86-64 CPU;
 #: ``avx2``: the AVX2 kernels and branch, the same bits on CPUs of one kind (Intel guarantees
 #: MKL's AVX2 branch on Intel CPUs only; on this project's AMD machine it equals the native run),
 #: elsewhere reproduced within the seed-to-seed spread (``reproduce-results``), and 2.7× faster
 #: here (an MLP's training step: 3.2 ms against 8.6 ms).
 NUMERIC_ENVIRONMENTS = {
-    "portable": {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"},
+    "portable": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "MKL_CBWR": "COMPATIBLE",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+    },
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
 }
 MODELS = ("mlp", "lenet")
 

@@ -18,11 +18,17 @@ from typing import Any
 import torch
 
 __all__ = [
+    "ENVIRONMENT_VARIABLES",
     "environment_variables",
     "inherited_environment",
     "machine",
     "numeric_environment",
 ]
+
+
+#: The environment variables a run's file records (:func:`machine`): those of
+#: :data:`robustreg.study.config.NUMERIC_ENVIRONMENTS`.
+ENVIRONMENT_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 
 
 def machine() -> dict[str, Any]:
@@ -42,18 +48,19 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "system": platform.system(),
-        "environment": {k: os.environ.get(k) for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")},
+        "environment": {k: os.environ.get(k) for k in ENVIRONMENT_VARIABLES},
         # 1-minute load average when the run ended: > cores means a shared, busy machine
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
 def numeric_environment() -> dict[str, Any]:
-    """What decides the bits of a computation besides its inputs: ATen's instruction set and
-    Intel MKL's reproducibility mode (both fixed when torch loads)."""
+    """What decides the bits of a computation besides its inputs: ATen's instruction set, Intel
+    MKL's reproducibility mode and oneDNN's instruction set (all fixed when torch loads)."""
     return {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "MKL_CBWR": os.environ.get("MKL_CBWR"),
+        "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA"),
     }
 
 
@@ -62,6 +69,7 @@ def environment_variables(environment: Mapping[str, Any]) -> dict[str, str | Non
     return {
         "ATEN_CPU_CAPABILITY": environment["cpu_capability"].lower(),
         "MKL_CBWR": environment["MKL_CBWR"],
+        "ONEDNN_MAX_CPU_ISA": environment.get("ONEDNN_MAX_CPU_ISA"),
     }
 
 
