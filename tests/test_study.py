@@ -337,6 +337,28 @@ def test_a_diverged_training_is_kept_written_and_never_selected(tmp_path, monkey
     assert "diverges at λ = 0.3" in sel["lambdas"]["input_gradient"]["1"]["reason"]
 
 
+def test_a_sharded_study_keeps_one_plan_across_its_stages(tmp_path):
+    """Stage 1 writes the shard plan; stage 3's grid has the selected λ on top, and the same plan
+    must accept it (the plan counts the grid before any selection)."""
+    small = {
+        "seeds": [0],
+        "epochs": 1,
+        "lambdas": {"input_gradient": [0.1, 1.0]},
+        "adversarial": [],
+        "eval": PROFILES["sweep-smoke"].eval.replace(n_test=20, steps=2, restarts=1),
+        "autoattack": None,
+        "study": None,
+        "validation": True,
+    }
+    kw = dict(cache_dir=tmp_path / "c", results_dir=tmp_path / "r", progress=False, device="cpu")
+    study.run_grid("sweep-smoke", shard="1/2", **kw, **small)
+    selection = {"lambdas": {"input_gradient": {"1": {"lam": 0.3}}}}
+    study.run_grid("sweep-smoke", shard="1/2", selection=selection, **kw, **small)
+    study.run_grid("sweep-smoke", shard="2/2", selection=selection, **kw, **small)
+    with pytest.raises(ValueError, match="split into 2 shards"):
+        study.run_grid("sweep-smoke", shard="1/3", **kw, **small)
+
+
 def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     pytest.importorskip("torchattacks")
     small = {  # the smoke profile, smaller still: two regularizers, one baseline, 40 images

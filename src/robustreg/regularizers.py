@@ -638,12 +638,15 @@ def _cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     cosine is scale-invariant, so its value and gradient are unchanged) before any square is
     formed. Squares of the raw rows underflow in float32 below ≈ 1e-19 (‖a‖ rounds to 0 while a
     does not, and a/‖a‖ is then inf in the backward pass) — as the loss gradients of a confident
-    network do."""
+    network do. A row whose largest entry is below tiny/ε of its dtype (≈ 1e-31 in float32, where
+    dividing by it could overflow the backward pass) counts as 0."""
+    # below this 1/s, times the gradients that flow back through it, can overflow: the row is 0
+    tiny = torch.finfo(a.dtype).tiny / torch.finfo(a.dtype).eps
     sa = a.detach().abs().amax(1, keepdim=True)
     sb = b.detach().abs().amax(1, keepdim=True)
-    ok = ((sa > 0) & (sb > 0)).squeeze(1)
-    ua = a / torch.where(sa > 0, sa, torch.ones_like(sa))
-    ub = b / torch.where(sb > 0, sb, torch.ones_like(sb))
+    ok = ((sa >= tiny) & (sb >= tiny)).squeeze(1)
+    ua = torch.where(sa >= tiny, a / torch.where(sa >= tiny, sa, 1.0), 0.0)
+    ub = torch.where(sb >= tiny, b / torch.where(sb >= tiny, sb, 1.0), 0.0)
     na, nb = ua.norm(dim=1), ub.norm(dim=1)
     cos = (ua * ub).sum(1) / torch.where(ok, na * nb, torch.ones_like(na))
     return torch.where(ok, cos, torch.zeros_like(cos)), ok

@@ -46,11 +46,11 @@ def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(settings) - set(defaults) - set(_OWN) - {"n_test"})
     if unknown:
         raise ValueError(f"unknown evaluation settings {unknown}; valid: {sorted(defaults)}")
-    full = {**defaults, **_OWN, **settings}
+    full = json.loads(json.dumps({**defaults, **_OWN, **settings}, sort_keys=True))
     for k, default in LATER_SETTINGS.items():
-        if full[k] == default:
+        if full[k] == default:  # compared as JSON: a tuple default is a list
             del full[k]
-    return json.loads(json.dumps(full, sort_keys=True))
+    return full
 
 
 def evaluate_model(

@@ -321,8 +321,8 @@ def run_grid(
         raise ValueError("read_only=True needs a results_dir to read from")
     if results is not None:
         ResultStore(results).remove_leftovers()
-        if shard is not None and not read_only:
-            _check_shard_plan(results, str(profile), shard, len(everything))
+        if shard is not None and not read_only:  # the plan counts the grid before any selection
+            _check_shard_plan(results, str(profile), shard, len(grid(profile, **overrides)))
     task = functools.partial(
         run_one,
         profile=profile,

@@ -211,6 +211,7 @@ def run_study(
             ) from None
         selection = select_lambdas(name, val_rows, **overrides)
         files.write_json(path, selection)
+        kwargs = {**kwargs, "refresh": False}  # stage 1 has refreshed its runs already
     out = run_grid(
         name,
         results_dir=results,
