@@ -152,6 +152,9 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "converged" / "pilot")
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="these runs of the stages only, in this order"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # the study's numeric environment: the runs it shares with the pilot (same configuration, same
@@ -165,6 +168,12 @@ def main(argv=None) -> int:
         if stage not in STAGES:
             parser.error(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
         todo += [(n, c, args.out / stage) for n, c in runs(stage, args.epochs).items()]
+    if args.only:
+        by_name = {job[0]: job for job in todo}
+        unknown = sorted(set(args.only) - set(by_name))
+        if unknown:
+            parser.error(f"unknown runs {unknown}; valid: {', '.join(by_name)}")
+        todo = [by_name[n] for n in args.only]
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run, *job) for job in todo]
         for i, fut in enumerate(as_completed(futures), 1):

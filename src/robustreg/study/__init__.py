@@ -14,6 +14,7 @@ Needs the extra ``robustreg[experiments]``. One module per concept, from the bot
 ``weights``         weight files labelled with their run's key (the one weight path)
 ``store``           result files: :class:`~robustreg.study.store.ResultStore`, staleness,
                     :func:`~robustreg.study.store.load_model`
+``convergence``     validation accuracy against the training budget: has training converged?
 ``evaluate``        a run's effective evaluation settings and its metrics
 ``provenance``      the machine and numeric environment a run is computed in
 ``execute``         :func:`~robustreg.study.execute.run_grid`: serial, local processes, Slurm
@@ -38,6 +39,7 @@ SUBMODULES = (
     "battery",
     "cache",
     "config",
+    "convergence",
     "evaluate",
     "execute",
     "grid",

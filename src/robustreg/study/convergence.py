@@ -1,0 +1,94 @@
+"""Has training converged? Validation accuracy against the training budget.
+
+A run trained for ``E`` epochs under a one-cycle schedule is not the first ``E`` epochs of a longer
+run: its learning rate anneals to zero at ``E``. Convergence is therefore judged across runs
+trained with budgets ``E₁ < E₂ < …`` (same configuration otherwise): with ``a(E)`` the final
+validation accuracy of the budget-``E`` run (mean over the seeds trained with it),
+
+    plateau = max_E a(E),        gap(E) = plateau − a(E),
+
+and a method counts as converged at the budget ``E`` it is trained with when ``gap(E) ≤ tol``
+and a longer budget was trained (so that "has stopped rising" was observed, not assumed). The
+runs are the files ``tools/converged_pilot.py`` writes (``{"config", "history", "cpu_seconds"}``,
+the history of :func:`robustreg.training.train`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .grid import label
+
+__all__ = ["budget_table", "read_runs"]
+
+
+def _run_row(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    config = record["config"]
+    hist = record["history"]
+    val = [100 * v for v in hist["val_accuracy"]]
+    return {
+        "file": path.name,
+        "model": config["model"]["name"],
+        "method": label(config),
+        "lam": float(config.get("lam", 0.0)) if config.get("regularizer") else 0.0,
+        "seed": int(config.get("seed", 0)),
+        "epochs": int(config["epochs"]),
+        "val_accuracy": val[-1],
+        "train_accuracy": 100 * hist["accuracy"][-1],
+        "cpu_seconds": float(record.get("cpu_seconds", sum(hist["cpu_time"]))),
+        "curve": val,
+    }
+
+
+def read_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run file (a directory: its ``*.json``, recursively): ``model``, ``method``
+    (:func:`robustreg.study.grid.label`), ``lam``, ``seed``, ``epochs``, the final
+    ``val_accuracy`` and ``train_accuracy`` (%), ``cpu_seconds`` and the validation ``curve`` (%,
+    one value per epoch). Files of diverged runs (no history) are left out."""
+    rows = []
+    for p in paths:
+        p = Path(p)
+        files = sorted(p.rglob("*.json")) if p.is_dir() else [p]
+        for f in files:
+            record = json.loads(f.read_text())
+            if "history" in record and "config" in record:
+                rows.append(_run_row(f, record))
+    if not rows:
+        raise ValueError(f"no run files with a training history in {[str(p) for p in paths]}")
+    return pd.DataFrame(rows)
+
+
+def budget_table(
+    runs: pd.DataFrame, used: int | Mapping[str, int], tol: float = 0.3
+) -> pd.DataFrame:
+    """Per ``(model, method, lam)``: the mean final validation accuracy at each budget (one
+    column per number of epochs, with the seeds averaged), the ``plateau`` (their maximum), the
+    budget ``used`` (one for all methods, or per method name), ``gap`` = plateau − a(used)
+    (points), ``longer`` (whether a budget above ``used`` was trained) and ``converged``
+    (``gap ≤ tol`` and ``longer``). Rows whose ``used`` budget was not trained are left out."""
+    mean = (
+        runs.groupby(["model", "method", "lam", "epochs"])["val_accuracy"].mean().unstack("epochs")
+    )
+    out = mean.copy()
+    out["plateau"] = mean.max(axis=1)
+    methods = out.index.get_level_values("method")
+    out["used"] = [used.get(m) if isinstance(used, Mapping) else used for m in methods]
+    keep = [
+        u in mean.columns and pd.notna(mean.loc[i, u])
+        for i, u in zip(out.index, out["used"], strict=True)
+    ]
+    out = out[keep].copy()
+    out["gap"] = [
+        out["plateau"].loc[i] - mean.loc[i, u] for i, u in zip(out.index, out["used"], strict=True)
+    ]
+    out["longer"] = [
+        bool(mean.loc[i, [c for c in mean.columns if c > u]].notna().any())
+        for i, u in zip(out.index, out["used"], strict=True)
+    ]
+    out["converged"] = (out["gap"] <= tol) & out["longer"]
+    return out

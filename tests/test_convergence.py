@@ -1,0 +1,57 @@
+"""The convergence check of the converged study (robustreg.study.convergence)."""
+
+import json
+
+import pytest
+
+from robustreg.study import convergence
+
+BASE = {"data": "fashion-mnist", "model": {"name": "mlp", "hidden": [8]}, "seed": 0}
+
+
+def _write(path, config, val):
+    hist = {"val_accuracy": val, "accuracy": val, "cpu_time": [1.0] * len(val)}
+    path.write_text(json.dumps({"config": config, "history": hist, "cpu_seconds": len(val)}))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    # plain: rises to 15 epochs, then 0.2 points below; PGD: still rising 0.7 points at 60
+    finals = {("plain", 15): 0.907, ("plain", 30): 0.905, ("plain", 60): 0.905}
+    finals |= {("adv", 15): 0.828, ("adv", 30): 0.831, ("adv", 60): 0.838}
+    for (method, epochs), final in finals.items():
+        config = {**BASE, "epochs": epochs}
+        if method == "adv":
+            config["adversarial"] = {"eps": 0.1, "norm": "linf", "steps": 7}
+        _write(tmp_path / f"{method}_ep{epochs}.json", config, [0.5] * (epochs - 1) + [final])
+    config = {**BASE, "epochs": 60, "seed": 1}
+    _write(tmp_path / "plain_seed1_ep60.json", config, [0.5] * 59 + [0.899])
+    (tmp_path / "diverged.json").write_text(json.dumps({"config": config, "diverged": "nan"}))
+    return convergence.read_runs([tmp_path])
+
+
+def test_runs_are_read_with_their_method_budget_and_curve(runs):
+    assert len(runs) == 7  # the diverged run has no history
+    row = runs[(runs.method == "adversarial") & (runs.epochs == 30)].iloc[0]
+    assert row.val_accuracy == pytest.approx(83.1) and len(row.curve) == 30
+
+
+def test_gap_is_to_the_best_budget_and_seeds_are_averaged(runs):
+    table = convergence.budget_table(runs, used=30)
+    plain = table.xs("plain", level="method").iloc[0]
+    assert plain[60] == pytest.approx(90.2)  # (90.5 + 89.9) / 2
+    assert plain.plateau == pytest.approx(90.7)
+    assert plain.gap == pytest.approx(0.2) and plain.longer and plain.converged
+    adv = table.xs("adversarial", level="method").iloc[0]
+    assert adv.gap == pytest.approx(0.7) and not adv.converged
+
+
+def test_the_longest_budget_is_never_called_converged(runs):
+    table = convergence.budget_table(runs, used={"plain": 60, "adversarial": 60})
+    assert not table["longer"].any() and not table["converged"].any()
+    assert table.xs("adversarial", level="method").iloc[0].gap == pytest.approx(0.0)
+
+
+def test_no_history_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no run files"):
+        convergence.read_runs([tmp_path])
