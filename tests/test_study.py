@@ -526,3 +526,21 @@ def test_masking_verdict_names_each_sign_against_its_criterion():
     signs = battery.verdict({**result, "checks": bad})["signs"]
     assert len(signs) == 4
     assert "Square breaks 6" in signs[0] and "0.2" in signs[1] and "9 images" in signs[2]
+
+
+def test_a_baseline_trains_for_its_own_epochs_and_others_keep_their_keys():
+    adv = [{"eps": 0.1, "norm": "linf", "steps": 7, "epochs": 120}, {"eps": 0.05, "norm": "linf"}]
+    base = study.grid.grid("converged", seeds=[0])
+    configs = study.grid.grid("converged", seeds=[0], adversarial=adv)
+    baselines = {study.grid.label(c): c for c in configs if c.get("adversarial")}
+    assert baselines["adversarial"]["epochs"] == 120
+    assert "epochs" not in baselines["adversarial"]["adversarial"]  # not an attack setting
+    assert baselines["adversarial-eps0.05"]["epochs"] == PROFILES["converged"].epochs
+    # the other runs are the profile's, with the keys they had
+    keys = {cache.cache_key(c) for c in base if not c.get("adversarial")}
+    assert keys == {cache.cache_key(c) for c in configs if not c.get("adversarial")}
+    # an override of the epochs is every run's, the baselines' included
+    short = study.grid.grid("converged", seeds=[0], adversarial=adv, epochs=2)
+    assert {c["epochs"] for c in short} == {2}
+    with pytest.raises(ValueError, match="adversarial epochs must be a positive integer"):
+        PROFILES["converged"].replace(adversarial=[{"eps": 0.1, "epochs": 0}])

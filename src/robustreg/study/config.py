@@ -270,14 +270,15 @@ class Study:
 def _adversarial(where: str, entry: Any) -> dict[str, Any]:
     if not isinstance(entry, Mapping):
         raise _fail(where, "adversarial", f"entries must be mappings, got {entry!r}")
-    valid = ("eps", "norm", "steps", "step_size", "restarts")
+    valid = ("eps", "norm", "steps", "step_size", "restarts", "epochs")
     unknown = sorted(set(entry) - set(valid))
     if unknown:
         raise _fail(where, "adversarial", f"has unknown keys {unknown}; valid: {', '.join(valid)}")
     _positive_float(where, "adversarial eps", entry.get("eps"))
     _choice(where, "adversarial norm", entry.get("norm", "linf"), ADVERSARIAL_NORMS)
-    if "steps" in entry:
-        _positive_int(where, "adversarial steps", entry["steps"])
+    for key in ("steps", "epochs"):
+        if key in entry:
+            _positive_int(where, f"adversarial {key}", entry[key])
     return dict(entry)
 
 

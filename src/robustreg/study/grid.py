@@ -37,7 +37,7 @@ def grid(
     """The training configurations of a profile (for :func:`robustreg.study.cache.train_cached`).
 
     Per seed: plain training, every regularizer at every λ of the profile, and each PGD
-    adversarial-training baseline; with ``selection`` (from
+    adversarial-training baseline (for its own ``epochs`` if its entry names them); with ``selection`` (from
     :func:`robustreg.study.matched.select_lambdas`) also each regularizer at its selected λ not
     already in the sweep. In a study with ``selection_seeds``, the other seeds train no sweep:
     only each regularizer at its selected λ (none before the selection). ``overrides`` replace
@@ -72,7 +72,10 @@ def grid(
                     }
                 )
         for adv in p.adversarial:
-            configs.append({**base, "seed": seed, "adversarial": dict(adv)})
+            adv = dict(adv)  # its own number of epochs, if any, unless overridden for all
+            epochs = adv.pop("epochs", base["epochs"])
+            epochs = base["epochs"] if "epochs" in overrides else epochs
+            configs.append({**base, "seed": seed, "epochs": epochs, "adversarial": adv})
     return configs
 
 
