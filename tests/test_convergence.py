@@ -55,3 +55,27 @@ def test_the_longest_budget_is_never_called_converged(runs):
 def test_no_history_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no run files"):
         convergence.read_runs([tmp_path])
+
+
+def test_train_run_writes_a_run_file_that_read_runs_reads_and_is_not_retrained(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ROBUSTREG_CACHE", str(tmp_path / "cache"))
+    config = {
+        "data": "digits",
+        "model": {"name": "mlp", "hidden": [8]},
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 1e-2,
+        "validation": True,
+        "seed": 0,
+    }
+    first = convergence.train_run(config, tmp_path / "runs" / "plain_ep2.json")
+    assert len(first["history"]["val_accuracy"]) == 2 and first["cpu_seconds"] > 0
+    row = convergence.read_runs([tmp_path / "runs"]).iloc[0]
+    assert (row.method, row.epochs) == ("plain", 2)
+    # a second call reads the file back (the cache is gone: it could not retrain silently)
+    import shutil
+
+    shutil.rmtree(tmp_path / "cache")
+    assert convergence.train_run(config, tmp_path / "runs" / "plain_ep2.json") == first

@@ -119,31 +119,17 @@ def runs(stage: str, epochs: int) -> dict[str, dict]:
 def run(name: str, config: dict, out: Path) -> str:
     import torch
 
-    from robustreg import files
-    from robustreg.study import cache
+    from robustreg.study import convergence
 
     torch.set_num_threads(1)
-    path = out / f"{name}.json"
-    if path.is_file():
+    if (out / f"{name}.json").is_file():
         return f"{name}: done before"
-    try:
-        _, record = cache.train_cached(config, device="cpu", progress=False)
-    except FloatingPointError as err:
-        files.write_json(path, {"name": name, "config": config, "diverged": str(err)})
+    record = convergence.train_run(config, out / f"{name}.json")
+    if "diverged" in record:
         return f"{name}: diverged"
     hist = record["history"]
-    files.write_json(
-        path,
-        {
-            "name": name,
-            "key": record["key"],
-            "config": record["config"],
-            "history": hist,
-            "cpu_seconds": sum(hist["cpu_time"]),
-        },
-    )
     val = hist["val_accuracy"]
-    return f"{name}: val {val[-1]:.4f} (best {max(val):.4f}), {sum(hist['cpu_time']):.0f} CPU-s"
+    return f"{name}: val {val[-1]:.4f} (best {max(val):.4f}), {record['cpu_seconds']:.0f} CPU-s"
 
 
 def main(argv=None) -> int:

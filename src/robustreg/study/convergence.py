@@ -24,7 +24,38 @@ import pandas as pd
 
 from .grid import label
 
-__all__ = ["budget_table", "read_runs"]
+__all__ = ["budget_table", "read_runs", "train_run"]
+
+
+def train_run(config: Mapping[str, Any], path: str | Path, *, progress: bool = False) -> dict:
+    """Train one configuration through the cache (:func:`robustreg.study.cache.train_cached`:
+    an interrupted run resumes, a finished one loads) and write its run file ``path``
+    atomically: ``{"name", "key", "config", "history", "cpu_seconds"}``, or ``{"name",
+    "config", "diverged"}`` for a training that diverged. An existing file is read back, not
+    retrained. Returns the file's content."""
+    from robustreg import files
+
+    from . import cache
+
+    path = Path(path)
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        _, record = cache.train_cached(dict(config), device="cpu", progress=progress)
+    except FloatingPointError as err:
+        out = {"name": path.stem, "config": dict(config), "diverged": str(err)}
+    else:
+        hist = record["history"]
+        out = {
+            "name": path.stem,
+            "key": record["key"],
+            "config": record["config"],
+            "history": hist,
+            "cpu_seconds": sum(hist["cpu_time"]),
+        }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, out)
+    return out
 
 
 def _run_row(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
