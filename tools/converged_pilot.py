@@ -5,9 +5,10 @@ Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"),
 
 - ``epochs``: plain training, input gradient λ = 1, CURE λ = 10, GradAlign λ = 100, local
   linearity λ = 1, PGD-ℓ∞ (ε = 0.1) and PGD-ℓ2 (ε = 1.5) adversarial training, at E, 2E, 4E
-  and 8E epochs (:data:`MULTIPLES`: plain training at E and 2E, local linearity at 2E and 4E): a
-  method has converged at an epoch count when its final validation accuracy is within 0.3 points
-  of the longer runs' (the plateau).
+  and 8E epochs (:data:`MULTIPLES`: plain training at E and 2E, local linearity at 2E and 4E,
+  PGD-ℓ∞ also at 16E and at ε = 0.05 at 4E): a method has converged at an epoch count when its
+  final validation accuracy is within 0.3 points of the longer runs' (the plateau;
+  :mod:`robustreg.study.convergence`).
 - ``lambdas``: every regularizer of the sweep at decade-spaced λ, E epochs: the range from no
   measurable effect to more than eight points of clean validation accuracy lost, from which the
   sweep's √10-spaced grid is taken.
@@ -54,13 +55,20 @@ EPOCH_RUNS = {
     "curvature_lam10": {"regularizer": "curvature", "lam": 10.0},
     "adversarial": {"adversarial": {"eps": 0.1, "norm": "linf", "steps": 7}},
     "adversarial-l2": {"adversarial": {"eps": 1.5, "norm": "l2", "steps": 7}},
+    # the study trains PGD-ℓ∞ at every radius for 8E: at a middle radius, is 4E within 0.3 of 8E?
+    "adversarial-eps0.05": {"adversarial": {"eps": 0.05, "norm": "linf", "steps": 7}},
     "grad_align_lam100": {"regularizer": "grad_align", "lam": 100.0},
     "local_linearity_lam1": {"regularizer": "local_linearity", "lam": 1.0},
 }
 #: The multiples of E each method is trained for: plain training's plateau is reached at E; the
 #: study trains 4E (60 epochs), so the others are compared with 8E; local linearity (ten PGD steps
-#: per batch) only at 2E and 4E.
-MULTIPLES = {"plain": (1, 2), "local_linearity_lam1": (2, 4)}
+#: per batch) only at 2E and 4E; PGD-ℓ∞ training, which the study trains for 8E, also at 16E.
+MULTIPLES = {
+    "plain": (1, 2),
+    "local_linearity_lam1": (2, 4),
+    "adversarial": (1, 2, 4, 8, 16),
+    "adversarial-eps0.05": (4,),  # 8E: the study's own run on seed 0
+}
 DECADES = {
     "input_gradient": [0.01, 0.1, 1.0, 10.0, 100.0],
     "jacobian_frobenius": [0.001, 0.01, 0.1, 1.0, 10.0],
@@ -100,7 +108,7 @@ def runs(stage: str, epochs: int) -> dict[str, dict]:
                     "epochs": m * epochs,
                 }
     elif stage == "epochs":
-        for m in (1, 2, 4, 8):
+        for m in (1, 2, 4, 8, 16):
             for name, extra in EPOCH_RUNS.items():
                 if m in MULTIPLES.get(name, (1, 2, 4, 8)):
                     config = {**BASE, **extra, "epochs": m * epochs}
