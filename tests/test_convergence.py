@@ -46,10 +46,19 @@ def test_gap_is_to_the_best_budget_and_seeds_are_averaged(runs):
     assert adv.gap == pytest.approx(0.7) and not adv.converged
 
 
-def test_the_longest_budget_is_never_called_converged(runs):
+def test_the_longest_budget_is_converged_only_if_the_last_doubling_gained_little(runs):
     table = convergence.budget_table(runs, used={"plain": 60, "adversarial": 60})
-    assert not table["longer"].any() and not table["converged"].any()
-    assert table.xs("adversarial", level="method").iloc[0].gap == pytest.approx(0.0)
+    assert not table["longer"].any()
+    adv = table.xs("adversarial", level="method").iloc[0]
+    # the best budget, but 0.7 points above the run of half its length: still rising
+    assert adv.gap == pytest.approx(0.0) and adv.half_gap == pytest.approx(0.7)
+    assert not adv.converged
+    plain = table.xs("plain", level="method").iloc[0]
+    # 0.5 below the plateau (seed 1 is 89.9): too far, however flat the curve
+    assert plain.gap == pytest.approx(0.5) and not plain.converged
+    table = convergence.budget_table(runs, used={"plain": 30}, tol=0.3)
+    plain = table.xs("plain", level="method").iloc[0]
+    assert plain.longer and plain.converged
 
 
 def test_no_history_is_a_clear_error(tmp_path):

@@ -8,7 +8,8 @@ validation accuracy of the budget-``E`` run (mean over the seeds trained with it
     plateau = max_E a(E),        gap(E) = plateau − a(E),
 
 and a method counts as converged at the budget ``E`` it is trained with when ``gap(E) ≤ tol``
-and a longer budget was trained (so that "has stopped rising" was observed, not assumed). The
+and the stop was observed, not assumed: a longer budget was trained, or the budget ``E/2`` is
+already within ``tol`` of the plateau (the last doubling gained at most ``tol``). The
 runs are the files ``tools/converged_pilot.py`` writes (``{"config", "history", "cpu_seconds"}``,
 the history of :func:`robustreg.training.train`).
 """
@@ -27,12 +28,15 @@ from .grid import label
 __all__ = ["budget_table", "read_runs", "train_run"]
 
 
-def train_run(config: Mapping[str, Any], path: str | Path, *, progress: bool = False) -> dict:
+def train_run(
+    config: Mapping[str, Any], path: str | Path, *, cache_dir=None, progress: bool = False
+) -> dict:
     """Train one configuration through the cache (:func:`robustreg.study.cache.train_cached`:
     an interrupted run resumes, a finished one loads) and write its run file ``path``
     atomically: ``{"name", "key", "config", "history", "cpu_seconds"}``, or ``{"name",
     "config", "diverged"}`` for a training that diverged. An existing file is read back, not
-    retrained. Returns the file's content."""
+    retrained. ``cache_dir``: the training cache (None: the default). Returns the file's
+    content."""
     from robustreg import files
 
     from . import cache
@@ -41,7 +45,9 @@ def train_run(config: Mapping[str, Any], path: str | Path, *, progress: bool = F
     if path.is_file():
         return json.loads(path.read_text())
     try:
-        _, record = cache.train_cached(dict(config), device="cpu", progress=progress)
+        _, record = cache.train_cached(
+            dict(config), cache_dir=cache_dir, device="cpu", progress=progress
+        )
     except FloatingPointError as err:
         out = {"name": path.stem, "config": dict(config), "diverged": str(err)}
     else:
@@ -100,8 +106,9 @@ def budget_table(
     """Per ``(model, method, lam)``: the mean final validation accuracy at each budget (one
     column per number of epochs, with the seeds averaged), the ``plateau`` (their maximum), the
     budget ``used`` (one for all methods, or per method name), ``gap`` = plateau − a(used)
-    (points), ``longer`` (whether a budget above ``used`` was trained) and ``converged``
-    (``gap ≤ tol`` and ``longer``). Rows whose ``used`` budget was not trained are left out."""
+    (points), ``longer`` (whether a budget above ``used`` was trained), ``half_gap`` = plateau −
+    a(used/2) (NaN if not trained) and ``converged`` (``gap ≤ tol`` and either ``longer`` or
+    ``half_gap ≤ tol``). Rows whose ``used`` budget was not trained are left out."""
     mean = (
         runs.groupby(["model", "method", "lam", "epochs"])["val_accuracy"].mean().unstack("epochs")
     )
@@ -121,5 +128,10 @@ def budget_table(
         bool(mean.loc[i, [c for c in mean.columns if c > u]].notna().any())
         for i, u in zip(out.index, out["used"], strict=True)
     ]
-    out["converged"] = (out["gap"] <= tol) & out["longer"]
+    half = [
+        mean.loc[i, u // 2] if u % 2 == 0 and u // 2 in mean.columns else float("nan")
+        for i, u in zip(out.index, out["used"], strict=True)
+    ]
+    out["half_gap"] = out["plateau"] - pd.Series(half, index=out.index)
+    out["converged"] = (out["gap"] <= tol) & (out["longer"] | (out["half_gap"] <= tol))
     return out

@@ -23,7 +23,14 @@ from robustreg.study.config import PROFILES, Profile, profile
 from robustreg.study.execute import run_grid
 from robustreg.study.grid import grid, label, result_name
 
-__all__ = ["SELECTION_FILE", "lowered", "run_study", "select_lambdas", "validation_rows"]
+__all__ = [
+    "SELECTION_FILE",
+    "lowered",
+    "open_study",
+    "run_study",
+    "select_lambdas",
+    "validation_rows",
+]
 
 #: The file of a study's results directory that keeps its selection.
 SELECTION_FILE = "selection.json"
@@ -224,3 +231,33 @@ def run_study(
 
 
 _PROFILE_FIELDS = set(Profile.__dataclass_fields__)
+
+
+def open_study(
+    name: str, *, compute: bool = False, seeds: Sequence[int] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], Path]:
+    """A study as the chapters read it: ``(rows, records, selection, results_dir)`` of
+    :func:`run_study`. By default from the committed files (``results_root()/name``, read-only:
+    a missing or stale file is an error that names it and the command that computes it); with
+    ``compute``, computed for real in a new temporary directory (the seconds-long smoke
+    studies; trained in a new cache, so that nothing comes from runs of earlier code), the
+    committed files untouched. ``seeds``: the study's first seeds only."""
+    import tempfile
+
+    from robustreg.study.store import results_root
+
+    overrides = {} if seeds is None else {"seeds": list(seeds)}
+    if compute:  # trained here, not loaded from the user's cache of earlier code
+        scratch = Path(tempfile.mkdtemp(prefix="robustreg-study-"))
+        results, overrides["cache_dir"] = scratch / name, scratch / "cache"
+    else:
+        results = results_root() / name
+    rows, records, selection = run_study(
+        name,
+        results_dir=results,
+        read_only=not compute,
+        with_records=True,
+        progress=False,
+        **overrides,
+    )
+    return rows, records, selection, results
