@@ -23,7 +23,9 @@ from typing import Any
 
 import pandas as pd
 
-from .grid import label
+from robustreg import files
+from robustreg.study import cache
+from robustreg.study.grid import label
 
 __all__ = ["budget_table", "read_runs", "train_run"]
 
@@ -37,10 +39,6 @@ def train_run(
     "config", "diverged"}`` for a training that diverged. An existing file is read back, not
     retrained. ``cache_dir``: the training cache (None: the default). Returns the file's
     content."""
-    from robustreg import files
-
-    from . import cache
-
     path = Path(path)
     if path.is_file():
         return json.loads(path.read_text())

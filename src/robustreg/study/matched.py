@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from robustreg.study import cache
 from robustreg.study.config import PROFILES, Profile, profile
 from robustreg.study.execute import run_grid
 from robustreg.study.grid import grid, label, result_name
+from robustreg.study.store import results_root
 
 __all__ = [
     "SELECTION_FILE",
@@ -242,10 +244,6 @@ def open_study(
     ``compute``, computed for real in a new temporary directory (the seconds-long smoke
     studies; trained in a new cache, so that nothing comes from runs of earlier code), the
     committed files untouched. ``seeds``: the study's first seeds only."""
-    import tempfile
-
-    from robustreg.study.store import results_root
-
     overrides = {} if seeds is None else {"seeds": list(seeds)}
     if compute:  # trained here, not loaded from the user's cache of earlier code
         scratch = Path(tempfile.mkdtemp(prefix="robustreg-study-"))
