@@ -558,7 +558,7 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         "study": {"targets": [1, 3]},
         "eval": {
             "n_test": 100,
-            "n_certified": 0,
+            "n_certified": 20,
             "linf_eps": [0.05, 0.1],
             "l2_eps": [1.0],
             "steps": 10,
