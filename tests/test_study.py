@@ -202,6 +202,71 @@ def _val_rows(curves, plain):
     return rows
 
 
+def _baseline_rows(p, top, step=0.02):
+    """Validation rows of a profile's baselines: each norm's accuracy falls by ``step`` per
+    radius from ``top``."""
+    rows = []
+    for norm in ("linf", "l2"):
+        radii = sorted(a["eps"] for a in p.adversarial if a["norm"] == norm)
+        for i, eps in enumerate(radii):
+            method = study.grid.label({"adversarial": {"eps": eps, "norm": norm}})
+            rows.append(
+                {"metric": "val_accuracy", "method": method, "lam": 0.0, "value": top - step * i}
+            )
+    return rows
+
+
+def test_baselines_are_selected_like_lambdas_and_trained_on_every_seed():
+    """A study that selects baselines picks, per norm, the radius where PGD training's validation
+    accuracy crosses each target, and trains it (with the norm's steps and epochs) on every seed."""
+    p = PROFILES["converged"]
+    assert p.study.select_baselines
+    curves = {
+        reg: [(lam, 0.90 - 0.02 * i) for i, lam in enumerate(lams)]
+        for reg, lams in p.lambdas.items()
+    }
+    rows = [{**r, "seed": 0} for r in _val_rows(curves, 0.905)]
+    # ℓ∞ radii 0.01, 0.03, 0.05, 0.1 at 0.90, 0.88, 0.86, 0.84: plain − 1 point (0.895) lies a
+    # quarter of the way from 0.01 to 0.03, plain − 3 (0.875) a quarter from 0.03 to 0.05 (in
+    # log ε; rounded to 3 significant digits: within half a unit of the last, 0.5 / 100)
+    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.90)]
+    sel = study.select_lambdas("converged", rows)
+    linf = sel["baselines"]["linf"]
+    assert linf["1"]["eps"] == pytest.approx(
+        math.exp(math.log(0.01) + 0.25 * math.log(3)), rel=5e-3
+    )
+    assert linf["3"]["eps"] == pytest.approx(
+        math.exp(math.log(0.03) + 0.25 * math.log(0.05 / 0.03)), rel=5e-3
+    )
+    assert linf["1"]["adversarial"] == {
+        "eps": linf["1"]["eps"],
+        "norm": "linf",
+        "steps": 7,
+        "epochs": 120,
+    }
+    assert sel["baselines"]["l2"]["3"]["adversarial"]["norm"] == "l2"
+    after = study.grid.grid("converged", selection=sel)
+    for seed in p.seeds:
+        advs = [c for c in after if c["seed"] == seed and c.get("adversarial")]
+        chosen = {(c["adversarial"]["norm"], c["adversarial"]["eps"], c["epochs"]) for c in advs}
+        assert {("linf", linf[t]["eps"], 120) for t in ("1", "3")} <= chosen
+        assert len(advs) == (4 if seed else 8 + 4)  # seed 0: the radii and the selected
+    names = [study.grid.result_name(c) for c in after]
+    assert len(set(names)) == len(names)
+    attacked = [
+        c for c in after if c.get("adversarial") and study.grid.attacked("converged", c, sel)
+    ]
+    assert len(attacked) == 12 and {c["seed"] for c in attacked} == {0}
+    # a norm with one radius cannot be selected
+    with pytest.raises(ValueError, match="at least two l2 radii"):
+        p.replace(adversarial=[*p.adversarial[:4], {"eps": 1.0, "norm": "l2"}])
+    # the smallest radius already loses the target: no ε, and the reason
+    rows = [r for r in rows if not r["method"].startswith("adversarial")]
+    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.80)]
+    entry = study.select_lambdas("converged", rows)["baselines"]["linf"]["1"]
+    assert entry["eps"] is None and entry["adversarial"] is None and "smallest ε" in entry["reason"]
+
+
 def test_select_lambdas_interpolates_log_lambda_at_the_target():
     lambdas = PROFILES["sweep"].lambdas
     curves = {reg: [(lam, 0.95) for lam in lams] for reg, lams in lambdas.items()}
@@ -254,9 +319,10 @@ def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lamb
     per_seed = {s: [c for c in before if c["seed"] == s] for s in p.seeds}
     n_sweep = sum(len(v) for v in p.lambdas.values())
     assert len(per_seed[0]) == 1 + n_sweep + len(p.adversarial)
-    assert len(per_seed[1]) == len(per_seed[2]) == 1 + len(p.adversarial)
+    # the baselines' radii are a sweep too (select_baselines): seed 0 only
+    assert len(per_seed[1]) == len(per_seed[2]) == 1
     names = [study.grid.result_name(c) for c in before]
-    assert len(set(names)) == len(names)  # six baselines, six names
+    assert len(set(names)) == len(names)  # eight baselines, eight names
     sel = {"lambdas": {"curvature": {"1": {"lam": 4.2}, "3": {"lam": 10.0}}}}
     after = study.grid.grid("converged", selection=sel)
     seed1 = [c["lam"] for c in after if c["seed"] == 1 and c.get("regularizer")]
@@ -272,6 +338,7 @@ def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lamb
         for reg, lams in p.lambdas.items()
     }
     rows = [{**r, "seed": 0} for r in _val_rows(curves, 0.905)]
+    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.90)]
     noise = [{**r, "seed": 1, "value": 0.5} for r in rows]
     assert study.select_lambdas("converged", rows) == study.select_lambdas(
         "converged", rows + noise
@@ -544,3 +611,33 @@ def test_a_baseline_trains_for_its_own_epochs_and_others_keep_their_keys():
     assert {c["epochs"] for c in short} == {2}
     with pytest.raises(ValueError, match="adversarial epochs must be a positive integer"):
         PROFILES["converged"].replace(adversarial=[{"eps": 0.1, "epochs": 0}])
+
+
+def test_a_study_that_selects_baselines_trains_them_on_every_seed_end_to_end(tmp_path):
+    """Stage 1 trains the radii on the selecting seed, the selection picks an ε per norm and
+    target (or says why not), stage 3 trains it on every seed: one result file each."""
+    small = {
+        "seeds": [0, 1],
+        "epochs": 1,
+        "lambdas": {"input_gradient": [0.1, 1.0, 10.0]},
+        "adversarial": [{"eps": e, "norm": "linf", "steps": 2} for e in (0.02, 0.1, 0.3)],
+        "study": {"targets": [1, 3], "selection_seeds": [0], "select_baselines": True},
+        "eval": PROFILES["sweep-smoke"].eval.replace(n_test=20, steps=3, restarts=1),
+        "autoattack": None,
+    }
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, device="cpu", **small)
+    rows, sel = study.run_study("sweep-smoke", results_dir=tmp_path / "res", **kw)
+    chosen = study.grid.selected_baselines(sel)
+    entries = sel["baselines"]["linf"]
+    assert chosen, entries  # these radii cross a target
+    assert all((e["eps"] is None) == (e["reason"] is not None) for e in entries.values())
+    assert len(chosen) == len({e["eps"] for e in entries.values() if e["eps"] is not None})
+    trained = {(r["method"], r["seed"]) for r in rows if r["method"].startswith("adversarial")}
+    for adv in chosen:
+        method = study.grid.label({"adversarial": adv})
+        assert {(method, 0), (method, 1)} <= trained
+    # seed 1 trains no radius of the sweep
+    radii = {study.grid.label({"adversarial": a}) for a in small["adversarial"]}
+    assert not {(m, 1) for m in radii} & trained - {
+        (study.grid.label({"adversarial": a}), 1) for a in chosen
+    }

@@ -247,12 +247,20 @@ class Study:
     clean validation accuracy is plain training's minus t points
     (:func:`robustreg.study.matched.select_lambdas`). ``selection_seeds``: the seeds whose λ
     sweeps select (None: every seed of the profile); the other seeds train plain training, the
-    baselines and each regularizer at its selected λ only."""
+    baselines and each regularizer at its selected λ only. ``select_baselines``: the PGD
+    baselines are selected the same way, per norm, at the radius ε where their validation
+    accuracy crosses each target; their radii are then a sweep like the λ (trained on the
+    selection seeds only) and the other seeds train each norm at its selected ε."""
 
     targets: tuple[int, ...] = (1, 3)
     selection_seeds: tuple[int, ...] | None = None
+    select_baselines: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.select_baselines, bool):
+            raise _fail(
+                "study", "select_baselines", f"must be True or False, got {self.select_baselines!r}"
+            )
         object.__setattr__(self, "targets", tuple(self.targets))
         if not self.targets:
             raise _fail("study", "targets", "must name at least one target")
@@ -349,6 +357,16 @@ class Profile:
             raise _fail(
                 w, "study selection_seeds", f"{list(chosen)} must be among seeds {list(seeds)}"
             )
+        if self.study is not None and self.study.select_baselines:
+            for norm in {a.get("norm", "linf") for a in self.adversarial}:
+                radii = {a["eps"] for a in self.adversarial if a.get("norm", "linf") == norm}
+                if len(radii) < 2:
+                    raise _fail(
+                        w,
+                        "adversarial",
+                        f"needs at least two {norm} radii to select one (select_baselines), "
+                        f"got {sorted(radii)}",
+                    )
 
     def replace(self, **changes) -> Profile:
         """A copy with ``changes`` (e.g. ``seeds=[0]``, ``epochs=3``), checked like the original;
@@ -584,7 +602,7 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         "lambdas": _CONVERGED_SWEEP,
         "regularizer_options": _ONE_DRAW,
         "adversarial": _CONVERGED_BASELINES,
-        "study": {"targets": [1, 3], "selection_seeds": [0]},
+        "study": {"targets": [1, 3], "selection_seeds": [0], "select_baselines": True},
         # PGD-100×5 with the cross-entropy and PGD-100×5 with the margin loss: at 60 epochs the
         # cross-entropy's softmax saturates (evaluation.robust_flags)
         "eval": {

@@ -24,6 +24,7 @@ __all__ = [
     "publishes_weights",
     "result_name",
     "run_eval_settings",
+    "selected_baselines",
     "selected_runs",
 ]
 
@@ -39,8 +40,10 @@ def grid(
     Per seed: plain training, every regularizer at every λ of the profile, and each PGD
     adversarial-training baseline (for its own ``epochs`` if its entry names them); with ``selection`` (from
     :func:`robustreg.study.matched.select_lambdas`) also each regularizer at its selected λ not
-    already in the sweep. In a study with ``selection_seeds``, the other seeds train no sweep:
-    only each regularizer at its selected λ (none before the selection). ``overrides`` replace
+    already in the sweep, and each selected baseline (a study that selects them). In a study with
+    ``selection_seeds``, the other seeds train no sweep: only each regularizer at its selected λ
+    (none before the selection), and, if the study selects baselines, only each norm's PGD
+    training at its selected ε. ``overrides`` replace
     profile fields (e.g. ``seeds=[0]``, ``epochs=3``).
     """
     p = profile(name, **overrides)
@@ -55,6 +58,7 @@ def grid(
         if lam not in picked[reg]:
             picked[reg].append(lam)
     chosen = p.study.selection_seeds if p.study is not None else None
+    baselines = selected_baselines(selection)
     configs = []
     for seed in p.seeds:
         configs.append({**base, "seed": seed})
@@ -71,12 +75,26 @@ def grid(
                         "regularizer_options": dict(p.regularizer_options.get(reg, {})),
                     }
                 )
-        for adv in p.adversarial:
+        select = p.study is not None and p.study.select_baselines
+        radii = [] if select and not sweeps else list(p.adversarial)
+        known = {(a.get("norm", "linf"), a["eps"]) for a in radii}
+        for adv in [*radii, *(a for a in baselines if (a["norm"], a["eps"]) not in known)]:
             adv = dict(adv)  # its own number of epochs, if any, unless overridden for all
             epochs = adv.pop("epochs", base["epochs"])
             epochs = base["epochs"] if "epochs" in overrides else epochs
             configs.append({**base, "seed": seed, "epochs": epochs, "adversarial": adv})
     return configs
+
+
+def selected_baselines(selection: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """The PGD baselines a selection picked (``adversarial`` entries at the selected ε, with the
+    norm's steps and epochs), in its order; none unless the study selects baselines."""
+    out = []
+    for targets in ((selection or {}).get("baselines") or {}).values():
+        for entry in targets.values():
+            if entry.get("adversarial") is not None and entry["adversarial"] not in out:
+                out.append(dict(entry["adversarial"]))
+    return out
 
 
 def selected_runs(selection: Mapping[str, Any] | None) -> list[tuple[str, float]]:

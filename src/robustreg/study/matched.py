@@ -53,7 +53,10 @@ def select_lambdas(
     the first λ_i with a(λ_i) ≤ a₀ − t/100 and its predecessor λ_{i−1} bracket the target; λ*
     interpolates log λ linearly in a and is rounded to 3 significant digits. ``lam`` is None
     (with ``reason``) when the sweep never loses t points, its smallest λ already does, or its
-    training diverges (accuracy NaN, :func:`validation_rows`) before it loses them.
+    training diverges (accuracy NaN, :func:`validation_rows`) before it loses them. A study that
+    selects baselines (``Study.select_baselines``) also gets ``baselines``: per norm and target,
+    ``eps`` chosen the same way along the norm's PGD radii, and the ``adversarial`` entry to
+    train at it.
     ``rows``: ``val_accuracy`` rows (``method``, ``lam``, ``value``) of every seed's sweep;
     ``overrides`` replace profile fields (``lambdas``, ``study``).
     """
@@ -78,30 +81,48 @@ def select_lambdas(
     }
     for reg, lams in p.lambdas.items():
         curve = [(float(lam), mean[reg, float(lam)]) for lam in sorted(lams)]
-        out["lambdas"][reg] = {}
-        for t in p.study.targets:
-            wanted = plain - t / 100
-            entry: dict[str, Any] = {"wanted_val_accuracy": wanted, "curve": curve}
-            hit = next((i for i, (_, a) in enumerate(curve) if math.isnan(a) or a <= wanted), None)
-            if hit is None:
-                entry.update(lam=None, reason=f"the largest λ loses less than {t} points")
-            elif math.isnan(curve[hit][1]):
-                entry.update(
-                    lam=None,
-                    reason=f"training diverges at λ = {curve[hit][0]:g} before losing {t} points: "
-                    "refine the sweep below it",
-                )
-            elif hit == 0:
-                entry.update(
-                    lam=None, reason=f"the smallest λ already loses {t} points: extend the sweep"
-                )
-            else:
-                (l0, a0), (l1, a1) = curve[hit - 1], curve[hit]
-                w = (a0 - wanted) / (a0 - a1) if a0 != a1 else 1.0
-                lam = math.exp(math.log(l0) + w * (math.log(l1) - math.log(l0)))
-                entry.update(lam=_round_significant(lam), reason=None)
-            out["lambdas"][reg][str(t)] = entry
+        out["lambdas"][reg] = {
+            str(t): _crossing(curve, plain - t / 100, t, "λ", "lam") for t in p.study.targets
+        }
+    if p.study.select_baselines:  # each norm's PGD training along its radii, the same way
+        out["baselines"] = {}
+        for norm in dict.fromkeys(a.get("norm", "linf") for a in p.adversarial):
+            entries = sorted(
+                (a for a in p.adversarial if a.get("norm", "linf") == norm), key=lambda a: a["eps"]
+            )
+            methods = [label({"adversarial": a}) for a in entries]
+            curve = [(float(a["eps"]), mean[m, 0.0]) for a, m in zip(entries, methods, strict=True)]
+            out["baselines"][norm] = {}
+            for t in p.study.targets:
+                entry = _crossing(curve, plain - t / 100, t, "ε", "eps")
+                adv = {**entries[0], "eps": entry["eps"]} if entry["eps"] is not None else None
+                out["baselines"][norm][str(t)] = {**entry, "adversarial": adv}
     return out
+
+
+def _crossing(curve, wanted: float, t: int, symbol: str, key: str) -> dict[str, Any]:
+    """Where a curve ``[(x, a(x))]`` (x increasing) first falls to ``wanted``: x interpolated
+    log-linearly between the two points around the crossing and rounded to 3 significant digits,
+    or None with the reason (the curve stays above, starts below, or diverges first)."""
+    entry: dict[str, Any] = {"wanted_val_accuracy": wanted, "curve": curve}
+    hit = next((i for i, (_, a) in enumerate(curve) if math.isnan(a) or a <= wanted), None)
+    if hit is None:
+        entry.update({key: None, "reason": f"the largest {symbol} loses less than {t} points"})
+    elif math.isnan(curve[hit][1]):
+        reason = (
+            f"training diverges at {symbol} = {curve[hit][0]:g} before losing {t} points: "
+            "refine the sweep below it"
+        )
+        entry.update({key: None, "reason": reason})
+    elif hit == 0:
+        reason = f"the smallest {symbol} already loses {t} points: extend the sweep"
+        entry.update({key: None, "reason": reason})
+    else:
+        (x0, a0), (x1, a1) = curve[hit - 1], curve[hit]
+        w = (a0 - wanted) / (a0 - a1) if a0 != a1 else 1.0
+        x = math.exp(math.log(x0) + w * (math.log(x1) - math.log(x0)))
+        entry.update({key: _round_significant(x), "reason": None})
+    return entry
 
 
 def lowered(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> dict[int, Any]:
