@@ -86,3 +86,15 @@ def test_the_browser_check_reads_label_sizes_from_the_svg(tmp_path):
     problems = browser_check.figure_problems(raster, base, tmp_path)
     assert any("without a caption" in p for p in problems)
     assert any("1.00 image pixels per shown pixel" in p for p in problems)
+
+
+def test_every_baseline_radius_has_a_name_and_its_norms_look():
+    assert plotting.method_name("curvature") == "CURE"
+    assert plotting.method_name("adversarial-eps0.0132") == "PGD training ℓ∞ 0.0132"
+    assert plotting.method_name("adversarial-l2-eps0.417") == "PGD training ℓ2 0.417"
+    assert (
+        plotting.method_style("adversarial-l2-eps0.417") == plotting.METHOD_STYLE["adversarial-l2"]
+    )
+    assert plotting.method_style("adversarial-eps0.2") == plotting.METHOD_STYLE["adversarial"]
+    with pytest.raises(KeyError, match="unknown training method 'mystery'"):
+        plotting.method_name("mystery")

@@ -74,6 +74,37 @@ METHOD_STYLE = {
     "adversarial-l2-eps1.5": dict(color=COLORS["blue"], marker="H", linestyle=":"),
 }
 
+
+def method_name(method: str) -> str:
+    """How the book names a training method: :data:`METHOD_NAMES`, or for PGD training at a
+    radius of its own (a study's selected baselines, ``adversarial-eps0.0132``,
+    ``adversarial-l2-eps0.417``) "PGD training ℓ∞ 0.0132"."""
+    if method in METHOD_NAMES:
+        return METHOD_NAMES[method]
+    norm, eps = _baseline(method)
+    return f"{METHOD_NAMES['adversarial' if norm == 'linf' else 'adversarial-l2']} {eps}"
+
+
+def method_style(method: str) -> dict:
+    """The colour, marker and line style of a training method (:data:`METHOD_STYLE`; PGD training
+    at a radius of its own takes its norm's)."""
+    if method in METHOD_STYLE:
+        return dict(METHOD_STYLE[method])
+    norm, _ = _baseline(method)
+    return dict(METHOD_STYLE["adversarial" if norm == "linf" else "adversarial-l2"])
+
+
+def _baseline(method: str) -> tuple[str, str]:
+    """``(norm, ε as written)`` of a PGD-training label ``adversarial[-l2]-eps<ε>``."""
+    head, sep, eps = method.rpartition("-eps")
+    if not sep or head not in ("adversarial", "adversarial-l2"):
+        valid = ", ".join(METHOD_NAMES)
+        raise KeyError(
+            f"unknown training method {method!r}; valid: {valid}, or adversarial[-l2]-eps<ε>"
+        )
+    return ("linf" if head == "adversarial" else "l2"), eps
+
+
 #: The smallest text a figure may carry at the size the page shows it (points). The theme shows
 #: a figure at its natural size up to :data:`MAX_WIDTH_IN`, so this is the font size in the file.
 MIN_FONT_PT = 9.0
