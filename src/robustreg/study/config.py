@@ -619,6 +619,41 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
             "seeds": [0],
         },
     },
+    # the converged study in seconds, for CI and the chapters' smoke runs: the same design (seven
+    # regularizers, baselines selected along their radii, both PGD losses, full-test accuracy)
+    # on the smoke network
+    "converged-smoke": {
+        **_SMOKE_NETWORK,
+        "seeds": [0, 1],
+        "validation": True,
+        "lambdas": {
+            "input_gradient": [0.1, 1.0, 10.0],
+            "jacobian_frobenius": [0.01, 0.1, 1.0],
+            "cross_lipschitz": [0.05, 0.5, 5.0],
+            "curvature": [1.0, 10.0, 100.0],
+            "hessian_trace": [0.1, 1.0, 10.0],
+            "grad_align": [1.0, 10.0, 100.0],
+            "local_linearity": [0.1, 1.0, 10.0],
+        },
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": [
+            *({"eps": e, "norm": "linf", "steps": 3} for e in (0.03, 0.1, 0.3)),
+            *({"eps": e, "norm": "l2", "steps": 3} for e in (0.3, 1.0, 3.0)),
+        ],
+        "study": {"targets": [1, 3], "selection_seeds": [0], "select_baselines": True},
+        "eval": {
+            "n_test": 100,
+            "full_test_accuracy": True,
+            "n_certified": 20,
+            "linf_eps": [0.05, 0.1],
+            "l2_eps": [1.0],
+            "steps": 10,
+            "restarts": 2,
+            "per_image": True,
+            "pgd_losses": ["ce", "margin"],
+        },
+        "autoattack": {**_STANDARD_AA, "n": 50, "steps": 10, "n_queries": 100, "seeds": [0]},
+    },
     "sweep-full": {
         **_FASHION_LENET,
         **_STUDY,
@@ -628,8 +663,8 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
 }
 
 #: The profiles by name: ``smoke`` (seconds, CI), ``default`` (the published book), ``full``
-#: (Fashion-MNIST, LeNet), and the matched-strength studies ``sweep-smoke``, ``sweep``,
-#: ``sweep-full``.
+#: (Fashion-MNIST, LeNet), the matched-strength studies ``sweep-smoke``, ``sweep``,
+#: ``sweep-full``, and the converged study ``converged`` with its seconds-long ``converged-smoke``.
 PROFILES: dict[str, Profile] = {
     name: _build(Profile, f"profile {name!r}", {"name": name, **d})
     for name, d in _DEFINITIONS.items()
