@@ -456,6 +456,26 @@ _SMOKE_NETWORK = {
     "batch_size": 32,
     "lr": 1e-2,
 }
+#: The smoke studies' sweeps: three decades of each regularizer of the paper.
+_SMOKE_SWEEP = {
+    "input_gradient": [0.1, 1.0, 10.0],
+    "jacobian_frobenius": [0.01, 0.1, 1.0],
+    "cross_lipschitz": [0.05, 0.5, 5.0],
+    "curvature": [1.0, 10.0, 100.0],
+    "hessian_trace": [0.1, 1.0, 10.0],
+}
+#: The smoke studies' evaluation: PGD-10×2 per image on 100 test images, the certificate on 20.
+_SMOKE_STUDY_EVAL = {
+    "n_test": 100,
+    "n_certified": 20,
+    "linf_eps": [0.05, 0.1],
+    "l2_eps": [1.0],
+    "steps": 10,
+    "restarts": 2,
+    "per_image": True,
+}
+#: Lighter than the standard AutoAttack (10 iterations, 100 queries): seconds, for CI.
+_SMOKE_AA = {**_STANDARD_AA, "n": 50, "steps": 10, "n_queries": 100}
 _MNIST5K_MLP = {
     "data": "mnist5k",
     "model": {"name": "mlp", "hidden": [256, 256]},
@@ -561,30 +581,15 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         **_SMOKE_NETWORK,
         "seeds": [0, 1],
         "validation": True,
-        "lambdas": {
-            "input_gradient": [0.1, 1.0, 10.0],
-            "jacobian_frobenius": [0.01, 0.1, 1.0],
-            "cross_lipschitz": [0.05, 0.5, 5.0],
-            "curvature": [1.0, 10.0, 100.0],
-            "hessian_trace": [0.1, 1.0, 10.0],
-        },
+        "lambdas": _SMOKE_SWEEP,
         "regularizer_options": _ONE_DRAW,
         "adversarial": [
             {"eps": 0.1, "norm": "linf", "steps": 3},
             {"eps": 1.0, "norm": "l2", "steps": 3},
         ],
         "study": {"targets": [1, 3]},
-        "eval": {
-            "n_test": 100,
-            "n_certified": 20,
-            "linf_eps": [0.05, 0.1],
-            "l2_eps": [1.0],
-            "steps": 10,
-            "restarts": 2,
-            "per_image": True,
-        },
-        # lighter than the standard version (10 iterations, 100 queries): seconds, for CI
-        "autoattack": {**_STANDARD_AA, "n": 50, "steps": 10, "n_queries": 100},
+        "eval": _SMOKE_STUDY_EVAL,
+        "autoattack": _SMOKE_AA,
     },
     "sweep": {
         **_MNIST5K_MLP,
@@ -627,11 +632,7 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1],
         "validation": True,
         "lambdas": {
-            "input_gradient": [0.1, 1.0, 10.0],
-            "jacobian_frobenius": [0.01, 0.1, 1.0],
-            "cross_lipschitz": [0.05, 0.5, 5.0],
-            "curvature": [1.0, 10.0, 100.0],
-            "hessian_trace": [0.1, 1.0, 10.0],
+            **_SMOKE_SWEEP,
             "grad_align": [1.0, 10.0, 100.0],
             "local_linearity": [0.1, 1.0, 10.0],
         },
@@ -641,18 +642,8 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
             *({"eps": e, "norm": "l2", "steps": 3} for e in (0.3, 1.0, 3.0)),
         ],
         "study": {"targets": [1, 3], "selection_seeds": [0], "select_baselines": True},
-        "eval": {
-            "n_test": 100,
-            "full_test_accuracy": True,
-            "n_certified": 20,
-            "linf_eps": [0.05, 0.1],
-            "l2_eps": [1.0],
-            "steps": 10,
-            "restarts": 2,
-            "per_image": True,
-            "pgd_losses": ["ce", "margin"],
-        },
-        "autoattack": {**_STANDARD_AA, "n": 50, "steps": 10, "n_queries": 100, "seeds": [0]},
+        "eval": {**_SMOKE_STUDY_EVAL, "full_test_accuracy": True, "pgd_losses": ["ce", "margin"]},
+        "autoattack": {**_SMOKE_AA, "seeds": [0]},
     },
     "sweep-full": {
         **_FASHION_LENET,
