@@ -256,7 +256,13 @@ def test_baselines_are_selected_like_lambdas_and_trained_on_every_seed():
     attacked = [
         c for c in after if c.get("adversarial") and study.grid.attacked("converged", c, sel)
     ]
-    assert len(attacked) == 12 and {c["seed"] for c in attacked} == {0}
+    # AutoAttack: the selected ε on every seed (the comparisons are paired by seed), no radius
+    assert len(attacked) == 4 * len(p.seeds)
+    assert all(
+        (c["adversarial"]["norm"], c["adversarial"]["eps"])
+        in {(a["norm"], a["eps"]) for a in study.grid.selected_baselines(sel)}
+        for c in attacked
+    )
     # a norm with one radius cannot be selected
     with pytest.raises(ValueError, match="at least two l2 radii"):
         p.replace(adversarial=[*p.adversarial[:4], {"eps": 1.0, "norm": "l2"}])
@@ -312,7 +318,7 @@ def test_selected_lambda_is_evaluated_with_autoattack_and_named_by_value():
 def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lambdas():
     """``converged`` selects λ on seed 0's sweeps: seeds 1 and 2 train no sweep, then each
     regularizer at its selected λ; the selection averages the selecting seed's rows only;
-    AutoAttack and published weights are seed 0's; every baseline has its own file name."""
+    published weights are seed 0's; every baseline has its own file name."""
     p = PROFILES["converged"]
     assert p.study.selection_seeds == (0,)
     before = study.grid.grid("converged")
@@ -329,8 +335,12 @@ def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lamb
     assert seed1 == [4.2, 10.0]
     curv0 = [c["lam"] for c in after if c["seed"] == 0 and c.get("regularizer") == "curvature"]
     assert curv0 == [*p.lambdas["curvature"], 4.2]  # 10 is in the sweep already
+    # AutoAttack on every seed of the models compared (plain, the selected λ), weights of seed 0
     attacked = [c for c in after if study.grid.attacked("converged", c, sel)]
-    assert {c["seed"] for c in attacked} == {0}
+    assert {c["seed"] for c in attacked} == {0, 1, 2}
+    assert {study.grid.label(c) for c in attacked} == {"plain", "curvature"}
+    assert not any(c.get("adversarial") for c in attacked)  # no ε selected here
+    assert study.grid.publishes_weights("converged", {**attacked[0], "seed": 0}, sel)
     assert not study.grid.publishes_weights("converged", {**attacked[0], "seed": 1}, sel)
     # the selection reads seed 0's rows: seed 1's (far lower) accuracies change nothing
     curves = {

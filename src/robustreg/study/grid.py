@@ -141,7 +141,8 @@ def attacked(
     name: str | Profile, config: Mapping[str, Any], selection: Mapping[str, Any] | None = None
 ) -> bool:
     """Whether a run is evaluated with the profile's AutoAttack: in a study, plain training, the
-    baselines and each selected λ; in a grid, every run; in both, of the seeds its
+    baselines (in a study that selects them, each selected ε only) and each selected λ; in a
+    grid, every run; in both, of the seeds its
     :class:`~robustreg.study.config.AutoAttackSettings` lists (None: every seed)."""
     p = profile(name)
     if p.autoattack is None:
@@ -152,8 +153,14 @@ def attacked(
     if p.autoattack.seeds is not None and config["seed"] not in p.autoattack.seeds:
         return False
     method = label(config)
-    if method == "plain" or method.startswith("adversarial"):
+    if method == "plain":
         return True
+    if method.startswith("adversarial"):  # of a study that selects them, the selected only
+        if not p.study.select_baselines:
+            return True
+        return dict(config["adversarial"]) in [
+            {k: v for k, v in a.items() if k != "epochs"} for a in selected_baselines(selection)
+        ]
     return (method, float(config["lam"])) in selected_runs(selection)
 
 
