@@ -100,7 +100,6 @@ REPRODUCE_RUNS ?= converged/plain_seed1 default/plain_seed0 default/jacobian_fro
 reproduction: $(VENV_STAMP)
 	printf '%s\n' $(REPRODUCE_RUNS) | xargs -P $(JOBS) -I RUN sh -c '$(PY) -m robustreg reproduce-results results/$$(dirname RUN) $$(basename RUN) --quiet'
 
-
 ## make reruns: the property tests at 400 random architectures each, then every chapter at its
 ## default profile with seeds 1–5 and at its full profile (what readers rerun; about an hour).
 reruns: $(VENV_STAMP)

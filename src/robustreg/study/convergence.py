@@ -110,26 +110,23 @@ def budget_table(
     mean = (
         runs.groupby(["model", "method", "lam", "epochs"])["val_accuracy"].mean().unstack("epochs")
     )
-    out = mean.copy()
-    out["plateau"] = mean.max(axis=1)
-    methods = out.index.get_level_values("method")
-    out["used"] = [used.get(m) if isinstance(used, Mapping) else used for m in methods]
-    keep = [
-        u in mean.columns and pd.notna(mean.loc[i, u])
-        for i, u in zip(out.index, out["used"], strict=True)
-    ]
-    out = out[keep].copy()
-    out["gap"] = [
-        out["plateau"].loc[i] - mean.loc[i, u] for i, u in zip(out.index, out["used"], strict=True)
-    ]
-    out["longer"] = [
-        bool(mean.loc[i, [c for c in mean.columns if c > u]].notna().any())
-        for i, u in zip(out.index, out["used"], strict=True)
-    ]
-    half = [
-        mean.loc[i, u // 2] if u % 2 == 0 and u // 2 in mean.columns else float("nan")
-        for i, u in zip(out.index, out["used"], strict=True)
-    ]
-    out["half_gap"] = out["plateau"] - pd.Series(half, index=out.index)
+    rows = {}
+    for key, a in mean.iterrows():
+        u = used.get(key[1]) if isinstance(used, Mapping) else used
+        if u not in mean.columns or pd.isna(a[u]):
+            continue  # the budget used was not trained
+        plateau = a.max()
+        half = a[u // 2] if u % 2 == 0 and u // 2 in mean.columns else float("nan")
+        rows[key] = {
+            **a,
+            "plateau": plateau,
+            "used": u,
+            "gap": plateau - a[u],
+            "longer": bool(a[[c for c in mean.columns if c > u]].notna().any()),
+            "half_gap": plateau - half,
+        }
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index = pd.MultiIndex.from_tuples(out.index, names=mean.index.names)
+    out.columns.name = "epochs"
     out["converged"] = (out["gap"] <= tol) & (out["longer"] | (out["half_gap"] <= tol))
     return out

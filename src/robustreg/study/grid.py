@@ -59,6 +59,7 @@ def grid(
             picked[reg].append(lam)
     chosen = p.study.selection_seeds if p.study is not None else None
     baselines = selected_baselines(selection)
+    select = p.study is not None and p.study.select_baselines
     configs = []
     for seed in p.seeds:
         configs.append({**base, "seed": seed})
@@ -75,15 +76,20 @@ def grid(
                         "regularizer_options": dict(p.regularizer_options.get(reg, {})),
                     }
                 )
-        select = p.study is not None and p.study.select_baselines
         radii = [] if select and not sweeps else list(p.adversarial)
         known = {(a.get("norm", "linf"), a["eps"]) for a in radii}
         for adv in [*radii, *(a for a in baselines if (a["norm"], a["eps"]) not in known)]:
-            adv = dict(adv)  # its own number of epochs, if any, unless overridden for all
-            epochs = adv.pop("epochs", base["epochs"])
-            epochs = base["epochs"] if "epochs" in overrides else epochs
-            configs.append({**base, "seed": seed, "epochs": epochs, "adversarial": adv})
+            attack, epochs = _attack_and_epochs(adv)
+            # a baseline's own number of epochs, unless an override sets every run's
+            epochs = base["epochs"] if epochs is None or "epochs" in overrides else epochs
+            configs.append({**base, "seed": seed, "epochs": epochs, "adversarial": attack})
     return configs
+
+
+def _attack_and_epochs(entry: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """A baseline entry split into the attack it trains against and its own epochs (or None)."""
+    attack = {k: v for k, v in entry.items() if k != "epochs"}
+    return attack, entry.get("epochs")
 
 
 def selected_baselines(selection: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -158,9 +164,8 @@ def attacked(
     if method.startswith("adversarial"):  # of a study that selects them, the selected only
         if not p.study.select_baselines:
             return True
-        return dict(config["adversarial"]) in [
-            {k: v for k, v in a.items() if k != "epochs"} for a in selected_baselines(selection)
-        ]
+        chosen = [_attack_and_epochs(a)[0] for a in selected_baselines(selection)]
+        return dict(config["adversarial"]) in chosen
     return (method, float(config["lam"])) in selected_runs(selection)
 
 
