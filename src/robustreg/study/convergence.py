@@ -3,14 +3,11 @@
 A run trained for ``E`` epochs under a one-cycle schedule is not the first ``E`` epochs of a longer
 run: its learning rate anneals to zero at ``E``. Convergence is therefore judged across runs
 trained with budgets ``E₁ < E₂ < …`` (same configuration otherwise): with ``a(E)`` the final
-validation accuracy of the budget-``E`` run (mean over the seeds trained with it),
-
-    plateau = max_E a(E),        gap(E) = plateau − a(E),
-
-and a method counts as converged at the budget ``E`` it is trained with when ``gap(E) ≤ tol``
-and the stop was observed, not assumed: a longer budget was trained, or the budget ``E/2`` is
-already within ``tol`` of the plateau (the last doubling gained at most ``tol``). The
-runs are the files ``tools/converged_pilot.py`` writes (``{"config", "history", "cpu_seconds"}``,
+validation accuracy of the budget-``E`` run (mean over the seeds trained with it), the
+``plateau`` is ``max_E a(E)`` and ``gap(E) = plateau − a(E)``; a method counts as converged at
+the budget ``E`` it is trained with when ``gap(E) ≤ tol`` and the stop was observed, not
+assumed: a longer budget was trained, or the budget ``E/2`` is already within ``tol`` of the
+plateau (the last doubling gained at most ``tol``). The runs are the files ``tools/converged_pilot.py`` writes (``{"config", "history", "cpu_seconds"}``,
 the history of :func:`robustreg.training.train`).
 """
 
