@@ -37,7 +37,7 @@ def test_runs_are_read_with_their_method_budget_and_curve(runs):
 
 
 def test_gap_is_to_the_best_budget_and_seeds_are_averaged(runs):
-    table = convergence.budget_table(runs, used=30)
+    table = convergence.budget_table(runs, used=30, paired=False)
     plain = table.xs("plain", level="method").iloc[0]
     assert plain[60] == pytest.approx(90.2)  # (90.5 + 89.9) / 2
     assert plain.plateau == pytest.approx(90.7)
@@ -46,8 +46,26 @@ def test_gap_is_to_the_best_budget_and_seeds_are_averaged(runs):
     assert adv.gap == pytest.approx(0.7) and not adv.converged
 
 
+def test_paired_budgets_compare_the_same_seeds(runs):
+    # seed 1 trained plain at 60 epochs only: the paired table leaves it out of every budget
+    plain = convergence.budget_table(runs, used=60).xs("plain", level="method").iloc[0]
+    assert plain[60] == pytest.approx(90.5) and plain.seeds == 1
+    unpaired = convergence.budget_table(runs, used=60, paired=False)
+    assert unpaired.xs("plain", level="method").iloc[0].seeds == 2
+
+
+def test_a_gap_equal_to_the_tolerance_in_images_is_converged(tmp_path):
+    # 90.34 − 90.04 points is 0.30000000000001137 in floating point: 15 of 5,000 images
+    for epochs, final in [(15, 0.8990), (30, 0.9004), (60, 0.9034)]:
+        config = {**BASE, "epochs": epochs}
+        _write(tmp_path / f"plain_ep{epochs}.json", config, [0.5] * (epochs - 1) + [final])
+    table = convergence.budget_table(convergence.read_runs([tmp_path]), used=30, tol=0.3)
+    row = table.iloc[0]
+    assert row.gap == 0.3 and row.converged
+
+
 def test_the_longest_budget_is_converged_only_if_the_last_doubling_gained_little(runs):
-    table = convergence.budget_table(runs, used={"plain": 60, "adversarial": 60})
+    table = convergence.budget_table(runs, used={"plain": 60, "adversarial": 60}, paired=False)
     assert not table["longer"].any()
     adv = table.xs("adversarial", level="method").iloc[0]
     # the best budget, but 0.7 points above the run of half its length: still rising
@@ -56,7 +74,7 @@ def test_the_longest_budget_is_converged_only_if_the_last_doubling_gained_little
     plain = table.xs("plain", level="method").iloc[0]
     # 0.5 below the plateau (seed 1 is 89.9): too far, however flat the curve
     assert plain.gap == pytest.approx(0.5) and not plain.converged
-    table = convergence.budget_table(runs, used={"plain": 30}, tol=0.3)
+    table = convergence.budget_table(runs, used={"plain": 30}, tol=0.3, paired=False)
     plain = table.xs("plain", level="method").iloc[0]
     assert plain.longer and plain.converged
 
