@@ -64,7 +64,8 @@ METHOD_STYLE = {
     "hessian_trace": dict(color=COLORS["purple"], marker="P", linestyle="--"),
     "adversarial": dict(color=COLORS["blue"], marker="X", linestyle="-."),
     "adversarial-l2": dict(color=COLORS["blue"], marker="h", linestyle=":"),
-    "grad_align": dict(color=COLORS["sky blue"], marker="*", linestyle="--"),
+    # grey, outside the palette: ten methods, eight colours (the Jacobian keeps sky blue)
+    "grad_align": dict(color="#7F7F7F", marker="*", linestyle="--"),
     "local_linearity": dict(color=COLORS["green"], marker="p", linestyle="-"),
     "adversarial-eps0.01": dict(color=COLORS["blue"], marker="<", linestyle="-."),
     "adversarial-eps0.03": dict(color=COLORS["blue"], marker=">", linestyle="-."),
