@@ -39,7 +39,8 @@ METHOD_NAMES = {
     "adversarial-l2-eps1.5": "PGD training ℓ2 1.5",
 }
 
-#: Okabe & Ito's palette by name, told apart by the common colour-vision deficiencies.
+#: Okabe & Ito's palette by name, told apart by the common colour-vision deficiencies, and a
+#: neutral grey (the study has more methods than the palette has colours).
 COLORS = {
     "black": "#000000",
     "orange": "#E69F00",
@@ -49,8 +50,9 @@ COLORS = {
     "blue": "#0072B2",
     "vermillion": "#D55E00",
     "purple": "#CC79A7",
+    "grey": "#7F7F7F",
 }
-#: The same colours as a list, in Okabe & Ito's order.
+#: The same colours as a list, in Okabe & Ito's order (grey last).
 PALETTE = list(COLORS.values())
 
 #: One look per training method in every chapter: a colour of :data:`COLORS` *and* a marker and a
@@ -64,8 +66,7 @@ METHOD_STYLE = {
     "hessian_trace": dict(color=COLORS["purple"], marker="P", linestyle="--"),
     "adversarial": dict(color=COLORS["blue"], marker="X", linestyle="-."),
     "adversarial-l2": dict(color=COLORS["blue"], marker="h", linestyle=":"),
-    # grey, outside the palette: ten methods, eight colours (the Jacobian keeps sky blue)
-    "grad_align": dict(color="#7F7F7F", marker="*", linestyle="--"),
+    "grad_align": dict(color=COLORS["grey"], marker="*", linestyle="--"),
     "local_linearity": dict(color=COLORS["green"], marker="p", linestyle="-"),
     "adversarial-eps0.01": dict(color=COLORS["blue"], marker="<", linestyle="-."),
     "adversarial-eps0.03": dict(color=COLORS["blue"], marker=">", linestyle="-."),
@@ -121,7 +122,7 @@ def book_style() -> dict:
     from cycler import cycler
 
     # the palette's yellow is too faint for lines on white: cycled without it
-    colors = [c for name, c in COLORS.items() if name != "yellow"]
+    colors = [c for name, c in COLORS.items() if name not in ("yellow", "grey")]
     colors = colors[1:] + colors[:1]  # black last: it is plain training's
     styles = ["-", "--", "-.", ":", "-", "--", "-."]
     return {
