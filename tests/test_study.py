@@ -625,6 +625,24 @@ def test_a_baseline_trains_for_its_own_epochs_and_others_keep_their_keys():
         PROFILES["converged"].replace(adversarial=[{"eps": 0.1, "epochs": 0}])
 
 
+def test_a_regularizer_trains_for_its_own_epochs_and_others_keep_their_keys():
+    base = study.grid.grid("converged", seeds=[0])
+    configs = study.grid.grid("converged", seeds=[0], regularizer_epochs={"grad_align": 15})
+    own = [c for c in configs if c.get("regularizer") == "grad_align"]
+    assert own and {c["epochs"] for c in own} == {15}
+    others = [c for c in configs if c.get("regularizer") != "grad_align"]
+    assert {cache.cache_key(c) for c in others} == {
+        cache.cache_key(c) for c in base if c.get("regularizer") != "grad_align"
+    }
+    # an override of the epochs is every run's
+    short = study.grid.grid("converged", seeds=[0], regularizer_epochs={"grad_align": 15}, epochs=2)
+    assert {c["epochs"] for c in short} == {2}
+    with pytest.raises(ValueError, match=r"regularizer_epochs is 'mmr'; valid: input_gradient"):
+        PROFILES["converged"].replace(regularizer_epochs={"mmr": 15})
+    with pytest.raises(ValueError, match=r"regularizer_epochs\['grad_align'\] must be a positive"):
+        PROFILES["converged"].replace(regularizer_epochs={"grad_align": 0})
+
+
 def test_a_study_that_selects_baselines_trains_them_on_every_seed_end_to_end(tmp_path):
     """Stage 1 trains the radii on the selecting seed, the selection picks an ε per norm and
     target (or says why not), stage 3 trains it on every seed: one result file each."""

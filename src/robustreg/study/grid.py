@@ -37,8 +37,9 @@ def grid(
 ) -> list[dict[str, Any]]:
     """The training configurations of a profile (for :func:`robustreg.study.cache.train_cached`).
 
-    Per seed: plain training, every regularizer at every λ of the profile, and each PGD
-    adversarial-training baseline (for its own ``epochs`` if its entry names them); with ``selection`` (from
+    Per seed: plain training, every regularizer at every λ of the profile (for its own number of
+    epochs if ``regularizer_epochs`` names one), and each PGD adversarial-training baseline (for
+    its own ``epochs`` if its entry names them); with ``selection`` (from
     :func:`robustreg.study.matched.select_lambdas`) also each regularizer at its selected λ not
     already in the sweep, and each selected baseline (a study that selects them). In a study with
     ``selection_seeds``, the other seeds train no sweep: only each regularizer at its selected λ
@@ -60,6 +61,9 @@ def grid(
     chosen = p.study.selection_seeds if p.study is not None else None
     baselines = selected_baselines(selection)
     select = p.study is not None and p.study.select_baselines
+    def own_epochs(epochs):  # a run's own epochs, unless an override sets every run's
+        return base["epochs"] if epochs is None or "epochs" in overrides else epochs
+
     configs = []
     for seed in p.seeds:
         configs.append({**base, "seed": seed})
@@ -70,6 +74,7 @@ def grid(
                 configs.append(
                     {
                         **base,
+                        "epochs": own_epochs(p.regularizer_epochs.get(reg)),
                         "seed": seed,
                         "regularizer": reg,
                         "lam": lam,
@@ -80,9 +85,7 @@ def grid(
         known = {(a.get("norm", "linf"), a["eps"]) for a in radii}
         for adv in [*radii, *(a for a in baselines if (a["norm"], a["eps"]) not in known)]:
             attack, epochs = _attack_and_epochs(adv)
-            # a baseline's own number of epochs, unless an override sets every run's
-            epochs = base["epochs"] if epochs is None or "epochs" in overrides else epochs
-            configs.append({**base, "seed": seed, "epochs": epochs, "adversarial": attack})
+            configs.append({**base, "seed": seed, "epochs": own_epochs(epochs), "adversarial": attack})
     return configs
 
 
