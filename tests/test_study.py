@@ -671,3 +671,51 @@ def test_a_study_that_selects_baselines_trains_them_on_every_seed_end_to_end(tmp
     assert not {(m, 1) for m in radii} & trained - {
         (study.grid.label({"adversarial": a}), 1) for a in chosen
     }
+
+
+def test_a_study_that_publishes_every_seed_publishes_the_chapter_9_models(tmp_path):
+    """publish_every_seed: plain training and each λ of the largest target on every seed; a
+    weight file that a stored run lacks is added from the cache on the next run, and a model
+    that does not reproduce the stored validation accuracy is refused."""
+    small = {
+        "seeds": [0, 1],
+        "epochs": 1,
+        "lambdas": {"input_gradient": [0.1, 1.0, 10.0, 100.0]},
+        "adversarial": [],
+        "study": {"targets": [1, 3], "selection_seeds": [0], "publish_every_seed": True},
+        "eval": PROFILES["sweep-smoke"].eval.replace(
+            n_test=20, steps=2, restarts=1, n_certified=0, regularizers=False
+        ),
+        "autoattack": None,
+    }
+    kw = dict(cache_dir=tmp_path / "cache", progress=False, device="cpu", **small)
+    res = tmp_path / "res"
+    _, sel = study.run_study("sweep-smoke", results_dir=res, **kw)
+    p = PROFILES["sweep-smoke"].replace(**small)
+    lam3 = sel["lambdas"]["input_gradient"]["3"]["lam"]
+    lam1 = sel["lambdas"]["input_gradient"]["1"]["lam"]
+    assert lam3 is not None, sel
+    published = {f.stem for f in res.glob("*.safetensors")}
+    assert {"plain_seed0", "plain_seed1", f"input_gradient_lam{lam3:g}_seed1"} <= published
+    if lam1 is not None and lam1 != lam3:
+        assert f"input_gradient_lam{lam1:g}_seed1" not in published
+    # without the option, seed 1 publishes nothing
+    off = p.replace(study=p.study.__class__(targets=(1, 3), selection_seeds=(0,)))
+    seed1 = [c for c in study.grid.grid(off, selection=sel) if c["seed"] == 1]
+    assert not any(study.grid.publishes_weights(off, c, sel) for c in seed1)
+    # a missing weight file is added again, the same bytes
+    weight = res / "plain_seed1.safetensors"
+    before = weight.read_bytes()
+    weight.unlink()
+    study.run_study("sweep-smoke", results_dir=res, **kw)
+    assert weight.read_bytes() == before
+    # a stored accuracy the model does not reproduce: refused, nothing written
+    weight.unlink()
+    record = json.loads((res / "plain_seed1.json").read_text())
+    for row in record["rows"]:
+        if row["metric"] == "val_accuracy":
+            row["value"] += 0.5
+    (res / "plain_seed1.json").write_text(json.dumps(record))
+    with pytest.raises(RuntimeError, match="not this run's"):
+        study.run_study("sweep-smoke", results_dir=res, **kw)
+    assert not weight.exists()

@@ -250,17 +250,20 @@ class Study:
     baselines and each regularizer at its selected λ only. ``select_baselines``: the PGD
     baselines are selected the same way, per norm, at the radius ε where their validation
     accuracy crosses each target; their radii are then a sweep like the λ (trained on the
-    selection seeds only) and the other seeds train each norm at its selected ε."""
+    selection seeds only) and the other seeds train each norm at its selected ε.
+    ``publish_every_seed``: besides the seed-0 models AutoAttack evaluates, publish the weights
+    of plain training and of each regularizer at its λ selected for the largest target on every
+    seed (the models chapter 9 measures, seed by seed)."""
 
     targets: tuple[int, ...] = (1, 3)
     selection_seeds: tuple[int, ...] | None = None
     select_baselines: bool = False
+    publish_every_seed: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.select_baselines, bool):
-            raise _fail(
-                "study", "select_baselines", f"must be True or False, got {self.select_baselines!r}"
-            )
+        for name in ("select_baselines", "publish_every_seed"):
+            if not isinstance(getattr(self, name), bool):
+                raise _fail("study", name, f"must be True or False, got {getattr(self, name)!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
         if not self.targets:
             raise _fail("study", "targets", "must name at least one target")
@@ -622,7 +625,12 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         "regularizer_options": _ONE_DRAW,
         "adversarial": _CONVERGED_BASELINES,
         "regularizer_epochs": {"grad_align": CONVERGED_GRAD_ALIGN_EPOCHS},
-        "study": {"targets": [1, 3], "selection_seeds": [0], "select_baselines": True},
+        "study": {
+            "targets": [1, 3],
+            "selection_seeds": [0],
+            "select_baselines": True,
+            "publish_every_seed": True,
+        },
         # PGD-100×5 with the cross-entropy and PGD-100×5 with the margin loss: at 60 epochs the
         # cross-entropy's softmax saturates (evaluation.robust_flags)
         "eval": {

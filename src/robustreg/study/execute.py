@@ -184,6 +184,8 @@ def run_one(
         if stored.get("diverged"):
             return [], stored
         record = stored
+        if store is not None and not read_only and evaluate_models:
+            _publish_missing_weights(p, config, selection, stored, store, cache_dir, device, dtype)
     times, cpu = record["history"]["time"], record["history"].get("cpu_time")
     extra = {
         "method": label(config),
@@ -225,6 +227,28 @@ def run_one(
             published = publishes_weights(p, config, selection)
             store.write(stored, model if published else None)
     return [{**extra, **r} for r in stored["rows"]], stored
+
+
+def _publish_missing_weights(p, config, selection, stored, store, cache_dir, device, dtype):
+    """Add the weights of a stored run that the profile publishes but whose file has none (a
+    rule that came after the run: :func:`~robustreg.study.grid.publishes_weights`), from the
+    training cache or trained again, after checking that the model reproduces the stored
+    validation accuracy (the runs of a study, the only profiles whose rule can grow, have a
+    validation split)."""
+    if not publishes_weights(p, config, selection):
+        return
+    if store.path(config).with_suffix(".safetensors").is_file() or not config.get("validation"):
+        return
+    model, _ = cache.train_cached(config, cache_dir=cache_dir, device=device, progress=False)
+    x, y = data_module.load(p.data, "val", dtype=dtype)
+    want = next(r["value"] for r in stored["rows"] if r["metric"] == "val_accuracy")
+    got = evaluation.accuracy(model, x, y)
+    if got != want:
+        raise RuntimeError(
+            f"{store.path(config)}: the model to publish scores a validation accuracy of {got}, "
+            f"the file {want}: these weights are not this run's (another numeric environment?)"
+        )
+    store.write(stored, model)
 
 
 def _diverged_record(config, key, eval_s, err, store) -> dict[str, Any]:

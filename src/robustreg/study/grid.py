@@ -189,12 +189,21 @@ def publishes_weights(
 ) -> bool:
     """Whether a run's weights are kept next to its result file. Studies: the models of seed 0
     that AutoAttack evaluates (plain training, the baselines, each regularizer at its selected
-    λ). Grids: plain training and each regularizer at the profile's largest λ (the models chapter
-    9 measures), every seed."""
+    λ), and with ``publish_every_seed`` plain training and each regularizer at its λ selected for
+    the largest target on every seed. Grids: plain training and each regularizer at the
+    profile's largest λ (the models chapter 9 measures), every seed."""
     p = profile(name)
     method = label(config)
     if p.study is not None:
-        return config["seed"] == 0 and attacked(p, config, selection)
+        if config["seed"] == 0 and attacked(p, config, selection):
+            return True
+        if not p.study.publish_every_seed or method.startswith("adversarial"):
+            return False
+        if method == "plain":
+            return True
+        largest = str(max(p.study.targets))
+        entry = ((selection or {}).get("lambdas") or {}).get(method, {}).get(largest) or {}
+        return entry.get("lam") is not None and float(entry["lam"]) == float(config["lam"])
     if method == "plain":
         return True
     return method in p.lambdas and float(config["lam"]) == float(max(p.lambdas[method]))
