@@ -318,7 +318,8 @@ def test_selected_lambda_is_evaluated_with_autoattack_and_named_by_value():
 def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lambdas():
     """``converged`` selects λ on seed 0's sweeps: seeds 1 and 2 train no sweep, then each
     regularizer at its selected λ; the selection averages the selecting seed's rows only;
-    published weights are seed 0's; every baseline has its own file name."""
+    published weights are seed 0's attacked models and, on every seed, plain training and the λ
+    of the largest target; every baseline has its own file name."""
     p = PROFILES["converged"]
     assert p.study.selection_seeds == (0,)
     before = study.grid.grid("converged")
@@ -341,7 +342,13 @@ def test_selection_seeds_sweep_alone_and_the_other_seeds_train_the_selected_lamb
     assert {study.grid.label(c) for c in attacked} == {"plain", "curvature"}
     assert not any(c.get("adversarial") for c in attacked)  # no ε selected here
     assert study.grid.publishes_weights("converged", {**attacked[0], "seed": 0}, sel)
-    assert not study.grid.publishes_weights("converged", {**attacked[0], "seed": 1}, sel)
+    # and on every seed (publish_every_seed) plain training and the λ of the largest target
+    published = {
+        (study.grid.label(c), c.get("lam"))
+        for c in after
+        if c["seed"] == 1 and study.grid.publishes_weights("converged", c, sel)
+    }
+    assert published == {("plain", None), ("curvature", 10.0)}
     # the selection reads seed 0's rows: seed 1's (far lower) accuracies change nothing
     curves = {
         reg: [(lam, 0.90 - 0.01 * i) for i, lam in enumerate(lams)]
