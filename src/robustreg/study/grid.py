@@ -61,6 +61,7 @@ def grid(
     chosen = p.study.selection_seeds if p.study is not None else None
     baselines = selected_baselines(selection)
     select = p.study is not None and p.study.select_baselines
+
     def own_epochs(epochs):  # a run's own epochs, unless an override sets every run's
         return base["epochs"] if epochs is None or "epochs" in overrides else epochs
 
@@ -85,7 +86,9 @@ def grid(
         known = {(a.get("norm", "linf"), a["eps"]) for a in radii}
         for adv in [*radii, *(a for a in baselines if (a["norm"], a["eps"]) not in known)]:
             attack, epochs = _attack_and_epochs(adv)
-            configs.append({**base, "seed": seed, "epochs": own_epochs(epochs), "adversarial": attack})
+            configs.append(
+                {**base, "seed": seed, "epochs": own_epochs(epochs), "adversarial": attack}
+            )
     return configs
 
 
