@@ -664,7 +664,12 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
             *({"eps": e, "norm": "linf", "steps": 3} for e in (0.03, 0.1, 0.3)),
             *({"eps": e, "norm": "l2", "steps": 3} for e in (0.3, 1.0, 3.0)),
         ],
-        "study": {"targets": [1, 3], "selection_seeds": [0], "select_baselines": True},
+        "study": {
+            "targets": [1, 3],
+            "selection_seeds": [0],
+            "select_baselines": True,
+            "publish_every_seed": True,
+        },
         "eval": {**_SMOKE_STUDY_EVAL, "full_test_accuracy": True, "pgd_losses": ["ce", "margin"]},
         "autoattack": _SMOKE_AA,
     },
