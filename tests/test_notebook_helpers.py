@@ -97,3 +97,13 @@ def test_html_table_is_deterministic_markup_that_keeps_emphasis():
     assert html == html_table(frame.copy()).data  # no random ids (a Styler has them)
     assert "<b>+1.0 [+0.2, +1.8]</b>" in html and "—" in html
     assert 'class="dataframe robustreg-table"' in html
+
+
+def test_listing_joins_items_as_prose():
+    from robustreg.notebook import listing
+
+    assert listing([]) == ""
+    assert listing(["a"]) == "a"
+    assert listing(["a", "b"]) == "a and b"
+    assert listing(x for x in ["a", "b", "c"]) == "a, b and c"
+    assert listing([1.5, 2]) == "1.5 and 2"

@@ -256,3 +256,12 @@ def html_table(frame, *, index: bool = True):
 
     html = frame.to_html(escape=False, border=0, index=index, na_rep="—", classes="robustreg-table")
     return HTML(html)
+
+
+def listing(items) -> str:
+    """Items in a sentence, as the chapters' prose glues them: ``""``, ``"a"``, ``"a and b"``,
+    ``"a, b and c"``."""
+    items = [str(i) for i in items]
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
