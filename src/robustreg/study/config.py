@@ -551,6 +551,25 @@ _CONVERGED_BASELINES = [
     *({"eps": e, "norm": "l2", "steps": 7} for e in (0.3, 0.6, 1.0, 1.5)),
 ]
 
+# The headline comparison on a CNN (issue 22): LeNet-5 on the same data and schedule, plain
+# training, CURE, the best other regularizer among those that cost no more than CURE to train, and
+# PGD-ℓ∞ training, each selected at plain − 3 points on seed 0's sweep and trained on seeds 0–2.
+# From tools/converged_pilot.py --stage lenet (results/converged/pilot/lenet): plain training is at
+# its best at 15 epochs (91.5 % on validation; 91.0 at 30), CURE λ = 10 still gains at 15 (83.8 →
+# 84.7 % at 30), PGD-ℓ∞ training at ε = 0.1 loses ten points at 15 epochs (81.2 %); CURE λ = 1 costs
+# 3.7 points at 15 epochs, λ = 10 7.7. The other regularizer is cross-Lipschitz: on the MLP at plain
+# − 3 (seed 0's sweep) it is ahead of the input gradient and the Hessian trace under PGD and level
+# with the Jacobian, its near-twin by T5; local linearity, 14 times plain training's cost per epoch
+# (four times CURE's), would take about five CPU-hours for its LeNet runs alone. Its λ range is
+# wide, the MLP's scaled by CURE's ratio between the two networks (about 15) and padded.
+CONVERGED_LENET_EPOCHS = 15
+CONVERGED_LENET_LONG_EPOCHS = 30
+_CONVERGED_LENET = {
+    **_CONVERGED_MLP,
+    "model": {"name": "lenet"},
+    "epochs": CONVERGED_LENET_EPOCHS,
+}
+
 _DEFINITIONS: dict[str, dict[str, Any]] = {
     "smoke": {
         **_SMOKE_NETWORK,
@@ -647,6 +666,40 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         # are made under the per-image minimum over PGD and AutoAttack, paired by seed and image
         "autoattack": {"eps": {"linf": 0.1, "l2": 1.5}, "n": 1000, "version": "standard"},
     },
+    # the headline on a CNN: plain training, CURE, cross-Lipschitz and PGD-ℓ∞ training at plain − 3
+    # points of clean validation accuracy, seeds 0–2; AutoAttack at the field's ℓ∞ radius on every
+    # seed of the four, PGD-100×5 (two losses) at two radii per norm
+    "converged-lenet": {
+        **_CONVERGED_LENET,
+        "seeds": [0, 1, 2],
+        "validation": True,
+        "lambdas": {
+            "curvature": [0.1, 0.3, 1.0, 3.0],
+            "cross_lipschitz": [0.003, 0.01, 0.03, 0.1, 0.3],
+        },
+        "regularizer_epochs": {
+            "curvature": CONVERGED_LENET_LONG_EPOCHS,
+            "cross_lipschitz": CONVERGED_LENET_LONG_EPOCHS,
+        },
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": [
+            {"eps": e, "norm": "linf", "steps": 7, "epochs": CONVERGED_LENET_LONG_EPOCHS}
+            for e in (0.01, 0.03, 0.1)
+        ],
+        "study": {"targets": [3], "selection_seeds": [0], "select_baselines": True},
+        "eval": {
+            "n_test": 1000,
+            "full_test_accuracy": True,
+            "n_certified": 100,
+            "linf_eps": [0.05, 0.1],
+            "l2_eps": [1.0, 1.5],
+            "steps": 100,
+            "restarts": 5,
+            "per_image": True,
+            "pgd_losses": ["ce", "margin"],
+        },
+        "autoattack": {"eps": {"linf": 0.1}, "n": 1000, "version": "standard"},
+    },
     # the converged study in seconds, for CI and the chapters' smoke runs: the same design (seven
     # regularizers, baselines selected along their radii, both PGD losses, full-test accuracy)
     # on the smoke network
@@ -676,6 +729,24 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
         "eval": {**_SMOKE_STUDY_EVAL, "full_test_accuracy": True, "pgd_losses": ["ce", "margin"]},
         "autoattack": _SMOKE_AA,
     },
+    # the CNN headline in seconds, for the chapter's smoke run
+    "converged-lenet-smoke": {
+        **_SMOKE_NETWORK,
+        "model": {"name": "lenet"},
+        "seeds": [0, 1],
+        "validation": True,
+        # two epochs of LeNet on 8×8 digits: three points are lost at far smaller λ and ε than on
+        # the MLP
+        "lambdas": {
+            "curvature": [0.01, 0.1, 1.0, 10.0],
+            "cross_lipschitz": [0.0005, 0.005, 0.05, 0.5],
+        },
+        "regularizer_options": _ONE_DRAW,
+        "adversarial": [{"eps": e, "norm": "linf", "steps": 3} for e in (0.003, 0.01, 0.03, 0.1)],
+        "study": {"targets": [3], "selection_seeds": [0], "select_baselines": True},
+        "eval": {**_SMOKE_STUDY_EVAL, "full_test_accuracy": True, "pgd_losses": ["ce", "margin"]},
+        "autoattack": {**_SMOKE_AA, "eps": {"linf": 0.1}},
+    },
     "sweep-full": {
         **_FASHION_LENET,
         **_STUDY,
@@ -686,7 +757,8 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
 
 #: The profiles by name: ``smoke`` (seconds, CI), ``default`` (the published book), ``full``
 #: (Fashion-MNIST, LeNet), the matched-strength studies ``sweep-smoke``, ``sweep``,
-#: ``sweep-full``, and the converged study ``converged`` with its seconds-long ``converged-smoke``.
+#: ``sweep-full``, the converged study ``converged`` with its seconds-long ``converged-smoke``, and
+#: its headline on a CNN ``converged-lenet`` with ``converged-lenet-smoke``.
 PROFILES: dict[str, Profile] = {
     name: _build(Profile, f"profile {name!r}", {"name": name, **d})
     for name, d in _DEFINITIONS.items()
