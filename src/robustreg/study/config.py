@@ -683,9 +683,11 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
             "local_linearity": CONVERGED_LENET_LONG_EPOCHS,
         },
         "regularizer_options": _ONE_DRAW,
+        # at 30 epochs ε = 0.1 costs 8.5 points (and still gains 1.8 from 15 to 30): the radii stay
+        # near the target, where training converges sooner (the pilot's ε = 0.02 at 60 epochs)
         "adversarial": [
             {"eps": e, "norm": "linf", "steps": 7, "epochs": CONVERGED_LENET_LONG_EPOCHS}
-            for e in (0.01, 0.03, 0.1)
+            for e in (0.01, 0.02, 0.04)
         ],
         "study": {"targets": [3], "selection_seeds": [0], "select_baselines": True},
         "eval": {
