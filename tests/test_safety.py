@@ -254,7 +254,13 @@ def test_ctrl_c_says_what_is_saved_and_how_to_resume(tmp_path, monkeypatch, caps
 # --- shards and local processes reproduce the serial grid ---------------------------------------
 
 #: Fields of a result file that measure the machine rather than the run.
-VOLATILE = ("machine", "train_seconds", "eval_seconds", "eval_cpu_seconds")
+VOLATILE = (
+    "machine",
+    "train_seconds",
+    "eval_seconds",
+    "eval_cpu_seconds",
+    "autoattack_cpu_seconds",
+)
 
 
 def _comparable(directory: Path) -> dict[str, object]:

@@ -726,3 +726,18 @@ def test_a_study_that_publishes_every_seed_publishes_the_chapter_9_models(tmp_pa
     with pytest.raises(RuntimeError, match="not this run's"):
         study.run_study("sweep-smoke", results_dir=res, **kw)
     assert not weight.exists()
+
+
+def test_the_evaluation_records_autoattacks_cpu_time(tmp_path):
+    """A run AutoAttack evaluates records the CPU seconds its AutoAttack took; one it does not, 0."""
+    p = PROFILES["sweep-smoke"]
+    config = next(c for c in study.grid.grid(p, seeds=[0]) if study.grid.label(c) == "plain")
+    test = data.load(p.data, "test")
+    model, _ = study.cache.train_cached(config, cache_dir=tmp_path, device="cpu", progress=False)
+    settings = {**p.eval.as_dict(), "n_test": 20, "steps": 2, "restarts": 1, "n_certified": 0}
+    with_aa = study.evaluate.evaluate_model(
+        model, test, {**settings, **p.autoattack.replace(n=10, n_queries=20).as_eval()}
+    )
+    without = study.evaluate.evaluate_model(model, test, settings)
+    assert 0 < with_aa["autoattack_cpu_seconds"] <= with_aa["cpu_seconds"]
+    assert without["autoattack_cpu_seconds"] == 0.0

@@ -30,7 +30,9 @@ def main(argv=None) -> int:
     selection = json.loads(selection_file.read_text()) if selection_file.is_file() else None
     wanted = {grid.result_name(c): c for c in grid.grid(args.profile, selection=selection)}
     done = {r["name"]: r for r in store.load_results(results)}
-    table = defaultdict(lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "diverged": 0})
+    table = defaultdict(
+        lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "aa": 0.0, "diverged": 0}
+    )
     for name, config in wanted.items():
         row = table[grid.label(config)]
         record = done.get(name)
@@ -41,20 +43,25 @@ def main(argv=None) -> int:
         row["diverged"] += bool(record.get("diverged"))
         row["train"] += sum(record.get("history", {}).get("cpu_time") or [])
         row["eval"] += record.get("eval_cpu_seconds") or 0.0
+        row["aa"] += record.get("autoattack_cpu_seconds") or 0.0  # recorded since issue 22
     print(
         f"{args.profile}: {sum(r['done'] for r in table.values())} of {len(wanted)} runs done"
         + ("" if selection else " (before the selection)")
     )
-    print(f"{'method':24s} {'done':>5s} {'left':>5s} {'train CPU-h':>12s} {'eval CPU-h':>11s}")
+    print(
+        f"{'method':24s} {'done':>5s} {'left':>5s} {'train CPU-h':>12s} {'eval CPU-h':>11s}"
+        f" {'of which AA':>12s}"
+    )
     for method, r in table.items():
         flag = f"  ({r['diverged']} diverged)" if r["diverged"] else ""
         print(
             f"{method:24s} {r['done']:5d} {r['left']:5d} {r['train'] / 3600:12.2f} "
-            f"{r['eval'] / 3600:11.2f}{flag}"
+            f"{r['eval'] / 3600:11.2f} {r['aa'] / 3600:12.2f}{flag}"
         )
-    train = sum(r["train"] for r in table.values()) / 3600
-    evaluation = sum(r["eval"] for r in table.values()) / 3600
-    print(f"{'total':24s} {'':5s} {'':5s} {train:12.2f} {evaluation:11.2f}")
+    train, evaluation, aa = (
+        sum(r[k] for r in table.values()) / 3600 for k in ("train", "eval", "aa")
+    )
+    print(f"{'total':24s} {'':5s} {'':5s} {train:12.2f} {evaluation:11.2f} {aa:12.2f}")
     return 0
 
 

@@ -22,6 +22,7 @@ training runs that the book evaluates lives in :mod:`robustreg.study`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -270,6 +271,7 @@ def evaluate(
     autoattack_steps: int = 100,
     autoattack_queries: int = 5000,
     pgd_losses: Sequence[str] = ("ce",),
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """All metrics of the module docstring on (x, y), as tidy rows.
 
@@ -294,8 +296,11 @@ def evaluate(
     under AutoAttack and PGD at that ε; ``eps`` must be among the PGD radii) and
     ``autoattack_broken_by`` (images each component broke first). ``autoattack_steps`` and
     ``autoattack_queries`` other than the published 100 and 5,000 make a lighter, non-standard
-    variant (the seconds-long smoke profile).
+    variant (the seconds-long smoke profile). ``timings``: a dict that receives the process CPU
+    seconds AutoAttack took (key ``"autoattack"``, summed over its radii).
     """
+    if timings is not None:
+        timings.setdefault("autoattack", 0.0)
     if per_image:
         return _evaluate_per_image(
             model,
@@ -314,6 +319,7 @@ def evaluate(
             autoattack_steps=autoattack_steps,
             autoattack_queries=autoattack_queries,
             pgd_losses=pgd_losses,
+            timings=timings,
         )
     if tuple(pgd_losses) != ("ce",):
         raise ValueError(f"pgd_losses={pgd_losses!r} needs per_image=True (PGD's loss: 'ce' here)")
@@ -327,9 +333,12 @@ def evaluate(
     device, dtype = models.device_dtype(model)
     for norm, e in (autoattack_eps or {}).items():
         xs, ys = x[:autoattack_n], y[:autoattack_n]
+        started = time.process_time()
         x_aa = art_attacks.art_autoattack(
             model, xs, ys, e, norm, seed=seed, version=autoattack_version
         )
+        if timings is not None:
+            timings["autoattack"] += time.process_time() - started
         ok_aa = predict(model, x_aa) == ys
         gen = torch.Generator(device=device).manual_seed(seed)
         x_pgd = attacks.pgd(
@@ -371,6 +380,7 @@ def _evaluate_per_image(
     autoattack_steps,
     autoattack_queries,
     pgd_losses,
+    timings=None,
 ) -> list[dict[str, Any]]:
     correct = predict(model, x).to(y.device) == y
     rows = [{**_row("clean_accuracy", correct.double().mean()), "flags": flags_string(correct)}]
@@ -400,6 +410,7 @@ def _evaluate_per_image(
         if (norm, float(e)) not in pgd_flags:
             raise ValueError(f"AutoAttack's radius {norm} {e} must be one of the PGD radii")
         n = len(x) if autoattack_n is None else autoattack_n
+        started = time.process_time()
         out = autoattack.standard_autoattack(
             model,
             x[:n],
@@ -410,6 +421,8 @@ def _evaluate_per_image(
             steps=autoattack_steps,
             n_queries=autoattack_queries,
         )
+        if timings is not None:
+            timings["autoattack"] += time.process_time() - started
         worst = out["robust"] & pgd_flags[norm, float(e)][:n]
         for name, f in (("autoattack", out["robust"]), ("worst-case", worst)):
             row = _row("robust_accuracy", f.double().mean(), name, norm, float(e))

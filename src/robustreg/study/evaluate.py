@@ -33,6 +33,8 @@ LATER_SETTINGS = {
 #: The settings of this module rather than of :func:`robustreg.evaluation.evaluate` (besides
 #: ``n_test``), with their defaults.
 _OWN = {"full_test_accuracy": False}
+#: Keyword arguments of :func:`robustreg.evaluation.evaluate` that measure rather than set.
+_MEASURES = {"timings"}
 
 
 def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,7 +43,7 @@ def effective_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     defaults = {
         k: p.default
         for k, p in inspect.signature(evaluation.evaluate).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in _MEASURES
     }
     unknown = sorted(set(settings) - set(defaults) - set(_OWN) - {"n_test"})
     if unknown:
@@ -58,7 +60,8 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the first ``n_test`` images of ``test`` with ``settings`` (and, with
     ``full_test_accuracy``, add a ``test_accuracy`` row: the clean accuracy on all of ``test``); return
-    ``{"rows", "seconds", "cpu_seconds"}`` (wall and process CPU time of the evaluation)."""
+    ``{"rows", "seconds", "cpu_seconds", "autoattack_cpu_seconds"}`` (wall and process CPU time of
+    the evaluation, and the CPU time of its AutoAttack)."""
     s = dict(settings)
     n = s.pop("n_test", None)
     full = s.pop("full_test_accuracy", False)
@@ -66,7 +69,8 @@ def evaluate_model(
     if n is not None:
         x, y = x[:n], y[:n]
     t0, c0 = time.perf_counter(), time.process_time()
-    rows = evaluation.evaluate(model, x, y, **s)
+    timings = {}
+    rows = evaluation.evaluate(model, x, y, **s, timings=timings)
     if full:  # the clean accuracy on every test image (the attacks run on the first n_test)
         row = {"metric": "test_accuracy", "attack": None, "norm": None, "eps": None}
         rows.insert(1, {**row, "regularizer": None, "value": evaluation.accuracy(model, *test)})
@@ -74,4 +78,5 @@ def evaluate_model(
         "rows": rows,
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
+        "autoattack_cpu_seconds": timings["autoattack"],
     }

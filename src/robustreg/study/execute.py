@@ -219,6 +219,7 @@ def run_one(
             "train_seconds": record["train_seconds"],
             "eval_seconds": payload["seconds"],
             "eval_cpu_seconds": payload["cpu_seconds"],
+            "autoattack_cpu_seconds": payload["autoattack_cpu_seconds"],
             "device": str(record["device"]),
             "machine": provenance.machine(),
             "rows": payload["rows"],
