@@ -3,13 +3,13 @@
 A run trained for ``E`` epochs under a one-cycle schedule is not the first ``E`` epochs of a longer
 run: its learning rate anneals to zero at ``E``. Convergence is therefore judged across runs
 trained with budgets ``E₁ < E₂ < …`` (same configuration otherwise): with ``a(E)`` the final
-validation accuracy of the budget-``E`` run (mean over the seeds trained at every budget, so that
-budgets are compared on the same seeds), the
-``plateau`` is ``max_E a(E)`` and ``gap(E) = plateau − a(E)``; a method counts as converged at
-the budget ``E`` it is trained with when ``gap(E) ≤ tol`` and the stop was observed, not
-assumed: a longer budget was trained, or the budget ``E/2`` is already within ``tol`` of the
-plateau (the last doubling gained at most ``tol``). The runs are the files ``tools/converged_pilot.py`` writes (``{"config", "history", "cpu_seconds"}``,
-the history of :func:`robustreg.training.train`).
+validation accuracy of the budget-``E`` run (mean over the seeds trained at every budget, so
+that budgets are compared on the same seeds), the ``plateau`` is ``max_E a(E)`` and
+``gap(E) = plateau − a(E)``; a method counts as converged at the budget ``E`` it is trained with
+when ``gap(E) ≤ tol`` and the stop was observed, not assumed: a longer budget was trained, or the
+budget ``E/2`` is already within ``tol`` of the plateau (the last doubling gained at most
+``tol``). The runs are the files ``tools/converged_pilot.py`` writes (``{"config", "history",
+"cpu_seconds"}``, the history of :func:`robustreg.training.train`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def budget_table(
     column per number of epochs), the ``plateau`` (their maximum), the budget ``used`` (one for
     all methods, or per method name), ``gap`` = plateau − a(used) (points), ``longer`` (whether a
     budget above ``used`` was trained), ``half_gap`` = plateau − a(used/2) (NaN if not trained),
-    ``seeds`` (how many seeds each mean is over) and ``converged`` (``gap ≤ tol`` and either
+    ``seeds`` (the seeds each mean is over, a tuple) and ``converged`` (``gap ≤ tol`` and either
     ``longer`` or ``half_gap ≤ tol``). ``paired``: average only the seeds trained at every budget
     of the configuration (False: every seed of each budget). Gaps are rounded to 10⁻⁹ points, so
     that a gap equal to ``tol`` in validation images is not decided by floating-point rounding.
@@ -113,9 +113,8 @@ def budget_table(
         budgets = runs.groupby(keys)["epochs"].transform("nunique")
         per_seed = runs.groupby([*keys, "seed"])["epochs"].transform("nunique")
         runs = runs[per_seed == budgets]
-    grouped = runs.groupby([*keys, "epochs"])
-    mean = grouped["val_accuracy"].mean().unstack("epochs")
-    n_seeds = runs.groupby(keys)["seed"].nunique()
+    mean = runs.groupby([*keys, "epochs"])["val_accuracy"].mean().unstack("epochs")
+    seeds = runs.groupby(keys)["seed"].unique()
     rows = {}
     for key, a in mean.iterrows():
         u = used.get(key[1]) if isinstance(used, Mapping) else used
@@ -130,7 +129,7 @@ def budget_table(
             "gap": round(plateau - a[u], 9),
             "longer": bool(a[[c for c in mean.columns if c > u]].notna().any()),
             "half_gap": round(plateau - half, 9),
-            "seeds": int(n_seeds[key]),
+            "seeds": tuple(sorted(int(s) for s in seeds[key])),
         }
     out = pd.DataFrame.from_dict(rows, orient="index")
     out.index = pd.MultiIndex.from_tuples(out.index, names=mean.index.names)
