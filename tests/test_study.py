@@ -299,6 +299,7 @@ def test_select_lambdas_interpolates_log_lambda_at_the_target():
         ("input_gradient", ig["1"]["lam"]),
         ("input_gradient", ig["3"]["lam"]),
     ]
+    assert study.grid.selected_runs(sel, target=3) == [("input_gradient", ig["3"]["lam"])]
 
 
 def test_selected_lambda_is_evaluated_with_autoattack_and_named_by_value():

@@ -21,6 +21,7 @@ training runs that the book evaluates lives in :mod:`robustreg.study`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -333,12 +334,10 @@ def evaluate(
     device, dtype = models.device_dtype(model)
     for norm, e in (autoattack_eps or {}).items():
         xs, ys = x[:autoattack_n], y[:autoattack_n]
-        started = time.process_time()
-        x_aa = art_attacks.art_autoattack(
-            model, xs, ys, e, norm, seed=seed, version=autoattack_version
-        )
-        if timings is not None:
-            timings["autoattack"] += time.process_time() - started
+        with _cpu_time(timings, "autoattack"):
+            x_aa = art_attacks.art_autoattack(
+                model, xs, ys, e, norm, seed=seed, version=autoattack_version
+            )
         ok_aa = predict(model, x_aa) == ys
         gen = torch.Generator(device=device).manual_seed(seed)
         x_pgd = attacks.pgd(
@@ -360,6 +359,15 @@ def evaluate(
             rows.append(_row("robust_accuracy", ok.double().mean(), name, norm, e))
     rows += _radii_and_regularizer_rows(model, x, y, n_certified, regularizers)
     return rows
+
+
+@contextlib.contextmanager
+def _cpu_time(timings: dict[str, float] | None, key: str):
+    """Add the process CPU seconds of the block to ``timings[key]`` (nothing when None)."""
+    started = time.process_time()
+    yield
+    if timings is not None:
+        timings[key] += time.process_time() - started
 
 
 def _evaluate_per_image(
@@ -410,19 +418,17 @@ def _evaluate_per_image(
         if (norm, float(e)) not in pgd_flags:
             raise ValueError(f"AutoAttack's radius {norm} {e} must be one of the PGD radii")
         n = len(x) if autoattack_n is None else autoattack_n
-        started = time.process_time()
-        out = autoattack.standard_autoattack(
-            model,
-            x[:n],
-            y[:n],
-            e,
-            norm,
-            seed=seed,
-            steps=autoattack_steps,
-            n_queries=autoattack_queries,
-        )
-        if timings is not None:
-            timings["autoattack"] += time.process_time() - started
+        with _cpu_time(timings, "autoattack"):
+            out = autoattack.standard_autoattack(
+                model,
+                x[:n],
+                y[:n],
+                e,
+                norm,
+                seed=seed,
+                steps=autoattack_steps,
+                n_queries=autoattack_queries,
+            )
         worst = out["robust"] & pgd_flags[norm, float(e)][:n]
         for name, f in (("autoattack", out["robust"]), ("worst-case", worst)):
             row = _row("robust_accuracy", f.double().mean(), name, norm, float(e))

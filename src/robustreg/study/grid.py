@@ -109,11 +109,16 @@ def selected_baselines(selection: Mapping[str, Any] | None) -> list[dict[str, An
     return out
 
 
-def selected_runs(selection: Mapping[str, Any] | None) -> list[tuple[str, float]]:
-    """The (regularizer, λ) pairs a selection picked, in its order."""
+def selected_runs(
+    selection: Mapping[str, Any] | None, target: int | None = None
+) -> list[tuple[str, float]]:
+    """The (regularizer, λ) pairs a selection picked, in its order (``target``: for that target
+    only)."""
     out = []
     for reg, targets in ((selection or {}).get("lambdas") or {}).items():
-        for entry in targets.values():
+        for t, entry in targets.items():
+            if target is not None and t != str(target):
+                continue
             if entry.get("lam") is not None and (reg, entry["lam"]) not in out:
                 out.append((reg, float(entry["lam"])))
     return out
@@ -204,9 +209,8 @@ def publishes_weights(
             return False
         if method == "plain":
             return True
-        largest = str(max(p.study.targets))
-        entry = ((selection or {}).get("lambdas") or {}).get(method, {}).get(largest) or {}
-        return entry.get("lam") is not None and float(entry["lam"]) == float(config["lam"])
+        largest = selected_runs(selection, target=max(p.study.targets))
+        return (method, float(config["lam"])) in largest
     if method == "plain":
         return True
     return method in p.lambdas and float(config["lam"]) == float(max(p.lambdas[method]))
