@@ -6,9 +6,9 @@ Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"),
 - ``epochs``: plain training, input gradient λ = 1, CURE λ = 10, GradAlign λ = 100, local
   linearity λ = 1, PGD-ℓ∞ (ε = 0.1) and PGD-ℓ2 (ε = 1.5) adversarial training, at E, 2E, 4E
   and 8E epochs (:data:`MULTIPLES`: plain training at E and 2E, local linearity at 2E and 4E,
-  GradAlign at E, 2E and 4E, PGD-ℓ∞ also at 16E and at ε = 0.05 at 4E): a method has converged at an epoch count when its
-  final validation accuracy is within 0.3 points of the longer runs' (the plateau;
-  :mod:`robustreg.study.convergence`).
+  GradAlign at E, 2E and 4E, PGD-ℓ∞ also at 16E and at ε = 0.05 at 4E): a method has converged
+  at an epoch count when its final validation accuracy is within 0.3 points of the longer runs'
+  (the plateau; :mod:`robustreg.study.convergence`).
 - ``lambdas``: every regularizer of the sweep at decade-spaced λ, E epochs: the range from no
   measurable effect to more than eight points of clean validation accuracy lost, from which the
   sweep's √10-spaced grid is taken.

@@ -543,6 +543,16 @@ CONVERGED_LINF_EPOCHS = 2 * CONVERGED_EPOCHS
 #: sweep trains for 15 epochs, where the 30-epoch run is within 0.1 points (the 60-epoch sweep
 #: is kept in results/converged/pilot/grad-align-60).
 CONVERGED_GRAD_ALIGN_EPOCHS = CONVERGED_EPOCHS // 4
+#: The converged studies' evaluation: PGD-100×5 with the cross-entropy and PGD-100×5 with the
+#: margin loss (at 60 epochs the cross-entropy's softmax saturates: evaluation.robust_flags) on
+#: 1,000 test images, T12 on 100, the clean accuracy on every test image.
+_CONVERGED_EVAL = {
+    "n_test": 1000,
+    "full_test_accuracy": True,
+    "n_certified": 100,
+    **_STUDY_EVAL,
+    "pgd_losses": ["ce", "margin"],
+}
 _CONVERGED_BASELINES = [
     *(
         {"eps": e, "norm": "linf", "steps": 7, "epochs": CONVERGED_LINF_EPOCHS}
@@ -560,9 +570,9 @@ _CONVERGED_BASELINES = [
 # at 15, 30). Both are far stronger than the weights the headline selects (CURE λ = 1 costs 3.7
 # points at 15 epochs, λ = 10 7.7): the 30 epochs below are provisional until the pilot's runs near
 # the selected strengths (CURE λ = 1 and PGD-ℓ∞ at ε = 0.02, 30 and 60 epochs) say whether they
-# suffice; the study does not start before. The other regularizer is local linearity: on the MLP at plain
-# − 3 (seed 0's sweep, PGD-100×5 at ℓ∞ 0.1) it keeps 64 % against CURE's 58 % and at most 43 % for
-# the five double-backpropagation penalties. At 14 times plain training's cost per epoch its LeNet
+# suffice; the study does not start before. The other regularizer is local linearity: on the MLP
+# at plain − 3 (seed 0's sweep, PGD-100×5 at ℓ∞ 0.1) it keeps 64 % against CURE's 58 % and at most
+# 43 % for the five double-backpropagation penalties. At 14 times plain training's cost per epoch its LeNet
 # runs take about one CPU-hour each, most of this study; it trains for 30 epochs like CURE (not
 # checked at other budgets on the LeNet). Its λ range reaches from the MLP's crossing (λ ≈ 0.7)
 # down by 25, CURE's λ being about 15 times smaller on the LeNet than on the MLP.
@@ -657,15 +667,7 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
             "select_baselines": True,
             "publish_every_seed": True,
         },
-        # PGD-100×5 with the cross-entropy and PGD-100×5 with the margin loss: at 60 epochs the
-        # cross-entropy's softmax saturates (evaluation.robust_flags)
-        "eval": {
-            "n_test": 1000,
-            "full_test_accuracy": True,
-            "n_certified": 100,
-            **_STUDY_EVAL,
-            "pgd_losses": ["ce", "margin"],
-        },
+        "eval": _CONVERGED_EVAL,
         # every seed of the models compared (plain training, the selected ε and λ): comparisons
         # are made under the per-image minimum over PGD and AutoAttack, paired by seed and image
         "autoattack": {"eps": {"linf": 0.1, "l2": 1.5}, "n": 1000, "version": "standard"},
@@ -693,17 +695,7 @@ _DEFINITIONS: dict[str, dict[str, Any]] = {
             for e in (0.01, 0.02, 0.04)
         ],
         "study": {"targets": [3], "selection_seeds": [0], "select_baselines": True},
-        "eval": {
-            "n_test": 1000,
-            "full_test_accuracy": True,
-            "n_certified": 100,
-            "linf_eps": [0.05, 0.1],
-            "l2_eps": [1.0, 1.5],
-            "steps": 100,
-            "restarts": 5,
-            "per_image": True,
-            "pgd_losses": ["ce", "margin"],
-        },
+        "eval": {**_CONVERGED_EVAL, "linf_eps": [0.05, 0.1], "l2_eps": [1.0, 1.5]},
         "autoattack": {"eps": {"linf": 0.1}, "n": 1000, "version": "standard"},
     },
     # the converged study in seconds, for CI and the chapters' smoke runs: the same design (seven
