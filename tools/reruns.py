@@ -34,6 +34,10 @@ NEEDS_RESULTS = {
 #: Chapters whose runs take several times the others' (08: exact radii by MILP; 12: a study and
 #: its masking battery): started first.
 LONGEST = ("08_", "12_")
+# A kernel that dies before its first reply has run nothing (two kernels starting side by side
+# can pick the same free port; book/conftest.py says more): such a run is started again.
+KERNEL_DIED_AT_START = "Kernel died before replying to kernel_info"
+STARTS = 3
 
 
 def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, float, str]:
@@ -43,7 +47,19 @@ def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, fl
         return name, True, 0.0, f"skipped: needs {needed.relative_to(ROOT)}"
     out = out_dir / f"{nb.stem}_{profile}_seed{seed}.ipynb"
     t0 = time.perf_counter()
-    proc = subprocess.run(
+    for _attempt in range(STARTS):
+        proc = _papermill(nb, out, profile, seed)
+        if proc.returncode == 0 or KERNEL_DIED_AT_START not in proc.stderr:
+            break
+    seconds = time.perf_counter() - t0
+    if proc.returncode == 0:
+        return name, True, seconds, ""
+    lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "fails" in ln]
+    return name, False, seconds, (lines[-1] if lines else proc.stderr[-300:]).strip()
+
+
+def _papermill(nb: Path, out: Path, profile: str, seed: int) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -65,11 +81,6 @@ def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, fl
         capture_output=True,
         text=True,
     )
-    seconds = time.perf_counter() - t0
-    if proc.returncode == 0:
-        return name, True, seconds, ""
-    lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "fails" in ln]
-    return name, False, seconds, (lines[-1] if lines else proc.stderr[-300:]).strip()
 
 
 def main(argv=None) -> int:
