@@ -6,7 +6,8 @@ Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"),
 - ``epochs``: plain training, input gradient λ = 1, CURE λ = 10, GradAlign λ = 100, local
   linearity λ = 1, PGD-ℓ∞ (ε = 0.1) and PGD-ℓ2 (ε = 1.5) adversarial training, at E, 2E, 4E
   and 8E epochs (:data:`MULTIPLES`: plain training at E and 2E, local linearity at 2E and 4E,
-  GradAlign at E, 2E and 4E, PGD-ℓ∞ also at 16E and at ε = 0.05 at 4E): a method has converged
+  GradAlign at E, 2E and 4E, PGD-ℓ∞ also at 16E and at ε = 0.05 at 4E; the Jacobian λ = 0.1,
+  cross-Lipschitz λ = 0.5 and Hessian trace λ = 1 at 2E and 8E): a method has converged
   at an epoch count when its final validation accuracy is within 0.3 points of the longer runs'
   (the plateau; :mod:`robustreg.study.convergence`).
 - ``lambdas``: every regularizer of the sweep at decade-spaced λ, E epochs: the range from no
@@ -60,6 +61,11 @@ EPOCH_RUNS = {
     "adversarial-eps0.05": {"adversarial": {"eps": 0.05, "norm": "linf", "steps": 7}},
     "grad_align_lam100": {"regularizer": "grad_align", "lam": 100.0},
     "local_linearity_lam1": {"regularizer": "local_linearity", "lam": 1.0},
+    # the other gradient penalties near the target plain − 3 (seed 0's sweep): 30 and 120 epochs
+    # beside the study's own 60-epoch run
+    "jacobian_frobenius_lam0.1": {"regularizer": "jacobian_frobenius", "lam": 0.1},
+    "cross_lipschitz_lam0.5": {"regularizer": "cross_lipschitz", "lam": 0.5},
+    "hessian_trace_lam1": {"regularizer": "hessian_trace", "lam": 1.0},
 }
 #: The multiples of E each method is trained for: plain training's plateau is reached at E; the
 #: study trains 4E (60 epochs), so the others are compared with 8E; local linearity (ten PGD steps
@@ -71,6 +77,9 @@ MULTIPLES = {
     "adversarial-eps0.05": (4,),  # 8E: the study's own run on seed 0
     # falls from 2E to 4E and oscillates within the run: the study trains it for E
     "grad_align_lam100": (1, 2, 4),
+    "jacobian_frobenius_lam0.1": (2, 8),
+    "cross_lipschitz_lam0.5": (2, 8),
+    "hessian_trace_lam1": (2, 8),
 }
 DECADES = {
     "input_gradient": [0.01, 0.1, 1.0, 10.0, 100.0],
