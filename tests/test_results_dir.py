@@ -172,3 +172,25 @@ def test_one_read_gives_rows_and_records(grid_dirs):
     assert [r["name"] for r in records] == [
         study.grid.result_name(c) for c in study.grid.grid("smoke", epochs=1)
     ]
+
+
+def test_a_study_in_progress_is_read_in_part(grid_dirs, tmp_path):
+    root, rows = grid_dirs
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    (results / "curvature_lam1_seed0.json").unlink()
+    with pytest.raises(FileNotFoundError, match="curvature_lam1_seed0.json: no result file"):
+        study.run_grid("smoke", results_dir=results, read_only=True, **FAST)
+    part, records = study.run_grid(
+        "smoke", results_dir=results, read_only=True, partial=True, with_records=True, **FAST
+    )
+    names = sorted(r["name"] for r in records)
+    assert names == sorted(p.name for p in results.glob("*_seed*.json"))
+    assert (
+        "curvature_lam1_seed0.json" not in names
+        and len(names) == len(study.grid.grid("smoke", epochs=1)) - 1
+    )
+    gone = [r for r in rows if (r["method"], r["lam"], r["seed"]) == ("curvature", 1.0, 0)]
+    assert gone and part == [r for r in rows if r not in gone]
+    with pytest.raises(ValueError, match="partial=True.*read_only=True"):
+        study.run_grid("smoke", results_dir=results, partial=True, **FAST)

@@ -134,6 +134,7 @@ def run_one(
     cache_dir=None,
     refresh: bool = False,
     read_only: bool = False,
+    partial: bool = False,
     device=None,
     progress=None,
     evaluate_models: bool = True,
@@ -143,8 +144,9 @@ def run_one(
     overrides: Mapping[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train (or load) and evaluate one run of a grid; write its result file; return its rows
-    and its record. ``threads`` and ``environment``: what a worker process must compute with
-    (the caller's thread count and :func:`robustreg.study.provenance.numeric_environment`)."""
+    and its record (``([], None)`` for a run without a file when ``read_only`` and ``partial``).
+    ``threads`` and ``environment``: what a worker process must compute with (the caller's thread
+    count and :func:`robustreg.study.provenance.numeric_environment`)."""
     if environment is not None:  # a worker process: it dies with the grid that started it
         _exit_with_parent()
     if threads is not None:  # a worker process computes with the caller's thread count
@@ -167,6 +169,8 @@ def run_one(
                 stored = None  # the same run, selected after its sweep evaluation: add AutoAttack
             else:
                 store.check(stored, config, eval_s)
+    if stored is None and read_only and partial:
+        return [], None
     if stored is None and read_only:
         raise FileNotFoundError(
             f"{store.path(config)}: no result file for this run; compute it with "
@@ -296,6 +300,7 @@ def run_grid(
     results_dir=None,
     refresh: bool = False,
     read_only: bool = False,
+    partial: bool = False,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     evaluate_models: bool = True,
@@ -319,7 +324,9 @@ def run_grid(
     (atomically), with the weights of the runs the profile publishes. A file of another
     configuration raises :class:`~robustreg.study.store.StaleResultError` unless ``refresh=True``,
     which recomputes and replaces every file. ``read_only=True`` never trains: a missing or stale
-    file is an error. Without ``evaluate_models`` the files are neither read nor written.
+    file is an error, unless ``partial=True`` (a study in progress), which leaves the runs without
+    a file out of the rows and records (a stale file is still an error). Without
+    ``evaluate_models`` the files are neither read nor written.
 
     ``executor`` (default ``"processes"`` when ``jobs > 1``, else ``"serial"``): see the module
     docstring; ``shard="I/N"`` runs every N-th configuration from the I-th. Ctrl-C stops after
@@ -344,6 +351,8 @@ def run_grid(
     results = Path(results_dir) if results_dir is not None and evaluate_models else None
     if read_only and results is None:
         raise ValueError("read_only=True needs a results_dir to read from")
+    if partial and not read_only:
+        raise ValueError("partial=True reads a study in progress: it needs read_only=True")
     if results is not None:
         ResultStore(results).remove_leftovers()
         if shard is not None and not read_only:  # the plan counts the grid before any selection
@@ -355,6 +364,7 @@ def run_grid(
         cache_dir=cache_dir,
         refresh=refresh,
         read_only=read_only,
+        partial=partial,
         device=device,
         progress=progress if executor == "serial" else False,
         evaluate_models=evaluate_models,
@@ -381,7 +391,8 @@ def run_grid(
             )
         for config, (out, record) in zip(configs, outputs, strict=True):
             rows += out
-            records.append(record)
+            if record is not None:  # None: not computed yet (partial)
+                records.append(record)
             done += 1
             bar.set_postfix(method=label(config), lam=config.get("lam", 0.0), seed=config["seed"])
             bar.update(1)
