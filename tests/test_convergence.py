@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from robustreg.study import convergence
+from robustreg.study import cache, convergence
 
 BASE = {"data": "fashion-mnist", "model": {"name": "mlp", "hidden": [8]}, "seed": 0}
 
@@ -101,6 +101,7 @@ def test_train_run_writes_a_run_file_that_read_runs_reads_and_is_not_retrained(
     assert len(first["history"]["val_accuracy"]) == 2 and first["cpu_seconds"] > 0
     row = convergence.read_runs([tmp_path / "runs"]).iloc[0]
     assert (row.method, row.epochs) == ("plain", 2)
+    assert row.key == first["key"] == cache.cache_key(config)
     # a second call reads the file back (the cache is gone: it could not retrain silently)
     import shutil
 

@@ -130,6 +130,35 @@ def test_checked_outputs_are_machine_independent_text(path):
             )
 
 
+def _comment_lines(markdown: str) -> list[str]:
+    """The lines of a markdown cell that MyST reads as comments (a ``%`` first, outside a code
+    fence): text wrapped onto such a line vanishes from the page without a warning."""
+    found, fence = [], False
+    for line in markdown.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            fence = not fence
+        elif not fence and line.startswith("%"):
+            found.append(line)
+    return found
+
+
+def test_a_percent_sign_first_on_a_line_is_found():
+    text = "accuracy of 90.2\n% on its seeds\n```python\n%timeit f()\n```\n%"
+    assert _comment_lines(text) == ["% on its seeds", "%"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_no_prose_line_is_a_myst_comment(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown":
+            lost = _comment_lines(_source(cell))
+            assert not lost, (
+                f"{path.name}, cell {i}: MyST drops these lines as comments (a '%' first): "
+                f"{lost}; wrap the text so that the '%' ends the line before"
+            )
+
+
 @pytest.mark.skipif(not NOTEBOOKS, reason="no chapter notebook yet")
 def test_misspelt_parameter_fails_the_notebook(tmp_path):
     """papermill only warns on an unknown -p name; setup() must turn it into a failure."""

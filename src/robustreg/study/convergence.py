@@ -66,6 +66,7 @@ def _run_row(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
     val = [100 * v for v in hist["val_accuracy"]]
     return {
         "file": path.name,
+        "key": record.get("key"),
         "model": config["model"]["name"],
         "method": label(config),
         "lam": float(config.get("lam", 0.0)) if config.get("regularizer") else 0.0,
@@ -79,10 +80,12 @@ def _run_row(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_runs(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run file (a directory: its ``*.json``, recursively): ``model``, ``method``
-    (:func:`robustreg.study.grid.label`), ``lam``, ``seed``, ``epochs``, the final
-    ``val_accuracy`` and ``train_accuracy`` (%), ``cpu_seconds`` and the validation ``curve`` (%,
-    one value per epoch). Files of diverged runs (no history) are left out."""
+    """One row per run file (a directory: its ``*.json``, recursively): ``file``, ``key`` (the
+    training's cache key, :func:`robustreg.study.cache.cache_key`: two files of one training share
+    it), ``model``, ``method`` (:func:`robustreg.study.grid.label`), ``lam``, ``seed``,
+    ``epochs``, the final ``val_accuracy`` and ``train_accuracy`` (%), ``cpu_seconds`` and the
+    validation ``curve`` (%, one value per epoch). Files of diverged runs (no history) are left
+    out."""
     rows = []
     for p in paths:
         p = Path(p)
