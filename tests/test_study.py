@@ -444,6 +444,33 @@ def test_a_sharded_study_keeps_one_plan_across_its_stages(tmp_path):
         study.run_grid("sweep-smoke", shard="1/3", **kw, **small)
 
 
+def test_selection_reads_validation_accuracy_from_result_files_without_the_cache(tmp_path):
+    """A study resumed on a machine whose training cache is empty (a new session, a clone) selects
+    from its result files: the same rows as from the cache, and no training (an empty cache with
+    no result files is an error that names the run)."""
+    small = {
+        "seeds": [0],
+        "epochs": 1,
+        "lambdas": {"input_gradient": [0.1, 1.0]},
+        "adversarial": [],
+        "eval": PROFILES["sweep-smoke"].eval.replace(n_test=20, steps=2, restarts=1),
+        "autoattack": None,
+        "study": None,
+        "validation": True,
+    }
+    res, cache_dir = tmp_path / "r", tmp_path / "c"
+    study.run_grid("sweep-smoke", cache_dir=cache_dir, results_dir=res, progress=False, **small)
+    from_cache = study.matched.validation_rows("sweep-smoke", cache_dir=cache_dir, **small)
+    empty = tmp_path / "empty"
+    from_files = study.matched.validation_rows(
+        "sweep-smoke", cache_dir=empty, results_dir=res, **small
+    )
+    assert from_files == from_cache and len(from_files) == 3
+    assert not empty.exists() or not any(empty.iterdir())  # nothing was trained
+    with pytest.raises(FileNotFoundError, match="not trained yet"):
+        study.matched.validation_rows("sweep-smoke", cache_dir=empty, **small)
+
+
 def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     pytest.importorskip("torchattacks")
     small = {  # the smoke profile, smaller still: two regularizers, one baseline, 40 images

@@ -23,7 +23,7 @@ from robustreg.study import cache
 from robustreg.study.config import PROFILES, Profile, profile
 from robustreg.study.execute import run_grid
 from robustreg.study.grid import grid, label, result_name
-from robustreg.study.store import results_root
+from robustreg.study.store import ResultStore, results_root
 
 __all__ = [
     "SELECTION_FILE",
@@ -156,13 +156,26 @@ def lowered(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> 
     return out
 
 
-def validation_rows(name: str, *, cache_dir=None, **overrides) -> list[dict[str, Any]]:
-    """Clean validation accuracy of every trained run of the sweep (from the run cache; a run not
-    trained yet raises FileNotFoundError)."""
+def validation_rows(
+    name: str, *, cache_dir=None, results_dir=None, **overrides
+) -> list[dict[str, Any]]:
+    """Clean validation accuracy of every trained run of the sweep: from the run's result file in
+    ``results_dir`` when it has one of this training (same cache key), else from the run cache
+    (a run in neither raises FileNotFoundError). The result file is read first so that a study
+    resumed on another machine, whose cache is empty, selects from its committed files."""
     root = Path(cache_dir) if cache_dir is not None else cache.default_cache_dir()
+    store = ResultStore(results_dir) if results_dir is not None else None
     rows = []
     for config in grid(name, **overrides):
         key = cache.cache_key(config)
+        stored = store.read(config) if store is not None else None
+        if stored is not None and stored.get("key") == key:
+            if stored.get("diverged"):
+                acc = math.nan
+            else:
+                acc = next(r["value"] for r in stored["rows"] if r["metric"] == "val_accuracy")
+            rows.append(_val_row(config, acc))
+            continue
         if not any((root / f"{key}{end}").is_file() for end in (".json", ".diverged.json")):
             raise FileNotFoundError(f"{result_name(config)} is not trained yet")
         try:
@@ -173,16 +186,18 @@ def validation_rows(name: str, *, cache_dir=None, **overrides) -> list[dict[str,
             dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
             x_val, y_val = data_module.load(config["data"], "val", dtype=dtype)
             acc = evaluation.accuracy(model, x_val, y_val)
-        rows.append(
-            {
-                "metric": "val_accuracy",
-                "method": label(config),
-                "lam": float(config.get("lam", 0.0)),
-                "seed": config["seed"],
-                "value": acc,
-            }
-        )
+        rows.append(_val_row(config, acc))
     return rows
+
+
+def _val_row(config: Mapping[str, Any], acc: float) -> dict[str, Any]:
+    return {
+        "metric": "val_accuracy",
+        "method": label(config),
+        "lam": float(config.get("lam", 0.0)),
+        "seed": config["seed"],
+        "value": acc,
+    }
 
 
 def run_study(
@@ -233,7 +248,9 @@ def run_study(
         # whatever is selected (plain training, the baselines)
         run_grid(name, results_dir=results, **kwargs)
         try:
-            val_rows = validation_rows(name, cache_dir=kwargs.get("cache_dir"), **overrides)
+            val_rows = validation_rows(
+                name, cache_dir=kwargs.get("cache_dir"), results_dir=results, **overrides
+            )
         except FileNotFoundError as err:
             raise RuntimeError(
                 f"stage 1 of the study is incomplete ({err}); when every shard has finished, "
