@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from robustreg import autoattack, comparison, data, evaluation, models, study
 from robustreg.study import PROFILES, cache
@@ -263,14 +265,28 @@ def test_baselines_are_selected_like_lambdas_and_trained_on_every_seed():
         in {(a["norm"], a["eps"]) for a in study.grid.selected_baselines(sel)}
         for c in attacked
     )
+    # the baseline each norm is compared with at each target, by name (the selected radius)
+    for t in ("1", "3"):
+        at = study.grid.baselines_at("converged", sel, int(t))
+        assert list(at) == ["linf", "l2"]
+        assert at["linf"] == f"adversarial-eps{linf[t]['eps']:g}"
+        assert at["l2"] == study.grid.label(
+            {"adversarial": sel["baselines"]["l2"][t]["adversarial"]}
+        )
+    assert study.grid.baselines_at("sweep", None, 3) == {
+        "linf": "adversarial",
+        "l2": "adversarial-l2",
+    }
     # a norm with one radius cannot be selected
     with pytest.raises(ValueError, match="at least two l2 radii"):
         p.replace(adversarial=[*p.adversarial[:4], {"eps": 1.0, "norm": "l2"}])
     # the smallest radius already loses the target: no ε, and the reason
     rows = [r for r in rows if not r["method"].startswith("adversarial")]
     rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.80)]
-    entry = study.select_lambdas("converged", rows)["baselines"]["linf"]["1"]
+    unreached = study.select_lambdas("converged", rows)
+    entry = unreached["baselines"]["linf"]["1"]
     assert entry["eps"] is None and entry["adversarial"] is None and "smallest ε" in entry["reason"]
+    assert study.grid.baselines_at("converged", unreached, 1)["linf"] is None
 
 
 def test_select_lambdas_interpolates_log_lambda_at_the_target():
@@ -442,6 +458,51 @@ def test_a_sharded_study_keeps_one_plan_across_its_stages(tmp_path):
     study.run_grid("sweep-smoke", shard="2/2", selection=selection, **kw, **small)
     with pytest.raises(ValueError, match="split into 2 shards"):
         study.run_grid("sweep-smoke", shard="1/3", **kw, **small)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_lowered_is_the_per_seed_ratio_to_plain_and_its_geometric_mean(draw):
+    """ρ_s(r, q) = R̄_q(f_{r,s}) / R̄_q(f_{plain,s}) and exp(mean_s log ρ_s), for the regularizers
+    the evaluation measures; a selected regularizer that is not measured (a later one) is a row,
+    not a column, and one whose sweep missed a target is left out there."""
+    positive = st.floats(1e-4, 1e3)
+    seeds = list(range(draw.draw(st.integers(1, 4))))
+    measured = ["input_gradient", "curvature"]
+    lams = {"input_gradient": 0.5, "curvature": 3.0, "grad_align": 20.0}
+    value = {
+        (m, s, q): draw.draw(positive) for m in ["plain", *lams] for s in seeds for q in measured
+    }
+    rows = [
+        {
+            "method": m,
+            "lam": lams.get(m, 0.0),
+            "seed": s,
+            "metric": "regularizer_mean",
+            "regularizer": q,
+            "attack": None,
+            "norm": None,
+            "eps": None,
+            "value": v,
+            "seconds_per_epoch": 1.0,
+            "cpu_seconds_per_epoch": 1.0,
+        }
+        for (m, s, q), v in value.items()
+    ]
+    entry = {
+        reg: {"1": {"lam": lam}, "3": {"lam": None if reg == "curvature" else lam}}
+        for reg, lam in lams.items()
+    }
+    out = study.matched.lowered(rows, {"targets": [1, 3], "lambdas": entry})
+    assert set(out[3]["per_seed"]) == {"input_gradient", "grad_align"}
+    g = out[1]["geometric_mean"]
+    assert list(g.columns) == measured and list(g.index) == list(lams)
+    for r in lams:
+        for q in measured:
+            ratios = [value[r, s, q] / value["plain", s, q] for s in seeds]
+            assert list(out[1]["per_seed"][r][q]) == pytest.approx(ratios, rel=1e-12)
+            mean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+            assert g.loc[r, q] == pytest.approx(mean, rel=1e-10)
 
 
 def test_selection_reads_validation_accuracy_from_result_files_without_the_cache(tmp_path):

@@ -19,6 +19,7 @@ from robustreg.study.config import Profile, profile
 __all__ = [
     "BASELINE_EPS",
     "attacked",
+    "baselines_at",
     "grid",
     "label",
     "publishes_weights",
@@ -121,6 +122,28 @@ def selected_runs(
                 continue
             if entry.get("lam") is not None and (reg, entry["lam"]) not in out:
                 out.append((reg, float(entry["lam"])))
+    return out
+
+
+def baselines_at(
+    name: str | Profile, selection: Mapping[str, Any] | None, target: int
+) -> dict[str, str | None]:
+    """The PGD baseline each norm is compared with at a target, by method name (:func:`label`):
+    in a study that selects its baselines, the radius selected for that target (None where the
+    norm's radii do not reach it); otherwise the profile's baseline of that norm, the same at
+    every target. ``{"linf": "adversarial-eps0.0477", "l2": None}``, in the profile's order of
+    norms."""
+    p = profile(name)
+    norms = list(dict.fromkeys(a.get("norm", "linf") for a in p.adversarial))
+    out: dict[str, str | None] = {}
+    for norm in norms:
+        if p.study is not None and p.study.select_baselines:
+            entry = ((selection or {}).get("baselines") or {}).get(norm, {}).get(str(target))
+            attack = (entry or {}).get("adversarial")
+            out[norm] = None if attack is None else label({"adversarial": attack})
+        else:
+            first = next(a for a in p.adversarial if a.get("norm", "linf") == norm)
+            out[norm] = label({"adversarial": _attack_and_epochs(first)[0]})
     return out
 
 

@@ -133,13 +133,15 @@ def lowered(rows: Sequence[Mapping[str, Any]], selection: Mapping[str, Any]) -> 
     ρ_s(r, q) = R̄_q(f_{r,s}) / R̄_q(f_{plain,s}). Returns ``{t: {"per_seed": {r: DataFrame[seed ×
     q]}, "geometric_mean": DataFrame[r × q]}}``, the geometric mean exp(mean_s log ρ_s) over the
     seeds present in ``rows`` (evaluation rows of the study, :func:`run_study`'s first result).
-    A regularizer whose sweep did not reach a target is left out at that target.
+    A regularizer whose sweep did not reach a target is left out at that target. Measured: the
+    regularizers the evaluation records (``R <name>`` rows: the paper's five, not the later
+    regularizers, which are trained and compared but not measured).
     """
     import pandas as pd
 
     runs = evaluation.wide(rows)
     regs = list(selection["lambdas"])
-    columns = [f"R {q}" for q in regs]
+    columns = [f"R {q}" for q in regs if f"R {q}" in runs.columns]
     plain = runs.xs("plain", level="method")[columns].droplevel("lam")
     out = {}
     for t in selection["targets"]:
