@@ -589,11 +589,12 @@ def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
 # --- the committed study ------------------------------------------------------------------------
 
 
-def test_committed_study_models_load_and_reproduce_their_clean_accuracy():
-    """Every published model of results/sweep: load_model, then the stored per-image clean outcomes
-    and clean accuracy. Exactly, except on an image whose two largest logits lie within float32
-    rounding of each other (another CPU may break that tie the other way)."""
-    published = sorted((study.results_root() / "sweep").glob("*.safetensors"))
+@pytest.mark.parametrize("name", ["sweep", "converged"])
+def test_committed_study_models_load_and_reproduce_their_clean_accuracy(name):
+    """Every published model of a committed study: load_model, then the stored per-image clean
+    outcomes and clean accuracy. Exactly, except on an image whose two largest logits lie within
+    float32 rounding of each other (another CPU may break that tie the other way)."""
+    published = sorted((study.results_root() / name).glob("*.safetensors"))
     if not published:
         pytest.skip("no committed study models yet")
     for weights in published:
@@ -626,6 +627,39 @@ def test_every_method_of_every_profile_has_a_display_name(profile):
 
 
 # --- the gradient-masking battery ---------------------------------------------------------------
+
+
+def test_transfer_sources_are_plain_training_and_every_published_baseline_of_the_norm():
+    """A study that selects its baselines publishes one per target: each is a transfer source for
+    its norm; plain training is one for both; regularized networks are none."""
+    from robustreg.study import battery
+
+    records = {
+        f"{m}_seed0.json": {"method": m}
+        for m in [
+            "plain",
+            "adversarial-eps0.0477",
+            "adversarial-eps0.0671",
+            "adversarial-l2-eps0.582",
+            "adversarial-l2",
+            "adversarial",
+            "curvature",
+        ]
+    }
+    got = battery.transfer_sources(records)
+    assert got == {
+        "linf": [
+            "plain_seed0.json",
+            "adversarial-eps0.0477_seed0.json",
+            "adversarial-eps0.0671_seed0.json",
+            "adversarial_seed0.json",
+        ],
+        "l2": [
+            "plain_seed0.json",
+            "adversarial-l2-eps0.582_seed0.json",
+            "adversarial-l2_seed0.json",
+        ],
+    }
 
 
 def test_masking_battery_on_a_small_study_resumes_and_refuses_other_settings(tmp_path):

@@ -8,8 +8,9 @@ its selected λ: the models AutoAttack evaluates), at each norm of the study's A
    the per-image minimum over PGD and AutoAttack) plus those AutoAttack's own Square broke after
    its gradient attacks had failed;
 2. ``sweep``: APGD-CE and APGD-T at ε·(1, 1.5, 2, 3, …) until no image is left (:data:`SWEEP`);
-3. ``transfer``: PGD (the study's steps and restarts) on plain training and on the baseline
-   trained for that norm, of the same seed, transferred to the model;
+3. ``transfer``: PGD (the study's steps and restarts) on plain training and on every published
+   PGD-training network of that norm (:func:`transfer_sources`), of the same seed, transferred to
+   the model;
 4. ``beyond``: standard AutoAttack at :data:`BEYOND` × ε (ℓ∞ 0.15 and ℓ2 1.5 for the MNIST
    study), beyond every training and selection radius, per image.
 
@@ -44,11 +45,11 @@ from robustreg.study.provenance import machine, numeric_environment
 __all__ = [
     "ALLOWANCE",
     "BEYOND",
-    "SOURCES",
     "SWEEP",
     "battery_settings",
     "published",
     "run_battery",
+    "transfer_sources",
     "verdict",
 ]
 
@@ -59,8 +60,6 @@ SWEEP = {"linf": (1, 1.5, 2, 3, 4, 6, 8, 10), "l2": (1, 1.5, 2, 3, 4, 6, 8, 12, 
 #: The share of the test images a check that does not follow the gradient may break among those
 #: the gradient attacks left (0.5 %: 5 of 1,000) before it counts as a sign of masking.
 ALLOWANCE = 0.005
-#: The baselines whose seed-0 networks are the sources of the transfer attacks, per norm.
-SOURCES = {"linf": ("plain", "adversarial"), "l2": ("plain", "adversarial-l2")}
 #: The subdirectory of a study's results that holds the battery's files.
 DIRECTORY = "masking"
 
@@ -209,6 +208,24 @@ def published(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     }
 
 
+def transfer_sources(records: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The sources of the transfer attacks per norm, among the published models ``records``
+    (:func:`published`): plain training and every PGD-training network of that norm (a study
+    that selects its baselines publishes one per target), ``{"linf": [file names], "l2": [...]}``.
+    """
+    out: dict[str, list[str]] = {"linf": [], "l2": []}
+    for name, record in records.items():
+        method = record["method"]
+        if method == "plain":
+            for names in out.values():
+                names.append(name)
+        elif method.startswith("adversarial-l2"):
+            out["l2"].append(name)
+        elif method.startswith("adversarial"):
+            out["linf"].append(name)
+    return out
+
+
 def run_battery(
     name: str | Profile,
     results_dir: str | os.PathLike,
@@ -225,8 +242,8 @@ def run_battery(
     ``{model name: battery file contents}``. Computes what is missing (``read_only``: raise
     ``FileNotFoundError`` instead, or with ``partial`` leave it out: the battery of a study still
     being computed) and reuses what matches. ``overrides`` replace profile fields
-    (as in :func:`~robustreg.study.matched.run_study`). The transfer sources are those of
-    :data:`SOURCES` that the directory publishes. ``shard="I/N"`` computes every N-th model from the
+    (as in :func:`~robustreg.study.matched.run_study`). The transfer sources are
+    :func:`transfer_sources`. ``shard="I/N"`` computes every N-th model from the
     I-th (of the sorted names) for N processes or machines sharing the directory; a model whose
     file another process wrote meanwhile is read, not recomputed."""
     p = profile(name, **overrides)
@@ -236,7 +253,6 @@ def run_battery(
     records = published(results)
     if not records:
         raise FileNotFoundError(f"{results}: no published model with AutoAttack results")
-    by_method = {r["method"]: n for n, r in records.items()}
     done: dict[str, dict[str, Any]] = {}
     todo = []
     for model_name, record in records.items():
@@ -266,8 +282,8 @@ def run_battery(
     x, y = data_module.load(p.data, "test", dtype=dtype)
     x, y = x[: s["n"]].to(device), y[: s["n"]].to(device)
     sources = {
-        norm: {by_method[m]: loaded[by_method[m]].to(device) for m in methods if m in by_method}
-        for norm, methods in SOURCES.items()
+        norm: {m: loaded[m].to(device) for m in names}
+        for norm, names in transfer_sources(records).items()
         if norm in s["eps"]
     }
     bar = tqdm(todo, desc="masking battery", unit="model", disable=not progress)
