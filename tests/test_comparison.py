@@ -1,5 +1,5 @@
-"""robustreg.comparison: the paired interval keeps its coverage with five seeds, the percentile
-bootstrap does not, and Holm's procedure controls a family."""
+"""robustreg.comparison: the paired interval keeps its coverage with five seeds and with three
+(the converged study), the percentile bootstrap does not, and Holm's procedure controls a family."""
 
 import numpy as np
 import pytest
@@ -35,13 +35,18 @@ def _covers(interval, truth):
 
 
 @pytest.mark.parametrize(
+    ("seeds", "images"),
+    [(5, 500), (3, 1000)],
+    ids=["five seeds, 500 images (the 5,000-image study)", "three seeds, 1,000 images (converged)"],
+)
+@pytest.mark.parametrize(
     ("seed_sd", "image_sd"),
     [(0.15, 0.3), (0.3, 0.3), (0.05, 0.5), (0.0, 0.0)],
     ids=["seeds vary", "seeds vary more", "images vary", "no variation"],
 )
-def test_paired_interval_covers_at_least_nominally_with_five_seeds(seed_sd, image_sd):
+def test_paired_interval_covers_at_least_nominally(seeds, images, seed_sd, image_sd):
     rng = np.random.default_rng(1)
-    d, truth = _study(rng, 2000, 5, 500, effect=0.1, seed_sd=seed_sd, image_sd=image_sd)
+    d, truth = _study(rng, 2000, seeds, images, effect=0.1, seed_sd=seed_sd, image_sd=image_sd)
     zeros = np.zeros_like(d[0])
     hits = [_covers(comparison.paired_interval(r, zeros), truth) for r in d]
     # ≥ 93 % at nominal 95 %: 2,000 studies put the estimate within ±1 point of its coverage
