@@ -438,10 +438,10 @@ def test_a_diverged_training_is_kept_written_and_never_selected(tmp_path, monkey
     assert "diverges at λ = 0.3" in sel["lambdas"]["input_gradient"]["1"]["reason"]
 
 
-def test_a_sharded_study_keeps_one_plan_across_its_stages(tmp_path):
-    """Stage 1 writes the shard plan; stage 3's grid has the selected λ on top, and the same plan
-    must accept it (the plan counts the grid before any selection)."""
-    small = {
+def _tiny_sweep():
+    """Profile overrides of a two-λ sweep on one seed, one epoch, with a validation split and no
+    AutoAttack: a stage 1 that trains in a second."""
+    return {
         "seeds": [0],
         "epochs": 1,
         "lambdas": {"input_gradient": [0.1, 1.0]},
@@ -451,6 +451,12 @@ def test_a_sharded_study_keeps_one_plan_across_its_stages(tmp_path):
         "study": None,
         "validation": True,
     }
+
+
+def test_a_sharded_study_keeps_one_plan_across_its_stages(tmp_path):
+    """Stage 1 writes the shard plan; stage 3's grid has the selected λ on top, and the same plan
+    must accept it (the plan counts the grid before any selection)."""
+    small = _tiny_sweep()
     kw = dict(cache_dir=tmp_path / "c", results_dir=tmp_path / "r", progress=False, device="cpu")
     study.run_grid("sweep-smoke", shard="1/2", **kw, **small)
     selection = {"lambdas": {"input_gradient": {"1": {"lam": 0.3}}}}
@@ -509,16 +515,7 @@ def test_selection_reads_validation_accuracy_from_result_files_without_the_cache
     """A study resumed on a machine whose training cache is empty (a new session, a clone) selects
     from its result files: the same rows as from the cache, and no training (an empty cache with
     no result files is an error that names the run)."""
-    small = {
-        "seeds": [0],
-        "epochs": 1,
-        "lambdas": {"input_gradient": [0.1, 1.0]},
-        "adversarial": [],
-        "eval": PROFILES["sweep-smoke"].eval.replace(n_test=20, steps=2, restarts=1),
-        "autoattack": None,
-        "study": None,
-        "validation": True,
-    }
+    small = _tiny_sweep()
     res, cache_dir = tmp_path / "r", tmp_path / "c"
     study.run_grid("sweep-smoke", cache_dir=cache_dir, results_dir=res, progress=False, **small)
     from_cache = study.matched.validation_rows("sweep-smoke", cache_dir=cache_dir, **small)
