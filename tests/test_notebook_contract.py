@@ -159,6 +159,21 @@ def test_no_prose_line_is_a_myst_comment(path):
             )
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_glued_numbers_are_plain_python_numbers(path):
+    """myst-nb formats a glued number (`{glue:text}` with a format spec) by float() of its stored
+    text: NumPy 2 stores a NumPy scalar as `np.float64(...)`, which fails the book's build (-W);
+    glue float(...) instead."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    bad = []
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            text = out.get("data", {}).get("application/papermill.record/text/plain")
+            if text is not None and re.match(r"np\.\w+\(", "".join(text)):
+                bad.append((out.get("metadata", {}).get("scrapbook", {}).get("name"), text))
+    assert not bad, f"{path.name}: NumPy scalars glued (wrap them in float()): {bad}"
+
+
 @pytest.mark.skipif(not NOTEBOOKS, reason="no chapter notebook yet")
 def test_misspelt_parameter_fails_the_notebook(tmp_path):
     """papermill only warns on an unknown -p name; setup() must turn it into a failure."""
