@@ -2,7 +2,9 @@
 
 Each run is a papermill execution into `_build/reruns/` (the committed notebooks are untouched);
 a run passes when the notebook completes, i.e. every check it asserts holds for that seed and
-profile. Prints one line per run with its wall time and a summary; exits 1 if any run failed.
+profile (at the smoke profile, chapters 9 and 12 once more with the parameters of
+:data:`EXTRA_SMOKE`). Prints one line per run with its wall time and a summary; exits 1 if any run
+failed.
 Runs go two at a time (the chapters use one or two threads).
 
     python tools/reruns.py                 # everything
@@ -31,6 +33,14 @@ NEEDS_RESULTS = {
 }
 
 
+#: Further smoke runs with other parameters: chapters 9 and 12 on the converged study's design
+#: (a study that selects its baselines, seven regularizers), which their default profile will read
+#: once that study is complete.
+EXTRA_SMOKE = {
+    "09_trained_connections": {"study_profile": "converged-smoke"},
+    "12_matched_strength": {"study_profile": "converged-smoke"},
+}
+
 #: Chapters whose runs take several times the others' (08: exact radii by MILP; 12: a study and
 #: its masking battery): started first.
 LONGEST = ("08_", "12_")
@@ -40,15 +50,19 @@ KERNEL_DIED_AT_START = "Kernel died before replying to kernel_info"
 STARTS = 3
 
 
-def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, float, str]:
-    name = f"{nb.stem} {profile} seed {seed}"
+def run(
+    nb: Path, profile: str, seed: int, params: dict, out_dir: Path
+) -> tuple[str, bool, float, str]:
+    extra = "".join(f" {k}={v}" for k, v in params.items())
+    name = f"{nb.stem} {profile} seed {seed}{extra}"
     needed = NEEDS_RESULTS.get((nb.stem, profile))
     if needed is not None and not needed.is_dir():
         return name, True, 0.0, f"skipped: needs {needed.relative_to(ROOT)}"
-    out = out_dir / f"{nb.stem}_{profile}_seed{seed}.ipynb"
+    tag = "".join(f"_{v}" for v in params.values())
+    out = out_dir / f"{nb.stem}_{profile}_seed{seed}{tag}.ipynb"
     t0 = time.perf_counter()
     for _attempt in range(STARTS):
-        proc = _papermill(nb, out, profile, seed)
+        proc = _papermill(nb, out, profile, seed, params)
         if proc.returncode == 0 or KERNEL_DIED_AT_START not in proc.stderr:
             break
     seconds = time.perf_counter() - t0
@@ -58,7 +72,10 @@ def run(nb: Path, profile: str, seed: int, out_dir: Path) -> tuple[str, bool, fl
     return name, False, seconds, (lines[-1] if lines else proc.stderr[-300:]).strip()
 
 
-def _papermill(nb: Path, out: Path, profile: str, seed: int) -> subprocess.CompletedProcess:
+def _papermill(
+    nb: Path, out: Path, profile: str, seed: int, params: dict
+) -> subprocess.CompletedProcess:
+    given = [a for k, v in params.items() for a in ("-p", k, str(v))]
     return subprocess.run(
         [
             sys.executable,
@@ -72,6 +89,7 @@ def _papermill(nb: Path, out: Path, profile: str, seed: int) -> subprocess.Compl
             "-p",
             "seed",
             str(seed),
+            *given,
             "--cwd",
             str(ROOT / "book"),
             "-k",
@@ -104,7 +122,10 @@ def main(argv=None) -> int:
     for nb in notebooks:
         for profile in args.profiles:
             seeds = args.seeds if profile == "default" else [args.seeds[0]]
-            jobs += [(nb, profile, seed) for seed in seeds]
+            jobs += [(nb, profile, seed, {}) for seed in seeds]
+            if profile == "smoke" and nb.stem in EXTRA_SMOKE:
+                jobs.append((nb, profile, seeds[0], EXTRA_SMOKE[nb.stem]))
+    jobs.sort(key=lambda j: not j[0].stem.startswith(LONGEST))
     failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         for name, ok, seconds, message in pool.map(lambda j: run(*j, out_dir), jobs):
