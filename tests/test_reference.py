@@ -63,6 +63,12 @@ def test_stable_cross_entropy_matches_and_keeps_precision():
     close(g, torch.tensor([[-2 * q, q, q]], dtype=D64), tol=1e-14)
     p = torch.softmax(f.detach(), 1)
     assert abs(reference.one_minus_p(p, torch.tensor([0])).item() - 2 * q) <= 1e-15 * q
+    # what chapter 09 says of autograd through F.cross_entropy: p_c rounds to 1 and p_c − 1 to
+    # 0, so the gradient loses its c-entry, as large as the others (the stable form keeps it)
+    assert p[0, 0].item() == 1.0
+    (naive,) = torch.autograd.grad(F.cross_entropy(f, torch.tensor([0])), f)
+    assert naive[0, 0].item() == 0.0
+    close(naive[0, 1:], g[0, 1:], tol=1e-14)
 
 
 def test_loss_hessian_is_accurate_on_confident_samples():

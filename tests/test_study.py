@@ -861,3 +861,10 @@ def test_the_evaluation_records_autoattacks_cpu_time(tmp_path):
     without = study.evaluate.evaluate_model(model, test, settings)
     assert 0 < with_aa["autoattack_cpu_seconds"] <= with_aa["cpu_seconds"]
     assert without["autoattack_cpu_seconds"] == 0.0
+
+
+def test_study_profile_names_the_matched_strength_studies():
+    assert study.study_profile("converged") is study.PROFILES["converged"]
+    for bad in ("default", "no-such-profile"):
+        with pytest.raises(ValueError, match=rf"{bad!r} is not a matched-strength .*converged"):
+            study.study_profile(bad)

@@ -70,6 +70,7 @@ NAMES = {
     "trained_model": "store",
     "run_grid": "execute",
     "run_study": "matched",
+    "study_profile": "matched",
     "select_lambdas": "matched",
     "check_reproduction": "reproduce",
     "run_battery": "battery",

@@ -202,6 +202,18 @@ def _val_row(config: Mapping[str, Any], acc: float) -> dict[str, Any]:
     }
 
 
+def study_profile(name: str) -> Profile:
+    """The profile called ``name`` if it is a matched-strength study (has a
+    :class:`~robustreg.study.config.Study`); otherwise a ``ValueError`` that names the valid ones."""
+    settings = PROFILES.get(name) if isinstance(name, str) else None
+    if settings is None or settings.study is None:
+        raise ValueError(
+            f"profile {name!r} is not a matched-strength study; valid: "
+            + ", ".join(k for k, v in PROFILES.items() if v.study is not None)
+        )
+    return settings
+
+
 def run_study(
     name: str = "sweep",
     *,
@@ -229,11 +241,7 @@ def run_study(
     ``shard``, ``refresh``, ``progress``, profile overrides ...). With ``shard`` the selection
     waits until every shard has finished stage 1: rerun then.
     """
-    if profile(name).study is None:
-        raise ValueError(
-            f"profile {name!r} has no matched-strength targets; valid: "
-            + ", ".join(k for k, v in PROFILES.items() if v.study is not None)
-        )
+    study_profile(name)
     results = Path(results_dir)
     path = results / SELECTION_FILE
     overrides = {k: v for k, v in kwargs.items() if k in _PROFILE_FIELDS}
