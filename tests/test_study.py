@@ -581,6 +581,18 @@ def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     assert clean.shape == (1, 40) and clean.mean() == stored
     with pytest.raises(KeyError, match="seeds \\[1\\]"):
         comparison.outcomes(records, "plain", 0.0, "clean", [0, 1])
+    # a study in progress: a run without its files is an error, or left out with partial;
+    # its model is trained on demand, or, with train=False, an error that names the weights
+    config = next(c for c in study.grid.grid("sweep-smoke", selection=sel, **small))
+    name = study.grid.result_name(config)
+    for suffix in (".json", ".safetensors"):
+        (out / name).with_suffix(suffix).rename(tmp_path / f"aside{suffix}")
+    with pytest.raises(FileNotFoundError, match=name):
+        study.run_study("sweep-smoke", results_dir=out, read_only=True, **kw)
+    fewer, _ = study.run_study("sweep-smoke", results_dir=out, read_only=True, partial=True, **kw)
+    assert 0 < len(fewer) < len(rows)
+    with pytest.raises(FileNotFoundError, match="not published"):
+        study.trained_model("sweep-smoke", config, results_dir=out, train=False)
 
 
 # --- the committed study ------------------------------------------------------------------------

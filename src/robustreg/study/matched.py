@@ -284,15 +284,23 @@ _PROFILE_FIELDS = set(Profile.__dataclass_fields__)
 
 
 def open_study(
-    name: str, *, compute: bool = False, seeds: Sequence[int] | None = None
+    name: str,
+    *,
+    compute: bool = False,
+    seeds: Sequence[int] | None = None,
+    partial: bool = False,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any], Path]:
     """A study as the chapters read it: ``(rows, records, selection, results_dir)`` of
     :func:`run_study`. By default from the committed files (``results_root()/name``, read-only:
     a missing or stale file is an error that names it and the command that computes it); with
     ``compute``, computed for real in a new temporary directory (the seconds-long smoke
     studies; trained in a new cache, so that nothing comes from runs of earlier code), the
-    committed files untouched. ``seeds``: the study's first seeds only."""
+    committed files untouched. ``seeds``: the study's first seeds only. ``partial``: a committed
+    study in progress, whose runs without a file yet are left out of the rows and records (the
+    selection must exist; a stale file is still an error)."""
     overrides = {} if seeds is None else {"seeds": list(seeds)}
+    if partial and not compute:
+        overrides["partial"] = True
     if compute:  # trained here, not loaded from the user's cache of earlier code
         scratch = Path(tempfile.mkdtemp(prefix="robustreg-study-"))
         results, overrides["cache_dir"] = scratch / name, scratch / "cache"

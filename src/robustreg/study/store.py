@@ -260,13 +260,15 @@ def trained_model(
     *,
     results_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
+    train: bool = True,
 ) -> nn.Module:
     """The network of one run of a profile's grid, in eval mode.
 
     The published model of ``results_dir`` (default ``results_root()/<profile>``) when its
     weights are there — the very network whose metrics the result file reports — and otherwise
     the run trained through :func:`robustreg.study.cache.train_cached` (a seed or profile whose
-    runs were not published). A published file of another configuration raises
+    runs were not published); with ``train=False`` an unpublished run is a
+    ``FileNotFoundError`` instead. A published file of another configuration raises
     :class:`StaleResultError` rather than being used.
     """
     root = Path(results_dir) if results_dir is not None else results_root() / profile
@@ -280,5 +282,11 @@ def trained_model(
                 f"{profile} --results-dir {root} --refresh`"
             )
         return load_model(path)
+    if not train:
+        raise FileNotFoundError(
+            f"{path.with_suffix('.safetensors')}: the weights of this run are not published (yet); "
+            f"compute them with `python -m robustreg run-grid --profile {profile} --results-dir "
+            f"{root}`"
+        )
     model, _ = cache.train_cached(config, cache_dir=cache_dir, device="cpu", progress=False)
     return model
