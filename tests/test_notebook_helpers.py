@@ -107,3 +107,14 @@ def test_listing_joins_items_as_prose():
     assert listing(["a", "b"]) == "a and b"
     assert listing(x for x in ["a", "b", "c"]) == "a, b and c"
     assert listing([1.5, 2]) == "1.5 and 2"
+
+
+def test_scientific_writes_powers_of_ten_for_prose():
+    from robustreg.notebook import scientific
+
+    assert scientific(4.23e10) == "4.2 × 10¹⁰"
+    assert scientific(4.8e-6, 1) == "5 × 10⁻⁶"
+    assert scientific(9.96e-3, 2) == "1.0 × 10⁻²"
+    assert scientific(-1.5e5) == "-1.5 × 10⁵"
+    assert scientific(0.0073) == "7.3 × 10⁻³"
+    assert scientific(12.34) == "12" and scientific(0.5, 1) == "0.5" and scientific(0) == "0"

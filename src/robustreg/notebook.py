@@ -265,3 +265,17 @@ def listing(items) -> str:
     if len(items) <= 1:
         return "".join(items)
     return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def scientific(value: float, digits: int = 2) -> str:
+    """A number for prose in powers of ten, as a glued text can show it (no mathematics):
+    ``scientific(4.23e10)`` is ``"4.2 × 10¹⁰"``, ``scientific(4.8e-6, 1)`` ``"5 × 10⁻⁶"``;
+    ``digits`` significant digits. Between 0.01 and 1000 the plain number, to those digits."""
+    value = float(value)
+    if value == 0 or 1e-2 <= abs(value) < 1e3:
+        return f"{value:.{digits}g}"
+    mantissa, exponent = f"{value:.{digits - 1}e}".split("e")
+    return f"{mantissa} × 10{str(int(exponent)).translate(_SUPERSCRIPT)}"
