@@ -2,7 +2,7 @@
 
 Each run is a papermill execution into `_build/reruns/` (the committed notebooks are untouched);
 a run passes when the notebook completes, i.e. every check it asserts holds for that seed and
-profile (at the smoke profile, chapters 9 and 12 once more with the parameters of
+profile (at the smoke profile, chapter 12 once more with the parameters of
 :data:`EXTRA_SMOKE`). Prints one line per run with its wall time and a summary; exits 1 if any run
 failed.
 Runs go two at a time (the chapters use one or two threads).
@@ -33,11 +33,10 @@ NEEDS_RESULTS = {
 }
 
 
-#: Further smoke runs with other parameters: chapters 9 and 12 on the converged study's design
-#: (a study that selects its baselines, seven regularizers), which their default profile will read
-#: once that study is complete.
+#: Further smoke runs with other parameters: chapter 12 on the converged study's design (a study
+#: that selects its baselines, seven regularizers), which its default profile will read once that
+#: study is complete (chapter 9's smoke profile reads it already).
 EXTRA_SMOKE = {
-    "09_trained_connections": {"study_profile": "converged-smoke"},
     "12_matched_strength": {"study_profile": "converged-smoke"},
 }
 
