@@ -9,6 +9,7 @@ are in test_geometry.py.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from strategies import Case, networks
 from test_regularizers import ATOL, TOL, saturation_scale
+from torch import nn
 
 from robustreg import checks, reference
 from robustreg import regularizers as R
@@ -166,6 +168,36 @@ def test_t6_softmax_sees_only_the_centered_jacobian(case: Case):
     scale = saturation_scale(dp, J.norm(dim=(1, 2)))
     checks.check_identity("T6: ∂p/∂x = S J", S @ J, dp, scale=scale)
     checks.check_identity("T6: ∂p/∂x = S C J", S @ centering(case.K) @ J, dp, scale=scale)
+
+
+@settings(deadline=None)
+@given(networks())
+def test_centering_the_last_layer_removes_only_the_mean_gradient(case: Case):
+    """Chapter 9 (T5, T6): W ← CW, b ← Cb in the output layer leaves p and R_CL unchanged and
+    makes Jᵀ1 = 0, so R_J = (K/2) R_CL: the Jacobian objective at λ and the cross-Lipschitz one at
+    (K/2)λ have the same minimum."""
+    model = copy.deepcopy(case.model)
+    last = list(model.children())[-1]
+    assert isinstance(last, nn.Linear)
+    J = reference.logit_jacobian(model, case.x)
+    p = probs(case)
+    C = centering(case.K)
+    with torch.no_grad():
+        last.weight.copy_(C @ last.weight)
+        last.bias.copy_(C @ last.bias)
+    Jc = reference.logit_jacobian(model, case.x)
+    with torch.no_grad():
+        pc = torch.softmax(model(case.x), dim=1)
+    scale = ("‖J‖_F", J.norm(dim=(1, 2)))
+    checks.check_identity("centred: p unchanged", pc, p)
+    checks.check_identity("centred: J' = CJ", Jc, C @ J, scale=scale)
+    checks.check_identity("centred: J'ᵀ1 = 0", Jc.sum(1), torch.zeros_like(Jc.sum(1)), scale=scale)
+    r_cl = R.cross_lipschitz(case.model, case.x, case.y)
+    r_cl_c = R.cross_lipschitz(model, case.x, case.y)
+    r_j_c = R.jacobian_frobenius(model, case.x, case.y)
+    cl_scale = ("‖J‖_F²", J.norm(dim=(1, 2)) ** 2)
+    checks.check_identity("centred: R_CL unchanged", r_cl_c, r_cl, scale=cl_scale)
+    checks.check_identity("centred: R_J = (K/2) R_CL", r_j_c, case.K / 2 * r_cl_c, scale=cl_scale)
 
 
 @settings(deadline=None)
