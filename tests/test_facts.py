@@ -173,9 +173,9 @@ def test_t6_softmax_sees_only_the_centered_jacobian(case: Case):
 @settings(deadline=None)
 @given(networks())
 def test_centering_the_last_layer_removes_only_the_mean_gradient(case: Case):
-    """Chapter 9 (T5, T6): W ← CW, b ← Cb in the output layer leaves p and R_CL unchanged and
-    makes Jᵀ1 = 0, so R_J = (K/2) R_CL: the Jacobian objective at λ and the cross-Lipschitz one at
-    (K/2)λ have the same minimum."""
+    """Chapter 9 (T5, T6): W ← CW, b ← Cb in the output layer leaves p, R_IG, R_CL, R_CURE and
+    R_H unchanged and makes Jᵀ1 = 0, so R_J = (K/2) R_CL: the Jacobian objective at λ and the
+    cross-Lipschitz one at (K/2)λ have the same minimum."""
     model = copy.deepcopy(case.model)
     last = list(model.children())[-1]
     assert isinstance(last, nn.Linear)
@@ -197,6 +197,11 @@ def test_centering_the_last_layer_removes_only_the_mean_gradient(case: Case):
     r_j_c = R.jacobian_frobenius(model, case.x, case.y)
     cl_scale = ("‖J‖_F²", J.norm(dim=(1, 2)) ** 2)
     checks.check_identity("centred: R_CL unchanged", r_cl_c, r_cl, scale=cl_scale)
+    # p is unchanged everywhere, so is the loss: the penalties that see J only through CJ
+    for name in ("input_gradient", "hessian_trace", "curvature"):
+        fn = getattr(R, name)
+        before, after = fn(case.model, case.x, case.y), fn(model, case.x, case.y)
+        checks.check_identity(f"centred: {name} unchanged", after, before, scale=cl_scale)
     checks.check_identity("centred: R_J = (K/2) R_CL", r_j_c, case.K / 2 * r_cl_c, scale=cl_scale)
 
 
