@@ -118,3 +118,14 @@ def test_scientific_writes_powers_of_ten_for_prose():
     assert scientific(-1.5e5) == "-1.5 × 10⁵"
     assert scientific(0.0073) == "7.3 × 10⁻³"
     assert scientific(12.34) == "12" and scientific(0.5, 1) == "0.5" and scientific(0) == "0"
+
+
+def test_check_claims_asserts_and_prints_each_statement(capsys):
+    from robustreg.checks import check_claims
+
+    check_claims({"a holds": True, "b holds": bool(1 < 2)}, "on each of the 3 seeds")
+    assert capsys.readouterr().out == (
+        "✔ on each of the 3 seeds: a holds\n✔ on each of the 3 seeds: b holds\n"
+    )
+    with pytest.raises(AssertionError, match=r"claim fails \(here\): c holds"):
+        check_claims({"c holds": False}, "here")

@@ -16,6 +16,7 @@ published output. The references compared with are in :mod:`robustreg.reference`
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
@@ -156,3 +157,13 @@ def check_inequality(name: str, lhs, rhs, rtol: float = 1e-12, *, scale=None) ->
         return math.nan  # no case selected: no ratio to report
     ratio = torch.where(b != 0, a / torch.where(b != 0, b, 1.0), torch.zeros_like(a))
     return float(ratio.max())
+
+
+def check_claims(claims: Mapping[str, bool], where: str) -> None:
+    """Assert each of a chapter's statements, ``{statement: holds}``, and print one stable line
+    per statement, ``✔ <where>: <statement>``; a statement that does not hold is an
+    ``AssertionError`` that quotes it (the prose must change, not the check)."""
+    for text, holds in claims.items():
+        if not bool(holds):
+            raise AssertionError(f"claim fails ({where}): {text}")
+        print(f"✔ {where}: {text}")
