@@ -98,3 +98,13 @@ def test_every_baseline_radius_has_a_name_and_its_norms_look():
     assert plotting.method_style("adversarial-eps0.2") == plotting.METHOD_STYLE["adversarial"]
     with pytest.raises(KeyError, match="unknown training method 'mystery'"):
         plotting.method_name("mystery")
+
+
+def test_configurations_are_named_with_their_weight_or_radius():
+    assert plotting.config_name("plain") == "plain training"
+    assert plotting.config_name("adversarial-eps0.0477") == "PGD-ℓ∞ training at ε = 0.0477"
+    assert plotting.config_name("adversarial-l2") == "PGD-ℓ2 training at ε = 1"
+    assert plotting.config_name("curvature", 2.86) == "CURE at λ = 2.86"
+    assert plotting.short_name("adversarial-l2-eps0.582") == "PGD-ℓ2, ε = 0.582"
+    assert plotting.short_name("curvature", 2.86) == "CURE, λ = 2.86"
+    assert plotting.short_name("plain") == "plain"

@@ -880,3 +880,23 @@ def test_study_profile_names_the_matched_strength_studies():
     for bad in ("default", "no-such-profile"):
         with pytest.raises(ValueError, match=rf"{bad!r} is not a matched-strength .*converged"):
             study.study_profile(bad)
+
+
+def test_baseline_labels_give_their_sweep_norm_and_radius():
+    from robustreg.study import grid
+
+    assert grid.family("adversarial-l2-eps0.582") == "adversarial-l2"
+    assert grid.family("adversarial-eps0.0477") == "adversarial"
+    assert grid.family("curvature") == "curvature"
+    assert grid.baseline_radius("adversarial") == ("linf", 0.1)
+    assert grid.baseline_radius("adversarial-l2") == ("l2", 1.0)
+    assert grid.baseline_radius("adversarial-l2-eps0.582") == ("l2", 0.582)
+    for bad in ("curvature", "adversarial-epsx", "adversarial-foo"):
+        with pytest.raises(ValueError, match="adversarial"):
+            grid.baseline_radius(bad)
+    # every label the grid makes is read back to its own norm and radius
+    for config in grid.grid("converged"):
+        method = grid.label(config)
+        if method.startswith("adversarial"):
+            adv = config["adversarial"]
+            assert grid.baseline_radius(method) == (adv.get("norm", "linf"), float(adv["eps"]))

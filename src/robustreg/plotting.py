@@ -15,6 +15,7 @@ from torch import nn
 from robustreg.extras import require
 
 from .geometry import activation_pattern
+from .study.grid import baseline_radius
 
 #: How tables and legends name the training methods of the experiment grid
 #: (:func:`robustreg.study.grid.label`): plain training, the regularizers, and PGD adversarial
@@ -94,6 +95,28 @@ def method_style(method: str) -> dict:
         return dict(METHOD_STYLE[method])
     norm, _ = _baseline(method)
     return dict(METHOD_STYLE["adversarial" if norm == "linf" else "adversarial-l2"])
+
+
+def config_name(method: str, lam: float = 0.0) -> str:
+    """A configuration as prose names it: "plain training", "PGD-ℓ∞ training at ε = 0.0477",
+    "CURE at λ = 2.86"."""
+    if method == "plain":
+        return "plain training"
+    if method.startswith("adversarial"):
+        norm, eps = baseline_radius(method)
+        return f"PGD-{'ℓ2' if norm == 'l2' else 'ℓ∞'} training at ε = {eps:g}"
+    return method_name(method) + (f" at λ = {lam:g}" if lam else "")
+
+
+def short_name(method: str, lam: float = 0.0) -> str:
+    """A configuration as a table row or a legend names it: "plain", "PGD-ℓ∞, ε = 0.0477",
+    "CURE, λ = 2.86"."""
+    if method == "plain":
+        return "plain"
+    if method.startswith("adversarial"):
+        norm, eps = baseline_radius(method)
+        return f"PGD-{'ℓ2' if norm == 'l2' else 'ℓ∞'}, ε = {eps:g}"
+    return method_name(method) + (f", λ = {lam:g}" if lam else "")
 
 
 def _baseline(method: str) -> tuple[str, str]:

@@ -19,7 +19,9 @@ from robustreg.study.config import Profile, profile
 __all__ = [
     "BASELINE_EPS",
     "attacked",
+    "baseline_radius",
     "baselines_at",
+    "family",
     "grid",
     "label",
     "publishes_weights",
@@ -165,6 +167,37 @@ def label(config: Mapping[str, Any]) -> str:
     if config.get("regularizer") and config.get("lam", 0):
         return str(config["regularizer"])
     return "plain"
+
+
+def family(method: str) -> str:
+    """The sweep a method label (:func:`label`) belongs to: a regularizer's own name, or
+    ``adversarial`` / ``adversarial-l2`` for PGD training at any radius of that norm."""
+    if method.startswith("adversarial-l2"):
+        return "adversarial-l2"
+    if method.startswith("adversarial"):
+        return "adversarial"
+    return method
+
+
+def baseline_radius(method: str) -> tuple[str, float]:
+    """``(norm, ε)`` of a PGD-training label: ``adversarial`` is ℓ∞ at ε = 0.1,
+    ``adversarial-l2-eps0.582`` ℓ2 at ε = 0.582 (:data:`BASELINE_EPS`)."""
+    fam = family(method)
+    if not fam.startswith("adversarial"):
+        raise ValueError(
+            f"{method!r} is not PGD training; valid: adversarial, adversarial-l2, "
+            "adversarial[-l2]-eps<ε>"
+        )
+    norm = "l2" if fam == "adversarial-l2" else "linf"
+    head, sep, eps = method.rpartition("-eps")
+    if not sep:
+        if method != fam:
+            raise ValueError(f"{method!r}: expected {fam} or {fam}-eps<ε>")
+        return norm, BASELINE_EPS[norm]
+    try:
+        return norm, float(eps)
+    except ValueError:
+        raise ValueError(f"{method!r}: the radius {eps!r} is not a number") from None
 
 
 def result_name(config: Mapping[str, Any]) -> str:
