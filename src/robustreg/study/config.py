@@ -505,7 +505,7 @@ _FASHION_LENET = {
 # The converged study (issue 22): Fashion-MNIST's 55,000 fit images (5,000 for validation), the
 # MLP 784-256-256-10, Adam with a one-cycle schedule peaking at 3·10⁻³; the epochs, λ ranges and
 # baseline radii from tools/converged_pilot.py (results/converged/pilot): the epochs at which the
-# pilot's configurations are within 0.3 points of their best budget (chapter 10 says which are
+# pilot's configurations are within 0.3 points of their best budget (chapter 13 says which are
 # not); each sweep √10-spaced from no measurable effect to several points lost (the pilot's
 # 15-epoch runs aimed at eight; at 60 epochs the input gradient's largest weight loses seven);
 # PGD training at four radii per norm, from the field's (ℓ∞ 0.1, ℓ2 1.5 on Fashion-MNIST) down to
