@@ -97,26 +97,23 @@ def method_style(method: str) -> dict:
     return dict(METHOD_STYLE["adversarial" if norm == "linf" else "adversarial-l2"])
 
 
-def config_name(method: str, lam: float = 0.0) -> str:
+def config_name(method: str, lam: float = 0.0, *, short: bool = False) -> str:
     """A configuration as prose names it: "plain training", "PGD-ℓ∞ training at ε = 0.0477",
-    "CURE at λ = 2.86"."""
+    "CURE at λ = 2.86"; ``short``: as a table row or a legend names it (:func:`short_name`)."""
     if method == "plain":
-        return "plain training"
+        return "plain" if short else "plain training"
+    joint = ", " if short else " at "
     if method.startswith("adversarial"):
         norm, eps = baseline_radius(method)
-        return f"PGD-{'ℓ2' if norm == 'l2' else 'ℓ∞'} training at ε = {eps:g}"
-    return method_name(method) + (f" at λ = {lam:g}" if lam else "")
+        kind = f"PGD-{'ℓ2' if norm == 'l2' else 'ℓ∞'}" + ("" if short else " training")
+        return f"{kind}{joint}ε = {eps:g}"
+    return method_name(method) + (f"{joint}λ = {lam:g}" if lam else "")
 
 
 def short_name(method: str, lam: float = 0.0) -> str:
     """A configuration as a table row or a legend names it: "plain", "PGD-ℓ∞, ε = 0.0477",
     "CURE, λ = 2.86"."""
-    if method == "plain":
-        return "plain"
-    if method.startswith("adversarial"):
-        norm, eps = baseline_radius(method)
-        return f"PGD-{'ℓ2' if norm == 'l2' else 'ℓ∞'}, ε = {eps:g}"
-    return method_name(method) + (f", λ = {lam:g}" if lam else "")
+    return config_name(method, lam, short=True)
 
 
 def _baseline(method: str) -> tuple[str, str]:
