@@ -723,6 +723,15 @@ def test_masking_battery_on_a_small_study_resumes_and_refuses_other_settings(tmp
     with pytest.raises(study.StaleResultError, match="other battery settings"):
         battery.run_battery("sweep-smoke", out, progress=False, **other)
     assert {p.name: p.read_bytes() for p in (out / "masking").iterdir()} == before
+    # a transfer source not yet published (the study still running): nothing is computed
+    assert battery.expected(battery.profile("sweep-smoke", **small), out) == set(
+        battery.published(out)
+    )
+    missing.unlink()
+    (out / "adversarial_seed0.safetensors").rename(tmp_path / "aside.safetensors")
+    with pytest.raises(RuntimeError, match="adversarial_seed0.json"):
+        battery.run_battery("sweep-smoke", out, progress=False, **small)
+    assert not missing.exists()
 
 
 def test_masking_verdict_names_each_sign_against_its_criterion():

@@ -37,9 +37,10 @@ import torch
 
 from robustreg import autoattack, evaluation, files, masking
 from robustreg import data as data_module
-from robustreg.study import store
+from robustreg.study import grid, store
 from robustreg.study.config import Profile, profile
 from robustreg.study.execute import select_shard
+from robustreg.study.matched import SELECTION_FILE
 from robustreg.study.provenance import machine, numeric_environment
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "BEYOND",
     "SWEEP",
     "battery_settings",
+    "expected",
     "published",
     "run_battery",
     "transfer_sources",
@@ -208,6 +210,22 @@ def published(results_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     }
 
 
+def expected(p: Profile, results_dir: str | os.PathLike) -> set[str]:
+    """The result files of the models :func:`published` lists once the study of ``p`` is
+    complete: the seed-0 runs that AutoAttack evaluates and whose weights are published
+    (:func:`~robustreg.study.grid.attacked`, :func:`~robustreg.study.grid.publishes_weights`;
+    a study's selection read from its ``selection.json``)."""
+    path = Path(results_dir) / SELECTION_FILE
+    selection = files.read_json(path, "selection file", "delete it") if path.is_file() else None
+    return {
+        grid.result_name(c)
+        for c in grid.grid(p, selection=selection)
+        if c["seed"] == 0
+        and grid.attacked(p, c, selection)
+        and grid.publishes_weights(p, c, selection)
+    }
+
+
 def transfer_sources(records: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
     """The sources of the transfer attacks per norm, among the published models ``records``
     (:func:`published`): plain training and every PGD-training network of that norm (a study
@@ -269,6 +287,15 @@ def run_battery(
             )
         else:
             todo.append(model_name)
+    if todo:  # the transfer attacks need every source: a check is never made without one
+        missing = sorted(expected(p, results) - set(records))
+        if missing:
+            raise RuntimeError(
+                f"{results}: the battery's transfer attacks need every published seed-0 "
+                f"model, and {len(missing)} are not published yet ({', '.join(missing)}); "
+                f"finish `python -m robustreg run-grid --profile {p.name} --results-dir "
+                f"{results}` first"
+            )
     if shard is not None:
         mine = set(select_shard(sorted(records), shard))
         todo = [m for m in todo if m in mine]
