@@ -84,8 +84,8 @@ def method_name(method: str) -> str:
     ``adversarial-l2-eps0.417``) "PGD training ℓ∞ 0.0132"."""
     if method in METHOD_NAMES:
         return METHOD_NAMES[method]
-    norm, eps = _baseline(method)
-    return f"{METHOD_NAMES['adversarial' if norm == 'linf' else 'adversarial-l2']} {eps}"
+    norm, eps = _baseline_norm(method)
+    return f"{METHOD_NAMES['adversarial' if norm == 'linf' else 'adversarial-l2']} {eps:g}"
 
 
 def method_style(method: str) -> dict:
@@ -93,7 +93,7 @@ def method_style(method: str) -> dict:
     at a radius of its own takes its norm's)."""
     if method in METHOD_STYLE:
         return dict(METHOD_STYLE[method])
-    norm, _ = _baseline(method)
+    norm, _ = _baseline_norm(method)
     return dict(METHOD_STYLE["adversarial" if norm == "linf" else "adversarial-l2"])
 
 
@@ -116,15 +116,17 @@ def short_name(method: str, lam: float = 0.0) -> str:
     return config_name(method, lam, short=True)
 
 
-def _baseline(method: str) -> tuple[str, str]:
-    """``(norm, ε as written)`` of a PGD-training label ``adversarial[-l2]-eps<ε>``."""
-    head, sep, eps = method.rpartition("-eps")
-    if not sep or head not in ("adversarial", "adversarial-l2"):
+def _baseline_norm(method: str) -> tuple[str, float]:
+    """``(norm, ε)`` of a method outside :data:`METHOD_NAMES` that names PGD training at a radius
+    (:func:`~robustreg.study.grid.baseline_radius`); a ``KeyError`` naming the valid methods
+    otherwise (as a lookup in the tables would)."""
+    try:
+        return baseline_radius(method)
+    except ValueError:
         valid = ", ".join(METHOD_NAMES)
         raise KeyError(
             f"unknown training method {method!r}; valid: {valid}, or adversarial[-l2]-eps<ε>"
-        )
-    return ("linf" if head == "adversarial" else "l2"), eps
+        ) from None
 
 
 #: The smallest text a figure may carry at the size the page shows it (points). The theme shows
