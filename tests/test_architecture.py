@@ -29,6 +29,7 @@ DEFERRED = {
     "matplotlib",
     "matplotlib_inline",  # a notebook's
     "mlxtend",
+    "myst_nb",  # a notebook's (notebook.glue_md)
     "pandas",
     "pooch",
     "safetensors",

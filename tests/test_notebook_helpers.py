@@ -99,6 +99,20 @@ def test_html_table_is_deterministic_markup_that_keeps_emphasis():
     assert 'class="dataframe robustreg-table"' in html
 
 
+def test_glue_md_glues_markdown_that_the_page_shows_as_prose(monkeypatch):
+    myst_nb = pytest.importorskip("myst_nb")
+    from IPython.display import Markdown
+
+    from robustreg.notebook import glue_md
+
+    calls = []
+    monkeypatch.setattr(myst_nb, "glue", lambda *args, **kw: calls.append((args, kw)))
+    glue_md("a_sentence", "the **two** radii")
+    ((args, kw),) = calls
+    assert args[0] == "a_sentence" and kw == {"display": False}
+    assert isinstance(args[1], Markdown) and args[1].data == "the **two** radii"
+
+
 def test_listing_joins_items_as_prose():
     from robustreg.notebook import listing
 

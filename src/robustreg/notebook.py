@@ -258,6 +258,15 @@ def html_table(frame, *, index: bool = True):
     return HTML(html)
 
 
+def glue_md(name: str, text: str) -> None:
+    """Glue a sentence as Markdown (``myst_nb.glue`` of an ``IPython.display.Markdown``): the page
+    shows ``{glue:md}`name``` as prose, where ``{glue:text}`` would show the string quoted."""
+    from IPython.display import Markdown
+    from myst_nb import glue
+
+    glue(name, Markdown(text), display=False)
+
+
 def listing(items) -> str:
     """Items in a sentence, as the chapters' prose glues them: ``""``, ``"a"``, ``"a and b"``,
     ``"a, b and c"``."""
