@@ -13,7 +13,7 @@ SERVER=""
 cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"; }
 trap cleanup EXIT
 THEORY=book/02_input_gradient.ipynb
-EXPERIMENT=book/10_training.ipynb
+EXPERIMENT=book/12_matched_strength.ipynb
 
 echo "-- the wheel, in a fresh environment outside the checkout"
 mkdir "$WORK/pkg"  # built from a copy, so that no build/ folder lands in the checkout

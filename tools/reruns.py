@@ -24,21 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chapters import ROOT, chapter_notebooks  # noqa: E402
 
-# The full profiles of chapters 10 and 12 are the Fashion-MNIST grids: hours of training on a CPU. It is read
-# from results/full once that grid has been run (`python -m robustreg run-grid --profile full
-# --results-dir results/full`, on a GPU); until then its full rerun is skipped, and said so.
-NEEDS_RESULTS = {
-    ("10_training", "full"): ROOT / "results" / "full",
-    ("12_matched_strength", "full"): ROOT / "results" / "sweep-full",
-}
+NEEDS_RESULTS: dict = {}  # every full profile reads committed results
 
 
-#: Further smoke runs with other parameters: chapter 12 on the converged study's design (a study
-#: that selects its baselines, seven regularizers), which its default profile will read once that
-#: study is complete (chapter 9's smoke profile reads it already).
-EXTRA_SMOKE = {
-    "12_matched_strength": {"study_profile": "converged-smoke"},
-}
+EXTRA_SMOKE: dict = {}  # further smoke runs with other parameters
 
 #: Chapters whose runs take several times the others' (08: exact radii by MILP; 12: a study and
 #: its masking battery): started first.

@@ -260,7 +260,8 @@ def html_table(frame, *, index: bool = True):
 
 def glue_md(name: str, text: str) -> None:
     """Glue a sentence as Markdown (``myst_nb.glue`` of an ``IPython.display.Markdown``): the page
-    shows ``{glue:md}`name``` as prose, where ``{glue:text}`` would show the string quoted."""
+    shows it, through myst-nb's ``glue:md`` role, as prose, where the ``glue:text`` role would show
+    the string quoted."""
     from IPython.display import Markdown
     from myst_nb import glue
 
