@@ -49,8 +49,13 @@ def test_every_committed_result_reproduces_its_key_and_settings(profile):
         assert cache.cache_key(config) == stored["key"], name
         assert cache.cache_key(stored["config"]) == stored["key"], name
         assert cache.normalize_config(config) == stored["config"], name
-        assert grid.run_eval_settings(PROFILES[profile], config, selection) == stored["eval"], name
         assert grid.label(config) == stored["method"], name
+        wanted = grid.run_eval_settings(PROFILES[profile], config, selection)
+        if _in_progress(directory) and store.ResultStore.gains_autoattack(
+            stored, stored["key"], wanted
+        ):  # selected after its sweep evaluation: its AutoAttack is still to come
+            continue
+        assert wanted == stored["eval"], name
 
 
 @pytest.mark.parametrize("profile", DIRECTORIES)

@@ -529,6 +529,35 @@ def test_selection_reads_validation_accuracy_from_result_files_without_the_cache
         study.matched.validation_rows("sweep-smoke", cache_dir=empty, **small)
 
 
+def test_progress_counts_the_runs_of_a_study_in_progress(tmp_path):
+    """Stage 1 counts the sweep; once a selection exists, stage 3 counts its grid, and a run
+    selected after its sweep is not done until its AutoAttack is added."""
+    pytest.importorskip("torchattacks")
+    small = {
+        **_tiny_sweep(),
+        "study": {"targets": [1]},
+        "autoattack": PROFILES["sweep-smoke"].autoattack.replace(n=10, steps=2, n_queries=10),
+    }
+    res = tmp_path / "r"
+    kw = dict(cache_dir=tmp_path / "c", results_dir=res, progress=False, device="cpu")
+    assert study.matched.progress("sweep-smoke", res, **small) == {
+        "stage": 1,
+        "done": 0,
+        "planned": 3,
+        "selection": None,
+    }
+    study.run_grid("sweep-smoke", **kw, **small)  # plain training (attacked) and two λ
+    assert study.matched.progress("sweep-smoke", res, **small)["done"] == 3
+    selection = {"lambdas": {"input_gradient": {"1": {"lam": 1.0}}}}
+    (res / study.matched.SELECTION_FILE).write_text(json.dumps(selection))
+    got = study.matched.progress("sweep-smoke", res, **small)
+    assert got == {"stage": 3, "done": 2, "planned": 3, "selection": selection}
+    with pytest.raises(study.StaleResultError):  # read in full, the same file is stale
+        study.run_grid("sweep-smoke", read_only=True, selection=selection, **kw, **small)
+    study.run_grid("sweep-smoke", selection=selection, **kw, **small)  # AutoAttack added
+    assert study.matched.progress("sweep-smoke", res, **small)["done"] == 3
+
+
 def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     pytest.importorskip("torchattacks")
     small = {  # the smoke profile, smaller still: two regularizers, one baseline, 40 images

@@ -21,7 +21,8 @@ Needs the extra ``robustreg[experiments]``. One module per concept, from the bot
                     (submitit), shards
 ``matched``         the matched-strength study:
                     :func:`~robustreg.study.matched.select_lambdas`,
-                    :func:`~robustreg.study.matched.run_study`
+                    :func:`~robustreg.study.matched.run_study`,
+                    :func:`~robustreg.study.matched.progress`
 ``reproduce``       retrain committed runs and compare their metrics with the files
 ``release``         the published results outside a checkout: the release asset, fetched and verified
 ``battery``         the gradient-masking battery on a study's published models, and its verdicts

@@ -165,8 +165,12 @@ def run_one(
     if store is not None and not refresh:
         stored = store.read(config)
         if stored is not None:
-            if store.gains_autoattack(stored, key, eval_s) and not read_only:
-                stored = None  # the same run, selected after its sweep evaluation: add AutoAttack
+            if store.gains_autoattack(stored, key, eval_s):
+                # the same run, selected after its sweep evaluation: add AutoAttack (read-only, a
+                # study in progress: not computed yet)
+                if read_only and not partial:
+                    store.check(stored, config, eval_s)  # names what differs
+                stored = None
             else:
                 store.check(stored, config, eval_s)
     if stored is None and read_only and partial:
@@ -325,7 +329,8 @@ def run_grid(
     configuration raises :class:`~robustreg.study.store.StaleResultError` unless ``refresh=True``,
     which recomputes and replaces every file. ``read_only=True`` never trains: a missing or stale
     file is an error, unless ``partial=True`` (a study in progress), which leaves the runs without
-    a file out of the rows and records (a stale file is still an error). Without
+    a file out of the rows and records, and so a run selected after its sweep whose AutoAttack is
+    still to be added (any other stale file is still an error). Without
     ``evaluate_models`` the files are neither read nor written.
 
     ``executor`` (default ``"processes"`` when ``jobs > 1``, else ``"serial"``): see the module
