@@ -343,3 +343,22 @@ def test_minimal_perturbation_falls_back_on_candidates_of_another_class():
     nearest = torch.cdist(x, x).masked_fill(pred[None, :] == pred[:, None], float("inf")).min(1)
     assert (found <= nearest.values + 1e-12).all()  # never farther than the candidate itself
     assert (geometry.certified_radius(model, x).detach() <= found).all()
+
+
+def test_square_restarts_are_square_alone_from_each_start_on_the_survivors(trained):
+    """One start is :func:`masking.square_alone`; more starts only break more images, and an
+    image counts as robust only if it survives every start (at a radius where Square breaks
+    some images and leaves others)."""
+    pytest.importorskip("torchattacks")
+    from robustreg import masking
+
+    model, x, y = trained
+    xs, ys = x[:40], y[:40]
+    eps, q = 0.1, 40
+    one = masking.square_restarts(model, xs, ys, eps, seeds=(1,), n_queries=q)
+    assert torch.equal(one, masking.square_alone(model, xs, ys, eps, n_queries=q, seed=1))
+    three = masking.square_restarts(model, xs, ys, eps, seeds=(1, 2, 3), n_queries=q)
+    assert not (three & ~one).any()  # a later start never restores an image
+    assert 0 < int(three.sum()) < len(ys)  # the radius tells the starts apart
+    with pytest.raises(ValueError, match="at least one random start"):
+        masking.square_restarts(model, xs, ys, eps, seeds=())

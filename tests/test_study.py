@@ -756,6 +756,32 @@ def test_masking_battery_on_a_small_study_resumes_and_refuses_other_settings(tmp
     assert battery.expected(battery.profile("sweep-smoke", **small), out) == set(
         battery.published(out)
     )
+    # Square from further starts, on the images the worst case left: resumes, refuses others
+    names = sorted(battery.published(out))[:2]
+    with pytest.raises(FileNotFoundError, match="square_restarts.py"):
+        battery.square_restarts("sweep-smoke", out, names, read_only=True, **small)
+    restarts = battery.square_restarts("sweep-smoke", out, names, starts=(1, 2), **small)
+    for name, entry in restarts.items():
+        record = study.read_result(out / name)
+        worst = next(
+            r
+            for r in record["rows"]
+            if r.get("attack") == "worst-case" and r["norm"] == "linf" and "flags" in r
+        )
+        white = evaluation.parse_flags(worst["flags"])[:20]
+        assert entry["white_box"] == int(white.sum())
+        assert entry["broken"] == len(entry["broken_images"]) <= entry["white_box"]
+        assert all(white[i] for i in entry["broken_images"])  # only images the worst case left
+    kept = (out / battery.RESTARTS_FILE).read_bytes()
+    assert (
+        battery.square_restarts("sweep-smoke", out, names, starts=(1, 2), read_only=True, **small)
+        == restarts
+    )
+    with pytest.raises(study.StaleResultError, match="other settings"):
+        battery.square_restarts("sweep-smoke", out, names, starts=(1, 2, 3), **small)
+    assert (out / battery.RESTARTS_FILE).read_bytes() == kept
+    with pytest.raises(ValueError, match="valid: \\['linf', 'l2'\\]"):
+        battery.square_restarts("sweep-smoke", out, names, norm="l1", **small)
     missing.unlink()
     (out / "adversarial_seed0.safetensors").rename(tmp_path / "aside.safetensors")
     with pytest.raises(RuntimeError, match="adversarial_seed0.json"):

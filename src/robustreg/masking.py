@@ -12,6 +12,8 @@ useful direction, so they overstate its robustness. The standard symptoms (Carli
                    image can be replaced by any other, so an attack that works must succeed
 ``transfer``       adversarial examples crafted on another network (PGD on the *source*) break
                    images of the target that its own white-box attacks left
+``square_restarts`` Square from several random starts, each on the images the earlier ones left:
+                   a stronger gradient-free search than one run
 ================== ==============================================================================
 
 Each check returns per-image robust flags (BoolTensor[n]: correct at x and at the check's
@@ -29,7 +31,7 @@ from torch import Tensor, nn
 from robustreg import attacks, autoattack, evaluation, models
 from robustreg.validation import check_count
 
-__all__ = ["epsilon_sweep", "newly_broken", "square_alone", "transfer"]
+__all__ = ["epsilon_sweep", "newly_broken", "square_alone", "square_restarts", "transfer"]
 
 
 def square_alone(
@@ -49,6 +51,33 @@ def square_alone(
         model, x, y, eps, norm, seed=seed, n_queries=n_queries, components=("square",)
     )
     return out["robust"]
+
+
+def square_restarts(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str = "linf",
+    *,
+    seeds: Sequence[int] = (1, 2, 3, 4, 5),
+    n_queries: int = autoattack.STANDARD["n_queries"],
+) -> Tensor:
+    """Per image, whether Square fails from every random start: 1[f(x_i) = y_i and
+    f(x_i^(s)) = y_i for every s in ``seeds``], x_i^(s) the point :func:`square_alone` finds
+    with seed s. Each start attacks only the images the earlier ones left, so with one seed
+    this is :func:`square_alone`."""
+    if not seeds:
+        raise ValueError("seeds must name at least one random start")
+    robust = torch.ones(len(y), dtype=torch.bool, device=y.device)
+    for seed in seeds:
+        idx = robust.nonzero().squeeze(1)
+        if not len(idx):
+            break
+        robust[idx] = square_alone(
+            model, x[idx], y[idx], eps, norm, n_queries=n_queries, seed=seed
+        ).to(robust.device)
+    return robust
 
 
 def epsilon_sweep(

@@ -50,7 +50,10 @@ __all__ = [
     "battery_settings",
     "expected",
     "published",
+    "RESTARTS_FILE",
+    "STARTS",
     "run_battery",
+    "square_restarts",
     "transfer_sources",
     "verdict",
 ]
@@ -64,6 +67,10 @@ SWEEP = {"linf": (1, 1.5, 2, 3, 4, 6, 8, 10), "l2": (1, 1.5, 2, 3, 4, 6, 8, 12, 
 ALLOWANCE = 0.005
 #: The subdirectory of a study's results that holds the battery's files.
 DIRECTORY = "masking"
+#: The random starts (seeds) of :func:`square_restarts`, besides the battery's own (its ``seed``, 0).
+STARTS = (1, 2, 3, 4, 5)
+#: The file of a study's results directory that keeps :func:`square_restarts`.
+RESTARTS_FILE = "square_restarts.json"
 
 
 def _radius(v: float) -> float:
@@ -345,3 +352,83 @@ def run_battery(
         files.write_json(out_dir / model_name, result)
         done[model_name] = result
     return dict(sorted(done.items()))
+
+
+def square_restarts(
+    name: str | Profile,
+    results_dir: str | os.PathLike,
+    models: list[str],
+    *,
+    norm: str = "linf",
+    starts: tuple[int, ...] = STARTS,
+    read_only: bool = False,
+    refresh: bool = False,
+    device: str | torch.device = "cpu",
+    **overrides,
+) -> dict[str, dict[str, Any]]:
+    """Square from further random starts (``starts``: its seeds;
+    :func:`robustreg.masking.square_restarts`, the battery's queries) at the study's AutoAttack radius of ``norm``, on the test images of each
+    published model ``models`` (result file names) that its per-image worst case (PGD and
+    AutoAttack) left standing: ``{model: {"key", "settings", "white_box", "broken",
+    "broken_images"}}``, ``white_box`` the number of those images and ``broken`` how many of them
+    Square breaks from some start.
+
+    Kept in ``<results>/square_restarts.json``, written atomically after each model: a rerun
+    reuses an entry of the same run key and settings and refuses one of others
+    (:class:`~robustreg.study.store.StaleResultError`; ``refresh=True`` recomputes it); with
+    ``read_only`` a missing entry is a ``FileNotFoundError`` that names the command."""
+    p = profile(name, **overrides)
+    s = battery_settings(p)
+    if norm not in s["eps"]:
+        raise ValueError(
+            f"norm {norm!r} has no AutoAttack radius in {p.name!r}; valid: {list(s['eps'])}"
+        )
+    results = Path(results_dir)
+    path = results / RESTARTS_FILE
+    done = files.read_json(path, "square-restarts file", "delete it") if path.is_file() else {}
+    settings = {
+        "norm": norm,
+        "eps": s["eps"][norm],
+        "starts": list(starts),
+        "n_queries": s["n_queries"],
+        "n": s["n"],
+    }
+    out = {}
+    for model_name in models:
+        record = store.read_result(results / model_name)
+        wanted = {"key": record["key"], "settings": settings}
+        entry = done.get(model_name)
+        if entry is not None and not refresh:
+            if {k: entry.get(k) for k in wanted} != wanted:
+                raise store.StaleResultError(
+                    f"{path}: the entry of {model_name} belongs to another run or other "
+                    "settings; it is left untouched: pass refresh=True to replace it"
+                )
+            out[model_name] = entry
+            continue
+        if read_only:
+            raise FileNotFoundError(
+                f"{path}: no Square restarts of {model_name}; compute them with "
+                f"`python tools/square_restarts.py --profile {p.name} {results} {model_name}`"
+            )
+        model = store.load_model(results / model_name).to(device)
+        dtype = next(model.parameters()).dtype
+        x, y = data_module.load(p.data, "test", dtype=dtype)
+        x, y = x[: s["n"]].to(device), y[: s["n"]].to(device)
+        white = evaluation.parse_flags(_row(record, "worst-case", norm, settings["eps"])["flags"])
+        idx = white[: s["n"]].nonzero().squeeze(1).to(device)
+        c0 = time.process_time()
+        robust = masking.square_restarts(
+            model, x[idx], y[idx], settings["eps"], norm, seeds=starts, n_queries=s["n_queries"]
+        )
+        broken = idx[~robust.to(idx.device)]
+        out[model_name] = done[model_name] = {
+            **wanted,
+            "white_box": len(idx),
+            "broken": len(broken),
+            "broken_images": broken.tolist(),
+            "cpu_seconds": time.process_time() - c0,
+            "machine": machine(),
+        }
+        files.write_json(path, dict(sorted(done.items())))
+    return out
