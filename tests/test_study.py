@@ -780,6 +780,8 @@ def test_masking_battery_on_a_small_study_resumes_and_refuses_other_settings(tmp
     with pytest.raises(study.StaleResultError, match="other settings"):
         battery.square_restarts("sweep-smoke", out, names, starts=(1, 2, 3), **small)
     assert (out / battery.RESTARTS_FILE).read_bytes() == kept
+    with pytest.raises(ValueError, match="repeat the battery's own seed 0"):
+        battery.square_restarts("sweep-smoke", out, names, starts=(0, 1), **small)
     with pytest.raises(ValueError, match="valid: \\['linf', 'l2'\\]"):
         battery.square_restarts("sweep-smoke", out, names, norm="l1", **small)
     missing.unlink()

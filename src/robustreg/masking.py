@@ -5,16 +5,16 @@ A network that masks its gradients (Athalye et al., 2018) leaves gradient attack
 useful direction, so they overstate its robustness. The standard symptoms (Carlini et al., 2019,
 "On evaluating adversarial robustness", §5.2; Croce & Hein, 2020) and the check of each:
 
-================== ==============================================================================
-``square_alone``   a gradient-free attack (Square, 5,000 queries) run on its own on every
-                   correctly classified image breaks images that the gradient attacks left
-``epsilon_sweep``  robust accuracy does not fall to 0 as the radius grows: at ℓ∞ ε = 1 every
-                   image can be replaced by any other, so an attack that works must succeed
-``transfer``       adversarial examples crafted on another network (PGD on the *source*) break
-                   images of the target that its own white-box attacks left
-``square_restarts`` Square from several random starts, each on the images the earlier ones left:
-                   a stronger gradient-free search than one run
-================== ==============================================================================
+==================== ===========================================================================
+``square_alone``     a gradient-free attack (Square, 5,000 queries) run on its own on every
+                     correctly classified image breaks images that the gradient attacks left
+``square_restarts``  Square from several random starts, each on the images the earlier ones
+                     left: a stronger gradient-free search than one run
+``epsilon_sweep``    robust accuracy does not fall to 0 as the radius grows: at ℓ∞ ε = 1 every
+                     image can be replaced by any other, so an attack that works must succeed
+``transfer``         adversarial examples crafted on another network (PGD on the *source*) break
+                     images of the target that its own white-box attacks left
+==================== ===========================================================================
 
 Each check returns per-image robust flags (BoolTensor[n]: correct at x and at the check's
 points), so that :func:`newly_broken` can count the images a check breaks that white-box attacks
@@ -64,9 +64,9 @@ def square_restarts(
     n_queries: int = autoattack.STANDARD["n_queries"],
 ) -> Tensor:
     """Per image, whether Square fails from every random start: 1[f(x_i) = y_i and
-    f(x_i^(s)) = y_i for every s in ``seeds``], x_i^(s) the point :func:`square_alone` finds
-    with seed s. Each start attacks only the images the earlier ones left, so with one seed
-    this is :func:`square_alone`."""
+    f(x_i^(s)) = y_i for every s in ``seeds``], x_i^(s) the point Square finds from seed s
+    (:func:`square_alone`) when run on the images that the starts before s left standing (its
+    random draws depend on that batch). With one seed this is :func:`square_alone`."""
     if not seeds:
         raise ValueError("seeds must name at least one random start")
     robust = torch.ones(len(y), dtype=torch.bool, device=y.device)

@@ -366,12 +366,14 @@ def square_restarts(
     device: str | torch.device = "cpu",
     **overrides,
 ) -> dict[str, dict[str, Any]]:
-    """Square from further random starts (``starts``: its seeds;
-    :func:`robustreg.masking.square_restarts`, the battery's queries) at the study's AutoAttack radius of ``norm``, on the test images of each
-    published model ``models`` (result file names) that its per-image worst case (PGD and
+    """Square from further random starts at the study's AutoAttack radius of ``norm``
+    (:func:`robustreg.masking.square_restarts` with the battery's queries; ``starts``, its seeds,
+    must differ from the battery's own), on the test images of each published model ``models``
+    (result file names; the weights must be beside them) that its per-image worst case (PGD and
     AutoAttack) left standing: ``{model: {"key", "settings", "white_box", "broken",
-    "broken_images"}}``, ``white_box`` the number of those images and ``broken`` how many of them
-    Square breaks from some start.
+    "broken_images", "cpu_seconds", "machine"}}``, ``white_box`` the number of those images,
+    ``broken_images`` the indices (into the test set) of those that Square breaks from some start
+    and ``broken`` their number.
 
     Kept in ``<results>/square_restarts.json``, written atomically after each model: a rerun
     reuses an entry of the same run key and settings and refuses one of others
@@ -382,6 +384,10 @@ def square_restarts(
     if norm not in s["eps"]:
         raise ValueError(
             f"norm {norm!r} has no AutoAttack radius in {p.name!r}; valid: {list(s['eps'])}"
+        )
+    if s["seed"] in starts:
+        raise ValueError(
+            f"starts {list(starts)} must not repeat the battery's own seed {s['seed']}"
         )
     results = Path(results_dir)
     path = results / RESTARTS_FILE

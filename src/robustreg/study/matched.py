@@ -291,8 +291,9 @@ def progress(name: str, results_dir: str | os.PathLike, **overrides) -> dict[str
     study is in stage 1 and ``planned`` counts :func:`~robustreg.study.grid.grid` (plain
     training, the sweeps, the baselines); once it exists, stage 3, whose grid holds stage 1's
     runs and the selected ones on every seed. ``done`` counts the planned runs whose result file
-    is complete (:func:`~robustreg.study.execute.run_grid` with ``partial``: a selected run whose
-    AutoAttack is still to come is not done; any other stale file is an error). A directory that
+    is complete (:func:`~robustreg.study.execute.run_grid` with ``partial``: a diverged run's
+    file counts, a selected run whose AutoAttack is still to come does not; any other stale file
+    is an error). A directory that
     does not exist is a study not started. ``overrides``: as for :func:`run_study`."""
     study_profile(name)
     results = Path(results_dir)
