@@ -1,6 +1,7 @@
 """The notebook contract: parameters cell, validation, committed outputs without volatile metadata."""
 
 import ast
+import copy
 import json
 import re
 import subprocess
@@ -18,7 +19,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import install_cell  # noqa: E402
 import strip_notebooks  # noqa: E402
 from chapters import chapter_notebooks, toc_files  # noqa: E402
-from strip_notebooks import volatile_metadata  # noqa: E402
+from strip_notebooks import coalesce_streams, volatile_metadata  # noqa: E402
 
 NOTEBOOKS = chapter_notebooks()
 IDS = [p.stem for p in NOTEBOOKS]
@@ -73,6 +74,9 @@ def test_parameters_cell_comes_first_with_typed_defaults(path):
 def test_committed_outputs_present_and_no_volatile_metadata(path):
     nb, cells = _code_cells(path)
     assert volatile_metadata(nb) == [], "run `python tools/strip_notebooks.py` on it"
+    assert not coalesce_streams(copy.deepcopy(nb)), (
+        "a cell's printed text is split over several outputs: run `python tools/strip_notebooks.py`"
+    )
     unexecuted = [
         i for i, c in enumerate(cells) if c.get("execution_count") is None and _source(c).strip()
     ]

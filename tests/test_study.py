@@ -138,6 +138,30 @@ def test_flags_string_round_trip():
         evaluation.parse_flags("10x1")
 
 
+def test_find_row_picks_one_row_by_metric_attack_norm_and_radius():
+    rows = [
+        {"metric": "clean_accuracy", "attack": None, "norm": None, "eps": None, "value": 0.9},
+        *(
+            {"metric": "robust_accuracy", "attack": a, "norm": n, "eps": e, "value": v}
+            for a, n, e, v in [
+                ("pgd", "linf", 0.1, 0.5),
+                ("pgd", "linf", 0.3, 0.2),
+                ("worst-case", "linf", 0.1, 0.4),
+                ("pgd", "l2", 0.1, 0.7),
+            ]
+        ),
+    ]
+    assert evaluation.find_row(rows, "clean_accuracy")["value"] == 0.9
+    # the radius is compared up to rounding (0.1 from a sum of tenths is not 0.1)
+    row = evaluation.find_row(rows, attack="pgd", norm="linf", eps=0.3 * 1 / 3 + 1e-17)
+    assert row["value"] == 0.5
+    assert evaluation.find_row(rows, attack="worst-case")["value"] == 0.4
+    with pytest.raises(KeyError, match="2 rows match .*attack='pgd' norm='linf'"):
+        evaluation.find_row(rows, attack="pgd", norm="linf")
+    with pytest.raises(KeyError, match="0 rows match .*eps=0.2"):
+        evaluation.find_row(rows, attack="pgd", norm="linf", eps=0.2)
+
+
 # --- standard AutoAttack --------------------------------------------------------------------
 
 

@@ -44,10 +44,8 @@ def main(argv=None) -> int:
         for norm, eps in (settings.get("autoattack_eps") or {}).items():
             key = f"{stem} {norm} {eps:g}"
             if key not in done:
-                stored = next(
-                    r
-                    for r in record["rows"]
-                    if r.get("attack") == "autoattack" and r["norm"] == norm and r["eps"] == eps
+                stored = evaluation.find_row(
+                    record["rows"], attack="autoattack", norm=norm, eps=eps
                 )
                 x_adv = art_attacks.art_autoattack(model, x, y, eps, norm, seed=0, version="light")
                 art = evaluation.predict(model, x_adv) == y

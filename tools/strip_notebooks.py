@@ -4,7 +4,8 @@
 
 A thin wrapper around nbstripout with the options this book needs (:data:`OPTIONS`: outputs,
 execution counts and cell ids kept; papermill's records and the run-specific parts of
-``language_info`` dropped). ``make reproduce`` runs it after papermill has executed a chapter; the
+``language_info`` dropped); it first joins a cell's consecutive outputs to one stream (how the
+kernel chunks printed text varies from run to run; nbval compares them joined). ``make reproduce`` runs it after papermill has executed a chapter; the
 notebook-contract test (tests/test_notebook_contract.py) fails on a committed notebook that still
 carries such metadata (:func:`volatile_metadata`).
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
+import nbformat
 
 #: Metadata nbstripout drops beyond its defaults (which include the cells' execution timings).
 EXTRA_KEYS = [
@@ -48,11 +51,38 @@ def volatile_metadata(nb: dict) -> list[str]:
     return found
 
 
+def coalesce_streams(nb: dict) -> bool:
+    """Join each cell's consecutive ``stream`` outputs of one name (stdout, stderr) into one, in
+    place (a notebook read by :func:`nbformat.read`, whose texts are strings); whether anything
+    changed."""
+    changed = False
+    for cell in nb["cells"]:
+        merged = []
+        for out in cell.get("outputs", []):
+            last = merged[-1] if merged else None
+            if (
+                last is not None
+                and out["output_type"] == last["output_type"] == "stream"
+                and out["name"] == last["name"]
+            ):
+                last["text"] += out["text"]
+                changed = True
+            else:
+                merged.append(out)
+        if changed and "outputs" in cell:
+            cell["outputs"] = merged
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
         print(__doc__)
         return 2
+    for path in paths:
+        nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        if coalesce_streams(nb):
+            nbformat.write(nb, path)
     return subprocess.run([sys.executable, "-m", "nbstripout", *OPTIONS, *paths]).returncode
 
 

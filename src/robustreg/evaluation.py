@@ -38,6 +38,7 @@ __all__ = [
     "accuracy",
     "radii",
     "evaluate",
+    "find_row",
     "regularizer_values",
     "robust_accuracy",
     "robust_flags",
@@ -452,6 +453,37 @@ def _radii_and_regularizer_rows(model, x, y, n_certified, regularizers) -> list[
         for name, v in regularizer_values(model, x, y, names).items():
             rows.append(_row("regularizer_mean", v.mean(), regularizer=name))
     return rows
+
+
+def find_row(
+    rows: Iterable[Mapping[str, Any]],
+    metric: str = "robust_accuracy",
+    *,
+    attack: str | None = None,
+    norm: str | None = None,
+    eps: float | None = None,
+) -> Mapping[str, Any]:
+    """The one row of ``rows`` (a result's ``record["rows"]``) with this ``metric`` and, where
+    given, ``attack``, ``norm`` and radius ``eps`` (compared with :func:`math.isclose`).
+
+    No such row, or several, is a ``KeyError`` naming what was asked and what the rows hold.
+    """
+    wanted = {"attack": attack, "norm": norm}
+    found = [
+        r
+        for r in rows
+        if r["metric"] == metric
+        and all(r.get(k) == v for k, v in wanted.items() if v is not None)
+        and (eps is None or (r.get("eps") is not None and math.isclose(r["eps"], eps)))
+    ]
+    if len(found) != 1:
+        asked = " ".join(
+            f"{k}={v!r}"
+            for k, v in {"metric": metric, **wanted, "eps": eps}.items()
+            if v is not None
+        )
+        raise KeyError(f"{len(found)} rows match {asked} (one was expected)")
+    return found[0]
 
 
 def to_frame(rows: Iterable[Mapping[str, Any]]):

@@ -26,7 +26,6 @@ stopped.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Mapping
@@ -99,24 +98,17 @@ def battery_settings(p: Profile) -> dict[str, Any]:
     }
 
 
-def _row(record: Mapping[str, Any], attack: str, norm: str, eps: float, metric="robust_accuracy"):
-    for row in record["rows"]:
-        if (
-            row["metric"] == metric
-            and row.get("attack") == attack
-            and row.get("norm") == norm
-            and math.isclose(row.get("eps") or 0.0, eps)
-        ):
-            return row
-    raise KeyError(f"{record['name']}: no {metric} row of {attack} {norm} ε = {eps:g}")
-
-
 def _battery_of_model(model, record, sources, x, y, s, progress) -> dict[str, Any]:
     checks: dict[str, Any] = {"square": {}, "sweep": {}, "transfer": {}, "beyond": {}}
     n = len(y)
     for norm, eps in s["eps"].items():
-        white = evaluation.parse_flags(_row(record, "worst-case", norm, eps)["flags"])[:n]
-        in_aa = int(_row(record, "square", norm, eps, metric="autoattack_broken_by")["value"])
+        white = evaluation.parse_flags(
+            evaluation.find_row(record["rows"], attack="worst-case", norm=norm, eps=eps)["flags"]
+        )[:n]
+        in_aa = evaluation.find_row(  # images AutoAttack's own Square broke
+            record["rows"], "autoattack_broken_by", attack="square", norm=norm, eps=eps
+        )
+        in_aa = int(in_aa["value"])
         progress(f"{norm} Square alone")
         sq = masking.square_alone(model, x, y, eps, norm, n_queries=s["n_queries"], seed=s["seed"])
         checks["square"][norm] = {
@@ -421,7 +413,11 @@ def square_restarts(
         dtype = next(model.parameters()).dtype
         x, y = data_module.load(p.data, "test", dtype=dtype)
         x, y = x[: s["n"]].to(device), y[: s["n"]].to(device)
-        white = evaluation.parse_flags(_row(record, "worst-case", norm, settings["eps"])["flags"])
+        white = evaluation.parse_flags(
+            evaluation.find_row(
+                record["rows"], attack="worst-case", norm=norm, eps=settings["eps"]
+            )["flags"]
+        )
         idx = white[: s["n"]].nonzero().squeeze(1).to(device)
         c0 = time.process_time()
         robust = masking.square_restarts(
