@@ -2,15 +2,17 @@
 
     python tools/study_status.py [--profile converged] [--results-dir results/converged]
 
-Reads the result files only (no torch): per method, the runs finished, their training CPU-seconds
-(the sum of the per-epoch process times in the history) and evaluation CPU-seconds, and the runs
-of the grid still missing (before the selection, the grid without the selected λ).
+Reads the result files only (nothing is trained or attacked): the study's stage and runs done
+(:func:`robustreg.study.matched.progress`: a run counts when its result file is complete, a
+selected run still waiting for its AutoAttack does not) and, per method, the runs done, their
+training CPU-seconds (the sum of the per-epoch process times in the history), evaluation and
+AutoAttack CPU-seconds, and the runs of the grid still missing (before the selection, the grid
+without the selected λ).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -23,19 +25,29 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="converged")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    from robustreg.study import grid, store
+    from robustreg.study import grid, matched, run_grid
 
     results = args.results_dir or ROOT / "results" / args.profile
-    selection_file = results / "selection.json"
-    selection = json.loads(selection_file.read_text()) if selection_file.is_file() else None
-    wanted = {grid.result_name(c): c for c in grid.grid(args.profile, selection=selection)}
-    done = {r["name"]: r for r in store.load_results(results)}
+    status = matched.progress(args.profile, results)
+    selection = status["selection"]
+    done = {}
+    if status["done"]:
+        _, records = run_grid(
+            args.profile,
+            results_dir=results,
+            read_only=True,
+            partial=True,
+            selection=selection,
+            with_records=True,
+            progress=False,
+        )
+        done = {r["name"]: r for r in records}
     table = defaultdict(
         lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "aa": 0.0, "diverged": 0}
     )
-    for name, config in wanted.items():
+    for config in grid.grid(args.profile, selection=selection):
         row = table[grid.label(config)]
-        record = done.get(name)
+        record = done.get(grid.result_name(config))
         if record is None:
             row["left"] += 1
             continue
@@ -45,8 +57,8 @@ def main(argv=None) -> int:
         row["eval"] += record.get("eval_cpu_seconds") or 0.0
         row["aa"] += record.get("autoattack_cpu_seconds") or 0.0  # recorded since issue 22
     print(
-        f"{args.profile}: {sum(r['done'] for r in table.values())} of {len(wanted)} runs done"
-        + ("" if selection else " (before the selection)")
+        f"{args.profile}: stage {status['stage']}, {status['done']} of {status['planned']} runs "
+        "done" + ("" if selection else " (before the selection)")
     )
     print(
         f"{'method':24s} {'done':>5s} {'left':>5s} {'train CPU-h':>12s} {'eval CPU-h':>11s}"
