@@ -569,13 +569,21 @@ def test_progress_counts_the_runs_of_a_study_in_progress(tmp_path):
         "done": 0,
         "planned": 3,
         "selection": None,
+        "records": [],
     }
     study.run_grid("sweep-smoke", **kw, **small)  # plain training (attacked) and two λ
-    assert study.matched.progress("sweep-smoke", res, **small)["done"] == 3
+    got = study.matched.progress("sweep-smoke", res, **small)
+    assert got["done"] == 3 and len({r["name"] for r in got["records"]}) == 3
     selection = {"lambdas": {"input_gradient": {"1": {"lam": 1.0}}}}
     (res / study.matched.SELECTION_FILE).write_text(json.dumps(selection))
     got = study.matched.progress("sweep-smoke", res, **small)
-    assert got == {"stage": 3, "done": 2, "planned": 3, "selection": selection}
+    assert {k: v for k, v in got.items() if k != "records"} == {
+        "stage": 3,
+        "done": 2,
+        "planned": 3,
+        "selection": selection,
+    }
+    assert "input_gradient_lam1_seed0.json" not in {r["name"] for r in got["records"]}
     with pytest.raises(study.StaleResultError):  # read in full, the same file is stale
         study.run_grid("sweep-smoke", read_only=True, selection=selection, **kw, **small)
     study.run_grid("sweep-smoke", selection=selection, **kw, **small)  # AutoAttack added

@@ -25,23 +25,12 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="converged")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    from robustreg.study import grid, matched, run_grid
+    from robustreg.study import grid, matched
 
     results = args.results_dir or ROOT / "results" / args.profile
     status = matched.progress(args.profile, results)
     selection = status["selection"]
-    done = {}
-    if status["done"]:
-        _, records = run_grid(
-            args.profile,
-            results_dir=results,
-            read_only=True,
-            partial=True,
-            selection=selection,
-            with_records=True,
-            progress=False,
-        )
-        done = {r["name"]: r for r in records}
+    done = {r["name"]: r for r in status["records"]}
     table = defaultdict(
         lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "aa": 0.0, "diverged": 0}
     )

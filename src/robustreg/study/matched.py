@@ -287,20 +287,20 @@ _PROFILE_FIELDS = set(Profile.__dataclass_fields__)
 def progress(name: str, results_dir: str | os.PathLike, **overrides) -> dict[str, Any]:
     """How far a matched-strength study's result files have got; nothing is computed.
 
-    Returns ``{"stage", "done", "planned", "selection"}``. Before ``selection.json`` exists the
+    Returns ``{"stage", "done", "planned", "selection", "records"}``. Before ``selection.json`` exists the
     study is in stage 1 and ``planned`` counts :func:`~robustreg.study.grid.grid` (plain
     training, the sweeps, the baselines); once it exists, stage 3, whose grid holds stage 1's
     runs and the selected ones on every seed. ``done`` counts the planned runs whose result file
     is complete (:func:`~robustreg.study.execute.run_grid` with ``partial``: a diverged run's
     file counts, a selected run whose AutoAttack is still to come does not; any other stale file
-    is an error). A directory that
+    is an error); ``records`` are those runs' result records. A directory that
     does not exist is a study not started. ``overrides``: as for :func:`run_study`."""
     study_profile(name)
     results = Path(results_dir)
     path = results / SELECTION_FILE
     selection = files.read_json(path, "selection file") if path.is_file() else None
     planned = len(grid(name, selection=selection, **overrides))
-    done = 0
+    records: list[dict[str, Any]] = []
     if results.is_dir():
         _, records = run_grid(
             name,
@@ -312,12 +312,12 @@ def progress(name: str, results_dir: str | os.PathLike, **overrides) -> dict[str
             progress=False,
             **overrides,
         )
-        done = len(records)
     return {
         "stage": 1 if selection is None else 3,
-        "done": done,
+        "done": len(records),
         "planned": planned,
         "selection": selection,
+        "records": records,
     }
 
 
