@@ -464,7 +464,7 @@ def find_row(
     eps: float | None = None,
 ) -> Mapping[str, Any]:
     """The one row of ``rows`` (a result's ``record["rows"]``) with this ``metric`` and, where
-    given, ``attack``, ``norm`` and radius ``eps`` (compared with :func:`math.isclose`).
+    given, ``attack``, ``norm`` and radius ``eps`` (compared with ``math.isclose``).
 
     No such row, or several, is a ``KeyError`` naming what was asked and what the rows hold.
     """
