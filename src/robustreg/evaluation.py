@@ -466,7 +466,7 @@ def find_row(
     """The one row of ``rows`` (a result's ``record["rows"]``) with this ``metric`` and, where
     given, ``attack``, ``norm`` and radius ``eps`` (compared with ``math.isclose``).
 
-    No such row, or several, is a ``KeyError`` naming what was asked and what the rows hold.
+    No such row, or several, is a ``KeyError`` naming what was asked and how many matched.
     """
     wanted = {"attack": attack, "norm": norm}
     found = [

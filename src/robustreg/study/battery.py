@@ -105,10 +105,10 @@ def _battery_of_model(model, record, sources, x, y, s, progress) -> dict[str, An
         white = evaluation.parse_flags(
             evaluation.find_row(record["rows"], attack="worst-case", norm=norm, eps=eps)["flags"]
         )[:n]
-        in_aa = evaluation.find_row(  # images AutoAttack's own Square broke
+        aa_square = evaluation.find_row(  # images AutoAttack's own Square broke
             record["rows"], "autoattack_broken_by", attack="square", norm=norm, eps=eps
         )
-        in_aa = int(in_aa["value"])
+        in_aa = int(aa_square["value"])
         progress(f"{norm} Square alone")
         sq = masking.square_alone(model, x, y, eps, norm, n_queries=s["n_queries"], seed=s["seed"])
         checks["square"][norm] = {
