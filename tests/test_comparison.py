@@ -1,8 +1,11 @@
 """robustreg.comparison: the paired interval keeps its coverage with five seeds and with three
-(the converged study), the percentile bootstrap does not, and Holm's procedure controls a family."""
+(the converged study), the percentile bootstrap does not, and Holm's procedure controls a family,
+also when it runs over two studies together (replication)."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from robustreg import comparison
@@ -114,3 +117,57 @@ def test_holm_step_down():
         assert (h <= (p < 0.05)).all() and (h >= (p <= 0.05 / 8)).all()
     with pytest.raises(ValueError, match="p_values"):
         comparison.holm([0.5, 1.5])
+
+
+def test_replication_classes():
+    # p-values 0.001 ×3 and 0.2: Holm over the eight rejects the six small ones (0.001 ≤ 0.05/3
+    # at the sixth), the two at 0.2 stay
+    first = {
+        "a": {"diff": 0.05, "p": 0.001},  # both resolved, same sign
+        "b": {"diff": 0.05, "p": 0.001},  # both resolved, opposite signs
+        "c": {"diff": 0.05, "p": 0.001},  # resolved in the first study only
+        "d": {"diff": -0.01, "p": 0.2},  # in neither
+    }
+    second = {
+        "a": {"diff": 0.02, "p": 0.001},
+        "b": {"diff": -0.03, "p": 0.001},
+        "c": {"diff": 0.01, "p": 0.2},
+        "d": {"diff": 0.01, "p": 0.001},
+    }
+    got = comparison.replication(first, second)
+    assert got == {"a": "replicated", "b": "reversed", "c": "first only", "d": "second only"}
+    assert set(got.values()) <= set(comparison.REPLICATION_CLASSES)
+    with pytest.raises(ValueError, match="only in first: \\['c'\\]"):
+        comparison.replication(first, {k: v for k, v in second.items() if k != "c"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-0.2, 0.2, allow_nan=False),
+            st.floats(0, 1),
+            st.floats(-0.2, 0.2, allow_nan=False),
+            st.floats(0, 1),
+        ),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_replication_is_holm_over_both_studies(draws):
+    first = {i: {"diff": d1, "p": p1} for i, (d1, p1, _, _) in enumerate(draws)}
+    second = {i: {"diff": d2, "p": p2} for i, (_, _, d2, p2) in enumerate(draws)}
+    got = comparison.replication(first, second)
+    # swapping the studies swaps "first only" and "second only", nothing else
+    swap = {"first only": "second only", "second only": "first only"}
+    assert comparison.replication(second, first) == {k: swap.get(c, c) for k, c in got.items()}
+    # a comparison counts as resolved in a study exactly where Holm over all 2m rejects it
+    flags = comparison.holm([first[i]["p"] for i in first] + [second[i]["p"] for i in first])
+    m = len(first)
+    for i in first:
+        one, two = flags[i], flags[m + i]
+        assert (got[i] in ("replicated", "reversed", "first only")) == one
+        assert (got[i] in ("replicated", "reversed", "second only")) == two
+        if one and two:
+            same = (first[i]["diff"] > 0) == (second[i]["diff"] > 0)
+            assert got[i] == ("replicated" if same else "reversed")

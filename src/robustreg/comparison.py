@@ -30,7 +30,10 @@ a simulation whose effect varies between seeds it covers about 80–85 % at nomi
 (``tests/test_comparison.py`` checks both intervals' coverage).
 
 A chapter that counts a family of comparisons ("k of n ahead") controls the family-wise error
-with Holm's step-down procedure (:func:`holm`) on the intervals' p-values.
+with Holm's step-down procedure (:func:`holm`) on the intervals' p-values. :func:`replication`
+asks whether the comparisons of one study hold in another (the same methods on another network):
+Holm's correction over the comparisons of both studies together, then each comparison classed by
+the signs that survive it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-__all__ = ["bootstrap_interval", "holm", "outcomes", "paired_interval", "resolved"]
+__all__ = [
+    "REPLICATION_CLASSES",
+    "bootstrap_interval",
+    "holm",
+    "outcomes",
+    "paired_interval",
+    "replication",
+    "resolved",
+]
 
 
 def outcomes(
@@ -179,3 +190,41 @@ def holm(p_values: Sequence[float], *, alpha: float = 0.05) -> list[bool]:
             break
         reject[i] = True
     return reject.tolist()
+
+
+#: The classes of :func:`replication`, in the order a report lists them.
+REPLICATION_CLASSES = ("replicated", "reversed", "first only", "second only", "neither")
+
+
+def replication(
+    first: Mapping[Any, Mapping[str, float]],
+    second: Mapping[Any, Mapping[str, float]],
+    *,
+    alpha: float = 0.05,
+) -> dict[Any, str]:
+    """Whether each comparison of one study holds in another: ``{key: class}``.
+
+    ``first`` and ``second`` map the same keys (a comparison, e.g. ``("curvature", "plain")``)
+    to intervals of :func:`paired_interval` (``"diff"`` and ``"p"`` are read). Holm's correction
+    (:func:`holm`) runs over the 2m p-values together, so that the chance of declaring even one
+    of the 2m differences wrongly is at most about ``alpha``; then a comparison is
+    ``"replicated"`` where both studies resolve it with the same sign, ``"reversed"`` where both
+    resolve it with opposite signs, ``"first only"`` / ``"second only"`` where one study alone
+    resolves it, and ``"neither"`` otherwise (:data:`REPLICATION_CLASSES`).
+    """
+    if set(first) != set(second):
+        raise ValueError(
+            "first and second must hold the same comparisons; only in first: "
+            f"{sorted(map(str, set(first) - set(second)))}, only in second: "
+            f"{sorted(map(str, set(second) - set(first)))}"
+        )
+    keys = list(first)
+    flags = holm([first[k]["p"] for k in keys] + [second[k]["p"] for k in keys], alpha=alpha)
+    out = {}
+    for k, one, two in zip(keys, flags[: len(keys)], flags[len(keys) :], strict=True):
+        if one and two:
+            same = (first[k]["diff"] > 0) == (second[k]["diff"] > 0)
+            out[k] = "replicated" if same else "reversed"
+        else:
+            out[k] = "first only" if one else "second only" if two else "neither"
+    return out
