@@ -39,6 +39,11 @@ def test_the_asset_is_byte_identical_for_the_same_files(tmp_path):
     (results / "default" / "plain_seed0.json").touch()  # a new mtime changes nothing
     b = release.build_asset(results, tmp_path / "b.tar.gz")
     assert a == b == hashlib.sha256((tmp_path / "a.tar.gz").read_bytes()).hexdigest()
+    # the resume state of runs in progress (a hidden folder) and hidden files are not packed
+    (results / "default" / ".checkpoints").mkdir()
+    (results / "default" / ".checkpoints" / "k.partial.pt").write_bytes(b"\x00")
+    (results / "default" / ".hidden").write_bytes(b"\x00")
+    assert release.build_asset(results, tmp_path / "d.tar.gz") == a
     (results / "default" / "plain_seed0.json").write_text("{}\n")
     assert release.build_asset(results, tmp_path / "c.tar.gz") != a
 

@@ -49,7 +49,13 @@ def cache_dir() -> Path:
 
 
 def _members(results: Path) -> list[Path]:
-    return sorted(p for p in results.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The files of ``results`` the asset packs: none hidden, nor any under a hidden folder (a
+    study's ``.checkpoints/``, the resume state of its runs in progress)."""
+    return sorted(
+        p
+        for p in results.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(results).parts)
+    )
 
 
 def build_asset(results_dir: str | os.PathLike, out: str | os.PathLike) -> str:
