@@ -230,6 +230,63 @@ def test_attacks_and_metrics_reject_or_propagate_nan(digits):
     assert (evaluation.predict(broken, x) == -1).all()
 
 
+def _cut_off_after_first_epoch(real):
+    """training.train, interrupted at the first forward pass after its first checkpoint."""
+
+    def train(model, *a, checkpoint=None, **k):
+        def stop(module, args):
+            if checkpoint is not None and Path(checkpoint).exists():
+                raise Interrupt
+
+        handle = model.register_forward_pre_hook(stop)
+        try:
+            return real(model, *a, checkpoint=checkpoint, **k)
+        finally:
+            handle.remove()
+
+    return train
+
+
+def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_path, monkeypatch):
+    """Measured: the runs in flight when a session ended lost their per-epoch state with the
+    machine's run cache. A run trained for a results directory keeps it there (``.checkpoints/``),
+    so a clone with an empty cache resumes it, and drops it when the run finishes; a checkpoint an
+    earlier version left in the cache is moved there and resumed too."""
+    real, starts = training.train, []
+
+    def spy(model, *a, checkpoint=None, **k):  # where each training starts from
+        starts.append((Path(checkpoint), Path(checkpoint).exists()))
+        return real(model, *a, checkpoint=checkpoint, **k)
+
+    res = tmp_path / "r"
+    kw = dict(results_dir=res, progress=False, device="cpu", epochs=3, seeds=[0])
+    monkeypatch.setattr(training, "train", _cut_off_after_first_epoch(real))
+    with pytest.raises(Interrupt):
+        study.run_grid("smoke", cache_dir=tmp_path / "c1", **kw)
+    (saved,) = (res / ".checkpoints").glob("*.partial.pt")
+    assert not list((tmp_path / "c1").glob("*.partial.pt"))
+    monkeypatch.setattr(training, "train", spy)
+    study.run_grid("smoke", cache_dir=tmp_path / "c2", **kw)  # a new clone: an empty cache
+    assert starts[0] == (saved, True) and all(not resumed for _, resumed in starts[1:])
+    assert not list((res / ".checkpoints").glob("*")) and not list((tmp_path / "c2").glob("*.pt"))
+    again = tmp_path / "again"  # the same grid uninterrupted: the same result files
+    study.run_grid("smoke", **{**kw, "results_dir": again}, cache_dir=tmp_path / "c3")
+    for f in sorted(again.glob("*.json")):
+        a, b = json.loads(f.read_text()), json.loads((res / f.name).read_text())
+        assert a["key"] == b["key"] and a["rows"] == b["rows"]
+    # a checkpoint left in the cache by an earlier version: moved beside the results, resumed
+    monkeypatch.setattr(training, "train", _cut_off_after_first_epoch(real))
+    with pytest.raises(Interrupt):
+        study.run_grid("smoke", **{**kw, "results_dir": tmp_path / "r2"}, cache_dir=tmp_path / "c4")
+    (saved,) = (tmp_path / "r2" / ".checkpoints").glob("*.partial.pt")
+    (tmp_path / "c4").mkdir(exist_ok=True)
+    shutil.move(saved, tmp_path / "c4" / saved.name)
+    starts.clear()
+    monkeypatch.setattr(training, "train", spy)
+    study.run_grid("smoke", **{**kw, "results_dir": tmp_path / "r2"}, cache_dir=tmp_path / "c4")
+    assert starts[0] == (saved, True)
+
+
 # --- Ctrl-C says what is saved ------------------------------------------------------------------
 
 

@@ -13,7 +13,8 @@ data) and keeps, under the cache directory::
     <key>.safetensors   the weights, labelled with the key (written first)
     <key>.json          configuration, the weights' SHA-256, history, device, time (written
                         last: marks a finished run)
-    <key>.partial.pt    per-epoch resume state while training (its run identity checked)
+    <key>.partial.pt    per-epoch resume state while training (its run identity checked; in
+                        ``checkpoint_dir`` when one is given, e.g. a study's results directory)
     <key>.diverged.json a run whose loss became non-finite: its configuration and the message
                         (:class:`DivergedError`; the run is not trained again)
 
@@ -34,6 +35,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -228,6 +230,7 @@ def train_cached(
     config: Mapping[str, Any],
     *,
     cache_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -241,7 +244,9 @@ def train_cached(
     initialisation), ``dtype``, ``validation`` (train on the "fit" split and record the accuracy
     on "val" after every epoch in the history's ``val_accuracy``).
 
-    Files under ``cache_dir`` (default :func:`default_cache_dir`): see the module docstring. A
+    Files under ``cache_dir`` (default :func:`default_cache_dir`): see the module docstring; the
+    per-epoch resume state goes to ``checkpoint_dir`` instead when it is given (one left in the
+    cache by an earlier call is moved there first). A
     training whose loss becomes non-finite raises :class:`DivergedError`, now and on every
     later call (the divergence is kept in the cache).
     ``record`` is the JSON content plus ``"cached": True`` when it was loaded. The returned model
@@ -251,12 +256,15 @@ def train_cached(
     full = normalize_config(config)
     key = cache_key(full)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    weights, meta, partial = (
-        root / f"{key}.safetensors",
-        root / f"{key}.json",
-        root / f"{key}.partial.pt",
-    )
+    weights, meta = root / f"{key}.safetensors", root / f"{key}.json"
+    partial = Path(checkpoint_dir if checkpoint_dir is not None else root) / f"{key}.partial.pt"
     files.remove_leftovers(root)
+    if partial.parent != root:
+        files.remove_leftovers(partial.parent)
+        in_cache = root / partial.name
+        if in_cache.is_file() and not partial.exists():  # written before checkpoint_dir was given
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(in_cache, partial)
     device = torch.device(device) if device is not None else training.default_device()
     dtype = torch_dtype(full["dtype"])
     x, y = data_module.load(full["data"], training_split(full), dtype=dtype)

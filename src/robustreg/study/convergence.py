@@ -35,14 +35,19 @@ def train_run(
     an interrupted run resumes, a finished one loads) and write its run file ``path``
     atomically: ``{"name", "key", "config", "history", "cpu_seconds"}``, or ``{"name",
     "config", "diverged"}`` for a training that diverged. An existing file is read back, not
-    retrained. ``cache_dir``: the training cache (None: the default). Returns the file's
-    content."""
+    retrained. ``cache_dir``: the training cache (None: the default); the per-epoch state of a
+    run still training is kept beside the run file (``.checkpoints/``), so that a run cut off
+    resumes wherever the folder goes. Returns the file's content."""
     path = Path(path)
     if path.is_file():
         return json.loads(path.read_text())
     try:
         _, record = cache.train_cached(
-            dict(config), cache_dir=cache_dir, device="cpu", progress=progress
+            dict(config),
+            cache_dir=cache_dir,
+            checkpoint_dir=path.parent / ".checkpoints",
+            device="cpu",
+            progress=progress,
         )
     except FloatingPointError as err:
         out = {"name": path.stem, "config": dict(config), "diverged": str(err)}

@@ -184,7 +184,11 @@ def run_one(
     if stored is None or not evaluate_models:
         try:
             model, record = cache.train_cached(
-                config, cache_dir=cache_dir, device=device, progress=progress
+                config,
+                cache_dir=cache_dir,
+                checkpoint_dir=store.checkpoint_dir if store is not None else None,
+                device=device,
+                progress=progress,
             )
         except cache.DivergedError as err:  # a result of the run too: it has no metrics
             return [], _diverged_record(config, key, eval_s, err, store)

@@ -4,6 +4,7 @@
 
     <dir>/<method>[_lam<λ>]_seed<s>.json         configuration, history, metrics, machine
     <dir>/<method>[_lam<λ>]_seed<s>.safetensors  the weights of a published run
+    <dir>/.checkpoints/<key>.partial.pt           the per-epoch state of a run still training
 
 A result file carries the run's key (:func:`robustreg.study.cache.cache_key`, a hash of its
 effective configuration) and its effective evaluation settings. :class:`ResultStore` reads and
@@ -14,6 +15,9 @@ writes them safely:
   which replaces it on purpose);
 - files are written atomically, the weights first (a result file never lacks its weights); a
   corrupt file is an error naming it;
+- a run trained for the directory keeps its per-epoch state beside its results, not in the
+  machine's run cache (:attr:`ResultStore.checkpoint_dir`), and drops it when it finishes: a study
+  whose directory is committed with a run cut off mid-training resumes that run in a new clone;
 - a weight file carries its run's key, the result file the SHA-256 of its tensors; :func:`load_model`
   checks both, the tensors' shapes against the configuration before it reads them, and that the
   stored configuration still hashes to the stored key.
@@ -189,6 +193,12 @@ class ResultStore:
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.directory)!r})"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the runs trained for this directory keep their per-epoch state
+        (``.checkpoints/``; hidden, so that the release asset leaves it out)."""
+        return self.directory / ".checkpoints"
 
     def path(self, config: Mapping[str, Any]) -> Path:
         """The result file of a run configuration."""
