@@ -563,20 +563,20 @@ _CONVERGED_BASELINES = [
 
 # The headline comparison on a CNN (issue 22): LeNet-5 on the same data and schedule, plain
 # training, CURE, the cross-Lipschitz functional and PGD-ℓ∞ training, each selected at plain − 3
-# points on seed 0's sweep and trained on seeds 0–2.
-# From tools/converged_pilot.py --stage lenet (results/converged/pilot/lenet): plain training is at
-# its best at 15 epochs (91.5 % on validation; 91.0 at 30). CURE at λ = 1, near the weight the
-# headline selects, gains 0.8 points from 15 to 30 epochs, 0.4 from 30 to 60 and 0.6 from 60 to
-# 120 (λ = 10: 0.9 and 0.7 from 15 to 60), so CURE trains for 120 epochs (240 at λ = 1 is being
-# piloted), the cross-Lipschitz functional and PGD training for 60 (cross-Lipschitz λ = 0.1 gained
-# 0.7 points from 15 to 30 epochs and 0.6 from 30 to 60, then 0.26 from 60 to 120). PGD-ℓ∞ training at ε = 0.02 for 60 epochs loses 0.3 points of validation accuracy, at
-# ε = 0.1 for 30 epochs 8.5: its radii bracket the target from 0.02 to 0.08. The other
-# regularizer is the cross-Lipschitz functional: of the paper's other four it keeps the most under
-# the ℓ∞ worst case on the MLP at plain − 3 (seed 0; the Jacobian regularizer ties it). Local
-# linearity, ahead of CURE on the MLP, costs 14 times plain training per epoch, about 2 CPU-hours
-# for one 60-epoch LeNet run and 10 for its sweep and seeds: it is left out of the headline. The
-# cross-Lipschitz functional at λ = 0.1 loses 4.2 points in the pilot's 15 epochs (249 CPU-s), so
-# its sweep runs from 0.01 to 0.3. The pilot's runs share their cache keys with the study's, which
+# points on seed 0's sweep and trained on seeds 0–2. The budgets, from tools/converged_pilot.py
+# --stage lenet (results/converged/pilot/lenet; chapter 13 shows them), in points of validation
+# accuracy gained by doubling the budget:
+# - plain training: at its best at 15 epochs (91.5 %; 91.0 at 30);
+# - CURE, λ = 1: +0.8 from 15 to 30, +0.4 to 60, +0.6 to 120 (λ = 10: +0.9 and +0.7 from 15 to
+#   60), so 120 epochs; a 240-epoch run at λ = 1 checks that budget;
+# - cross-Lipschitz, λ = 0.1: +0.7 from 15 to 30, +0.6 to 60, +0.26 to 120, so 60 epochs;
+# - PGD-ℓ∞ training, ε = 0.02: 60 epochs, a 30-epoch run checks it; its radii bracket the target
+#   from 0.02 (−0.3 points at 60 epochs) to 0.08 (ε = 0.1 loses 8.5 at 30 epochs).
+# The cross-Lipschitz functional stands for the paper's other four: it keeps the most under the
+# ℓ∞ worst case on the MLP at plain − 3 (seed 0; chapter 12 asserts it). At λ = 0.1 it loses 4.2
+# points in 15 epochs, so its sweep runs from 0.01 to 0.3. Local linearity, ahead of CURE on the
+# MLP, costs 14 times plain training per epoch (about 2 CPU-hours a 60-epoch LeNet run, 10 for its
+# sweep and seeds) and is left out. The pilot's runs share their keys with the study's, which
 # reuses them.
 CONVERGED_LENET_EPOCHS = 15
 CONVERGED_LENET_LONG_EPOCHS = 60
