@@ -7,7 +7,8 @@ Reads the result files only (nothing is trained or attacked): the study's stage 
 selected run still waiting for its AutoAttack does not) and, per method, the runs done, their
 training CPU-seconds (the sum of the per-epoch process times in the history), evaluation and
 AutoAttack CPU-seconds, and the runs of the grid still missing (before the selection, the grid
-without the selected λ).
+without the selected λ); last, the runs cut off or still training, with the epoch their
+per-epoch state in ``.checkpoints/`` has reached.
 """
 
 from __future__ import annotations
@@ -25,12 +26,16 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="converged")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
-    from robustreg.study import grid, matched
+    import torch
+
+    from robustreg.study import cache, grid, matched, store
 
     results = args.results_dir or ROOT / "results" / args.profile
     status = matched.progress(args.profile, results)
     selection = status["selection"]
     done = {r["name"]: r for r in status["records"]}
+    checkpoints = store.ResultStore(results).checkpoint_dir
+    in_flight = []  # (result file, epoch reached, epochs)
     table = defaultdict(
         lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "aa": 0.0, "diverged": 0}
     )
@@ -39,6 +44,10 @@ def main(argv=None) -> int:
         record = done.get(grid.result_name(config))
         if record is None:
             row["left"] += 1
+            partial = checkpoints / f"{cache.cache_key(config)}.partial.pt"
+            if partial.is_file():
+                epoch = torch.load(partial, weights_only=True, map_location="cpu")["epoch"]
+                in_flight.append((grid.result_name(config), epoch, config["epochs"]))
             continue
         row["done"] += 1
         row["diverged"] += bool(record.get("diverged"))
@@ -63,6 +72,8 @@ def main(argv=None) -> int:
         sum(r[k] for r in table.values()) / 3600 for k in ("train", "eval", "aa")
     )
     print(f"{'total':24s} {'':5s} {'':5s} {train:12.2f} {evaluation:11.2f} {aa:12.2f}")
+    for name, epoch, epochs in in_flight:
+        print(f"in flight: {name} at epoch {epoch} of {epochs} ({checkpoints.name}/)")
     return 0
 
 
