@@ -120,23 +120,31 @@ def test_holm_step_down():
 
 
 def test_replication_classes():
-    # p-values 0.001 ×3 and 0.2: Holm over the eight rejects the six small ones (0.001 ≤ 0.05/3
-    # at the sixth), the two at 0.2 stay
+    # p-values 0.001 ×6 and 0.2 ×4: Holm over the ten rejects the six small ones (0.001 ≤ 0.05/5
+    # at the sixth), the four at 0.2 stay
     first = {
-        "a": {"diff": 0.05, "p": 0.001},  # both resolved, same sign
-        "b": {"diff": 0.05, "p": 0.001},  # both resolved, opposite signs
+        "a": {"diff": 0.05, "p": 0.001},  # resolved on both, the same sign
+        "b": {"diff": 0.05, "p": 0.001},  # resolved on both, opposite signs
         "c": {"diff": 0.05, "p": 0.001},  # resolved in the first study only
-        "d": {"diff": -0.01, "p": 0.2},  # in neither
+        "d": {"diff": -0.01, "p": 0.2},  # resolved in the second only
+        "e": {"diff": 0.02, "p": 0.2},  # in neither
     }
-    second = {
-        "a": {"diff": 0.02, "p": 0.001},
-        "b": {"diff": -0.03, "p": 0.001},
-        "c": {"diff": 0.01, "p": 0.2},
+    second = {  # in another order: the comparisons are matched by key
+        "e": {"diff": 0.03, "p": 0.2},
         "d": {"diff": 0.01, "p": 0.001},
+        "c": {"diff": 0.01, "p": 0.2},
+        "b": {"diff": -0.03, "p": 0.001},
+        "a": {"diff": 0.02, "p": 0.001},
     }
     got = comparison.replication(first, second)
-    assert got == {"a": "replicated", "b": "reversed", "c": "first only", "d": "second only"}
-    assert set(got.values()) <= set(comparison.REPLICATION_CLASSES)
+    assert got == {
+        "a": "replicated",
+        "b": "reversed",
+        "c": "first only",
+        "d": "second only",
+        "e": "neither",
+    }
+    assert set(got.values()) == set(comparison.REPLICATION_CLASSES)
     with pytest.raises(ValueError, match="only in first: \\['c'\\]"):
         comparison.replication(first, {k: v for k, v in second.items() if k != "c"})
 
@@ -156,8 +164,9 @@ def test_replication_classes():
 )
 def test_replication_is_holm_over_both_studies(draws):
     first = {i: {"diff": d1, "p": p1} for i, (d1, p1, _, _) in enumerate(draws)}
-    second = {i: {"diff": d2, "p": p2} for i, (_, _, d2, p2) in enumerate(draws)}
+    second = {i: {"diff": d2, "p": p2} for i, (_, _, d2, p2) in reversed(list(enumerate(draws)))}
     got = comparison.replication(first, second)
+    assert set(got) == set(first) and set(got.values()) <= set(comparison.REPLICATION_CLASSES)
     # swapping the studies swaps "first only" and "second only", nothing else
     swap = {"first only": "second only", "second only": "first only"}
     assert comparison.replication(second, first) == {k: swap.get(c, c) for k, c in got.items()}
@@ -171,3 +180,5 @@ def test_replication_is_holm_over_both_studies(draws):
         if one and two:
             same = (first[i]["diff"] > 0) == (second[i]["diff"] > 0)
             assert got[i] == ("replicated" if same else "reversed")
+        if not (one or two):
+            assert got[i] == "neither"

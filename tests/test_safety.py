@@ -268,7 +268,7 @@ def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_pat
     monkeypatch.setattr(training, "train", spy)
     study.run_grid("smoke", cache_dir=tmp_path / "c2", **kw)  # a new clone: an empty cache
     assert starts[0] == (saved, True) and all(not resumed for _, resumed in starts[1:])
-    assert not list((res / ".checkpoints").glob("*")) and not list((tmp_path / "c2").glob("*.pt"))
+    assert not (res / ".checkpoints").exists() and not list((tmp_path / "c2").glob("*.pt"))
     again = tmp_path / "again"  # the same grid uninterrupted: the same result files
     study.run_grid("smoke", **{**kw, "results_dir": again}, cache_dir=tmp_path / "c3")
     for f in sorted(again.glob("*.json")):
@@ -285,6 +285,30 @@ def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_pat
     monkeypatch.setattr(training, "train", spy)
     study.run_grid("smoke", **{**kw, "results_dir": tmp_path / "r2"}, cache_dir=tmp_path / "c4")
     assert starts[0] == (saved, True)
+    assert not (tmp_path / "c4" / saved.name).exists()
+
+
+def test_a_pilot_run_cut_off_resumes_from_beside_its_run_file(tmp_path, monkeypatch):
+    """The convergence pilots' runs keep their per-epoch state beside their run files too; the
+    folder goes once its last run has finished."""
+    from robustreg.study import convergence
+
+    real, starts = training.train, []
+
+    def spy(model, *a, checkpoint=None, **k):
+        starts.append((Path(checkpoint), Path(checkpoint).exists()))
+        return real(model, *a, checkpoint=checkpoint, **k)
+
+    path = tmp_path / "pilot" / "plain_ep3.json"
+    config = {**SMALL, "epochs": 3}
+    monkeypatch.setattr(training, "train", _cut_off_after_first_epoch(real))
+    with pytest.raises(Interrupt):
+        convergence.train_run(config, path, cache_dir=tmp_path / "c1")
+    (saved,) = (path.parent / ".checkpoints").glob("*.partial.pt")
+    monkeypatch.setattr(training, "train", spy)
+    out = convergence.train_run(config, path, cache_dir=tmp_path / "c2")
+    assert starts == [(saved, True)] and len(out["history"]["loss"]) == 3
+    assert not (path.parent / ".checkpoints").exists()
 
 
 # --- Ctrl-C says what is saved ------------------------------------------------------------------

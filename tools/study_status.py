@@ -8,7 +8,8 @@ selected run still waiting for its AutoAttack does not) and, per method, the run
 training CPU-seconds (the sum of the per-epoch process times in the history), evaluation and
 AutoAttack CPU-seconds, and the runs of the grid still missing (before the selection, the grid
 without the selected λ); last, the runs cut off or still training, with the epoch their
-per-epoch state in ``.checkpoints/`` has reached.
+per-epoch state in ``.checkpoints/`` has reached, and any state there of no run still to finish
+(a finished run's, or one the grid no longer has).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     done = {r["name"]: r for r in status["records"]}
     checkpoints = store.ResultStore(results).checkpoint_dir
     in_flight = []  # (result file, epoch reached, epochs)
+    planned_partials = set()  # the checkpoint names of the runs still to finish
     table = defaultdict(
         lambda: {"done": 0, "left": 0, "train": 0.0, "eval": 0.0, "aa": 0.0, "diverged": 0}
     )
@@ -45,8 +47,13 @@ def main(argv=None) -> int:
         if record is None:
             row["left"] += 1
             partial = checkpoints / f"{cache.cache_key(config)}.partial.pt"
+            planned_partials.add(partial.name)
             if partial.is_file():
-                epoch = torch.load(partial, weights_only=True, map_location="cpu")["epoch"]
+                try:
+                    state = torch.load(partial, weights_only=True, map_location="cpu")
+                    epoch = state["epoch"]
+                except Exception as err:  # finished meanwhile, or not a checkpoint
+                    epoch = f"? ({type(err).__name__})"
                 in_flight.append((grid.result_name(config), epoch, config["epochs"]))
             continue
         row["done"] += 1
@@ -74,6 +81,11 @@ def main(argv=None) -> int:
     print(f"{'total':24s} {'':5s} {'':5s} {train:12.2f} {evaluation:11.2f} {aa:12.2f}")
     for name, epoch, epochs in in_flight:
         print(f"in flight: {name} at epoch {epoch} of {epochs} ({checkpoints.name}/)")
+    for orphan in sorted(checkpoints.glob("*.partial.pt")):
+        if orphan.name not in planned_partials:
+            print(
+                f"left over: {checkpoints.name}/{orphan.name} is no run still to finish; delete it"
+            )
     return 0
 
 

@@ -29,6 +29,7 @@ is the one identity of a run: it names the cache entry, labels its weights
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -262,9 +263,10 @@ def train_cached(
     if partial.parent != root:
         files.remove_leftovers(partial.parent)
         in_cache = root / partial.name
-        if in_cache.is_file() and not partial.exists():  # written before checkpoint_dir was given
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(in_cache, partial)
+        if in_cache.is_file():  # written before checkpoint_dir was given: moved there, or dropped
+            if not partial.exists():
+                files.atomic_write(partial, lambda tmp: shutil.copyfile(in_cache, tmp))
+            in_cache.unlink()
     device = torch.device(device) if device is not None else training.default_device()
     dtype = torch_dtype(full["dtype"])
     x, y = data_module.load(full["data"], training_split(full), dtype=dtype)
@@ -336,6 +338,9 @@ def train_cached(
         files.write_json(diverged, {"key": key, "config": full, "diverged": str(err)})
         partial.unlink(missing_ok=True)
         raise DivergedError(key, str(err)) from None
+    if partial.parent != root:  # the folder goes with the last of its runs still training
+        with contextlib.suppress(OSError):  # not empty (another run's state) or already gone
+            partial.parent.rmdir()
     sha256 = weight_files.write_weights(model, weights, key)
     record = {
         "key": key,

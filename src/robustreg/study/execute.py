@@ -252,7 +252,13 @@ def _publish_missing_weights(p, config, selection, stored, store, cache_dir, dev
         return
     if store.path(config).with_suffix(".safetensors").is_file() or not config.get("validation"):
         return
-    model, _ = cache.train_cached(config, cache_dir=cache_dir, device=device, progress=False)
+    model, _ = cache.train_cached(
+        config,
+        cache_dir=cache_dir,
+        checkpoint_dir=store.checkpoint_dir,
+        device=device,
+        progress=False,
+    )
     x, y = data_module.load(p.data, "val", dtype=dtype)
     want = next(r["value"] for r in stored["rows"] if r["metric"] == "val_accuracy")
     got = evaluation.accuracy(model, x, y)
@@ -407,10 +413,15 @@ def run_grid(
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
-        where = f"result files in {results}" if results is not None else "nothing written"
+        where = (
+            f"result files in {results}, per-epoch checkpoints in {results / '.checkpoints'}, "
+            "trained models in the run cache"
+            if results is not None
+            else "trained models and per-epoch checkpoints in the run cache"
+        )
         print(
-            f"\ninterrupted: {done} of {len(configs)} runs finished ({where}; trained models and "
-            "per-epoch checkpoints in the run cache); rerun the same command to resume",
+            f"\ninterrupted: {done} of {len(configs)} runs finished ({where}); rerun the same "
+            "command to resume",
             file=sys.stderr,
         )
         raise
