@@ -16,7 +16,7 @@ import torch
 
 from robustreg import attacks, data, evaluation, files, models, regularizers, study, training
 from robustreg.__main__ import main as cli
-from robustreg.study import cache
+from robustreg.study import cache, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 DT = torch.float64
@@ -268,6 +268,9 @@ def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_pat
     monkeypatch.setattr(training, "train", spy)
     study.run_grid("smoke", cache_dir=tmp_path / "c2", **kw)  # a new clone: an empty cache
     assert starts[0] == (saved, True) and all(not resumed for _, resumed in starts[1:])
+    # the result says the run was trained in two pieces, and by what (here: the same machine)
+    resumed = [json.loads(f.read_text()) for f in sorted(res.glob("*.json"))]
+    assert [len(r.get("resumed_by", [])) for r in resumed].count(2) == 1
     assert not (res / ".checkpoints").exists() and not list((tmp_path / "c2").glob("*.pt"))
     again = tmp_path / "again"  # the same grid uninterrupted: the same result files
     study.run_grid("smoke", **{**kw, "results_dir": again}, cache_dir=tmp_path / "c3")
@@ -283,7 +286,10 @@ def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_pat
     shutil.move(saved, tmp_path / "c4" / saved.name)
     starts.clear()
     monkeypatch.setattr(training, "train", spy)
-    study.run_grid("smoke", **{**kw, "results_dir": tmp_path / "r2"}, cache_dir=tmp_path / "c4")
+    other = {**provenance.machine(), "cpu": "another CPU"}  # resumed elsewhere: warned
+    monkeypatch.setattr(provenance, "machine", lambda: other)
+    with pytest.warns(RuntimeWarning, match="resumes under .*another CPU.*begun under"):
+        study.run_grid("smoke", **{**kw, "results_dir": tmp_path / "r2"}, cache_dir=tmp_path / "c4")
     assert starts[0] == (saved, True)
     assert not (tmp_path / "c4" / saved.name).exists()
 

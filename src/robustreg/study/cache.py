@@ -15,6 +15,9 @@ data) and keeps, under the cache directory::
                         last: marks a finished run)
     <key>.partial.pt    per-epoch resume state while training (its run identity checked; in
                         ``checkpoint_dir`` when one is given, e.g. a study's results directory)
+    <key>.partial.provenance  beside it: the CPU and numeric environment of each process that
+                        began or resumed the training (a run resumed under others is warned
+                        about, and its record lists them as ``resumed_by``)
     <key>.diverged.json a run whose loss became non-finite: its configuration and the message
                         (:class:`DivergedError`; the run is not trained again)
 
@@ -38,6 +41,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ from torch import nn
 
 from robustreg import data as data_module
 from robustreg import files, models, regularizers, training
+from robustreg.study import provenance
 from robustreg.study import weights as weight_files
 
 __all__ = [
@@ -218,6 +223,34 @@ def _cached_record(meta: Path, weights: Path, key: str) -> dict[str, Any] | None
     return record
 
 
+def _sessions(partial: Path, key: str) -> list[dict[str, Any]]:
+    """Record this process beside a run's checkpoint and return every process that has trained
+    the run so far (one entry: a training begun here). A run resumed under another CPU or numeric
+    environment than it began in may not have the bits of a run trained in one piece: warned."""
+    here = {
+        "cpu": provenance.machine()["cpu"],
+        "numeric_environment": provenance.numeric_environment(),
+        "threads": torch.get_num_threads(),
+    }
+    path = partial.with_suffix(".provenance")
+    earlier = []
+    if partial.is_file() and path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = []
+    if earlier and any({k: e.get(k) for k in here} != here for e in earlier if isinstance(e, dict)):
+        warnings.warn(
+            f"run {key} resumes under {here}, begun under {earlier[0]}: its weights may differ "
+            "in the last bits from a training in one piece (the record lists both)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    sessions = [*earlier, here]
+    files.write_json(path, sessions)
+    return sessions
+
+
 class DivergedError(FloatingPointError):
     """A configuration whose training loss became non-finite (:func:`train_cached`): ``key`` and
     ``message`` (the training's, naming the epoch, batch and terms)."""
@@ -305,6 +338,7 @@ def train_cached(
         record["cached"] = True
         return model, record
 
+    sessions = _sessions(partial, key)
     t0 = time.perf_counter()
     common = dict(
         epochs=full["epochs"],
@@ -337,7 +371,9 @@ def train_cached(
     except FloatingPointError as err:  # deterministic: kept, so that a rerun does not repeat it
         files.write_json(diverged, {"key": key, "config": full, "diverged": str(err)})
         partial.unlink(missing_ok=True)
+        partial.with_suffix(".provenance").unlink(missing_ok=True)
         raise DivergedError(key, str(err)) from None
+    partial.with_suffix(".provenance").unlink(missing_ok=True)
     if partial.parent != root:  # the folder goes with the last of its runs still training
         with contextlib.suppress(OSError):  # not empty (another run's state) or already gone
             partial.parent.rmdir()
@@ -351,6 +387,8 @@ def train_cached(
         "train_seconds": time.perf_counter() - t0,
         "version": CACHE_VERSION,
     }
+    if len(sessions) > 1:  # resumed: by whom
+        record["resumed_by"] = sessions
     files.write_json(meta, record)
     record["cached"] = False
     return model, record

@@ -236,6 +236,8 @@ def run_one(
             "machine": provenance.machine(),
             "rows": payload["rows"],
         }
+        if record.get("resumed_by"):  # trained in pieces: by which machines
+            stored["resumed_by"] = record["resumed_by"]
         if store is not None:
             published = publishes_weights(p, config, selection)
             store.write(stored, model if published else None)
