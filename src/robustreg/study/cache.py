@@ -11,15 +11,17 @@ split of its data set (always loaded by name, so a cache entry cannot hold a mod
 data) and keeps, under the cache directory::
 
     <key>.safetensors   the weights, labelled with the key (written first)
-    <key>.json          configuration, the weights' SHA-256, history, device, time (written
-                        last: marks a finished run)
-    <key>.partial.pt    per-epoch resume state while training (its run identity checked; in
-                        ``checkpoint_dir`` when one is given, e.g. a study's results directory)
-    <key>.partial.provenance  beside it: the CPU and numeric environment of each process that
-                        began or resumed the training (a run resumed under others is warned
-                        about, and its record lists them as ``resumed_by``)
-    <key>.diverged.json a run whose loss became non-finite: its configuration and the message
-                        (:class:`DivergedError`; the run is not trained again)
+    <key>.json          configuration, the weights' SHA-256, history, device,
+                        time (written last: marks a finished run)
+    <key>.partial.pt    per-epoch resume state while training (its run identity
+                        checked; in ``checkpoint_dir`` when one is given, e.g. a
+                        study's results directory)
+    <key>.partial.provenance
+                        beside it: the CPU and numeric environment of each process
+                        that began or resumed the training (a resume under others
+                        is warned about; the record lists them as ``resumed_by``)
+    <key>.diverged.json a run whose loss became non-finite: its configuration and
+                        the message (:class:`DivergedError`; not trained again)
 
 A rerun with the same configuration loads the files instead of training, after verifying the
 weights (:func:`robustreg.study.weights.read_weights`: label, layout, SHA-256); an interrupted run

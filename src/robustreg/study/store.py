@@ -4,7 +4,7 @@
 
     <dir>/<method>[_lam<λ>]_seed<s>.json         configuration, history, metrics, machine
     <dir>/<method>[_lam<λ>]_seed<s>.safetensors  the weights of a published run
-    <dir>/.checkpoints/<key>.partial.pt           the per-epoch state of a run still training
+    <dir>/.checkpoints/<key>.partial.pt          the per-epoch state of a run in training
 
 A result file carries the run's key (:func:`robustreg.study.cache.cache_key`, a hash of its
 effective configuration) and its effective evaluation settings. :class:`ResultStore` reads and
