@@ -99,6 +99,22 @@ def test_html_table_is_deterministic_markup_that_keeps_emphasis():
     assert 'class="dataframe robustreg-table"' in html
 
 
+def test_html_table_keeps_assignments_in_labels_on_one_line():
+    import pandas as pd
+
+    from robustreg.notebook import html_table
+
+    frame = pd.DataFrame({"PGD-ℓ∞, ε = 0.1": ["1.0"]}, index=["CURE, λ = 2.86"])
+    html = html_table(frame, text=True).data
+    assert "CURE, λ\u00a0=\u00a02.86" in html and "ε\u00a0=\u00a00.1" in html
+    assert " = " not in html  # no label may break at its equals sign
+    assert '<span class="robustreg-nobr">PGD-ℓ∞</span>,' in html  # nor at its hyphen
+    words = html_table(pd.DataFrame({"a": ["1"]}, index=["cross-Lipschitz − PGD-ℓ2"])).data
+    assert 'cross-Lipschitz − <span class="robustreg-nobr">PGD-ℓ2</span>' in words
+    assert 'class="dataframe robustreg-table robustreg-text"' in html
+    assert list(frame.index) == ["CURE, λ = 2.86"]  # the caller's frame is left as it was
+
+
 def test_glue_md_glues_markdown_that_the_page_shows_as_prose(monkeypatch):
     myst_nb = pytest.importorskip("myst_nb")
     from IPython.display import Markdown

@@ -9,8 +9,8 @@ For the index and every chapter of _toc.yml, served from a local HTTP server, it
 - an internal link points to a missing page or to a missing anchor,
 - the page scrolls sideways, or a formula is wider than the box that holds it while that box does
   not scroll (mathematics clipped at the edge of a proof, a theorem or the column),
-- at the desktop width: a formula or a line of code (collapsed cells opened) that the reader must
-  scroll sideways to read,
+- at the desktop width: a formula, a line of code (collapsed cells opened) or a results table
+  (`robustreg.notebook.html_table`) that the reader must scroll sideways to read,
 - a figure has no caption, or is shown smaller than its text can be read: every label of an SVG
   figure (its largest glyphs: sub- and superscripts are smaller by design) must measure at least
   :data:`MIN_TEXT_PX` CSS pixels (9 pt) as displayed; a raster figure, whose text cannot be
@@ -126,8 +126,11 @@ async () => {
           const longest = lines.reduce((a, b) => b.length > a.length ? b : a, '');
           return `code line of ${longest.length} characters: ${longest.trim().slice(0, 60)}`;
         });
+      const tables = [...document.querySelectorAll('table.robustreg-table')].filter(wide)
+        .map(t => `results table ${(t.closest('figure') || t).id || '(no id)'}: ` +
+                  `${t.scrollWidth} px wide in a ${t.clientWidth} px box`);
       closed.forEach(d => { d.open = false; });
-      return [...math, ...code];
+      return [...math, ...code, ...tables];
     })(),
     markers: (() => {
       const main = (document.querySelector('article.bd-article') || document.body).cloneNode(true);

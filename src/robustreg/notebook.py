@@ -247,14 +247,33 @@ def setup(
     return types.SimpleNamespace(**resolved)
 
 
-def html_table(frame, *, index: bool = True):
+def html_table(frame, *, index: bool = True, text: bool = False):
     """A results table as the book shows it: ``frame`` (cells already formatted as text, which may
     carry ``<b>`` for emphasis) as an HTML table, for ``myst_nb.glue`` and a ``glue:figure`` with
     a caption. Unlike a pandas ``Styler`` the markup has no random ids, so a rerun writes the same
-    notebook; the book's CSS aligns the numbers and lets a wide table scroll inside its box."""
+    notebook; the book's CSS aligns the numbers and lets a wide table scroll inside its box.
+
+    Row and column labels may wrap at their spaces where the column is narrow (a phone), but
+    never inside an assignment such as "λ = 2.86" (its spaces become no-break spaces) nor at
+    the hyphen of a symbol such as "PGD-ℓ∞" (a word whose part after the hyphen has three
+    characters or fewer is kept whole; "cross-Lipschitz" may break as prose does), in the
+    markup only. ``text=True`` marks a table whose cells are phrases rather than numbers: they
+    wrap as well, and align left."""
+    import re
+
     from IPython.display import HTML
 
-    html = frame.to_html(escape=False, border=0, index=index, na_rep="—", classes="robustreg-table")
+    def label(value):
+        if not isinstance(value, str):
+            return value
+        value = value.replace(" = ", "\u00a0=\u00a0")
+        return re.sub(
+            r"\S+-[^\s,]{1,3}(?=,|\s|$)", r'<span class="robustreg-nobr">\g<0></span>', value
+        )
+
+    classes = ["robustreg-table", *(["robustreg-text"] if text else [])]
+    frame = frame.rename(index=label, columns=label)
+    html = frame.to_html(escape=False, border=0, index=index, na_rep="—", classes=classes)
     return HTML(html)
 
 
