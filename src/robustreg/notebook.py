@@ -30,6 +30,7 @@ import ast
 import difflib
 import os
 import random
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -259,8 +260,6 @@ def html_table(frame, *, index: bool = True, text: bool = False):
     characters or fewer is kept whole; "cross-Lipschitz" may break as prose does), in the
     markup only. ``text=True`` marks a table whose cells are phrases rather than numbers: they
     wrap as well, and align left."""
-    import re
-
     from IPython.display import HTML
 
     def label(value):
