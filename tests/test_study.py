@@ -844,6 +844,45 @@ def test_masking_verdict_names_each_sign_against_its_criterion():
     assert "Square breaks 6" in signs[0] and "0.2" in signs[1] and "9 images" in signs[2]
 
 
+def test_a_selection_made_before_a_baseline_budget_doubled_is_stale_and_refused(tmp_path):
+    """A baseline's radius chosen from first-stage runs at another budget than the profile now
+    trains (the budget doubled after the selection) is stale: the study refuses to train it at
+    the old budget, before training anything, and says to delete the selection file."""
+    p = PROFILES["converged"]
+    curves = {
+        reg: [(lam, 0.90 - 0.02 * i) for i, lam in enumerate(lams)]
+        for reg, lams in p.lambdas.items()
+    }
+    rows = [{**r, "seed": 0} for r in _val_rows(curves, 0.905)]
+    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.90)]
+    sel = study.select_lambdas("converged", rows)
+    assert study.grid.stale_baselines("converged", sel) == []
+    assert study.grid.stale_baselines("converged", None) == []
+    doubled = [
+        {**a, "epochs": 2 * a.get("epochs", p.epochs)} if a["norm"] == "linf" else dict(a)
+        for a in p.adversarial
+    ]
+    stale = study.grid.stale_baselines("converged", sel, adversarial=doubled)
+    linf = sel["baselines"]["linf"]
+    assert sorted((s["norm"], s["eps"], s["epochs"], s["profile_epochs"]) for s in stale) == sorted(
+        ("linf", linf[t]["eps"], 120, 240) for t in ("1", "3")
+    )
+    # an override of the epochs is every run's: nothing is stale then
+    assert study.grid.stale_baselines("converged", sel, adversarial=doubled, epochs=2) == []
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "selection.json").write_text(json.dumps(sel))
+    with pytest.raises(RuntimeError, match=r"stale .*linf ε = .*120 epochs.*240 epochs.*Delete"):
+        study.run_study(
+            "converged",
+            results_dir=res,
+            cache_dir=tmp_path / "cache",
+            progress=False,
+            adversarial=doubled,
+        )
+    assert not (tmp_path / "cache").exists()  # nothing trained
+
+
 def test_a_baseline_trains_for_its_own_epochs_and_others_keep_their_keys():
     adv = [{"eps": 0.1, "norm": "linf", "steps": 7, "epochs": 120}, {"eps": 0.05, "norm": "linf"}]
     base = study.grid.grid("converged", seeds=[0])

@@ -25,6 +25,7 @@ __all__ = [
     "grid",
     "label",
     "publishes_weights",
+    "stale_baselines",
     "result_name",
     "run_eval_settings",
     "selected_baselines",
@@ -109,6 +110,34 @@ def selected_baselines(selection: Mapping[str, Any] | None) -> list[dict[str, An
         for entry in targets.values():
             if entry.get("adversarial") is not None and entry["adversarial"] not in out:
                 out.append(dict(entry["adversarial"]))
+    return out
+
+
+def stale_baselines(
+    name: str | Profile, selection: Mapping[str, Any] | None, **overrides
+) -> list[dict[str, Any]]:
+    """The baselines a selection picked under other training settings than the profile now
+    gives its norm's baselines (its PGD steps or epochs: a budget doubled after the selection).
+    Their radius was chosen from first-stage runs the profile no longer trains, so it is to be
+    chosen again. Each is ``{"norm", "eps", "epochs", "profile_epochs"}`` (the selected entry's
+    epochs and the profile's), in the selection's order; ``overrides`` as for :func:`grid`."""
+    p = profile(name, **overrides)
+    out = []
+    for entry in selected_baselines(selection):
+        attack, epochs = _attack_and_epochs(entry)
+        norm = attack.get("norm", "linf")
+        same_norm = [a for a in p.adversarial if a.get("norm", "linf") == norm]
+        if not same_norm:
+            continue
+        now_attack, now_epochs = _attack_and_epochs(same_norm[0])
+        if "epochs" in overrides:  # an override sets every run's epochs
+            epochs = now_epochs = None
+        then = p.epochs if epochs is None else epochs
+        now = p.epochs if now_epochs is None else now_epochs
+        settings = {k: v for k, v in attack.items() if k != "eps"}
+        now_settings = {k: v for k, v in now_attack.items() if k != "eps"}
+        if then != now or settings != now_settings:
+            out.append({"norm": norm, "eps": attack["eps"], "epochs": then, "profile_epochs": now})
     return out
 
 

@@ -21,8 +21,8 @@ from robustreg import data as data_module
 from robustreg import evaluation, files
 from robustreg.study import cache
 from robustreg.study.config import PROFILES, Profile, profile
-from robustreg.study.execute import run_grid
-from robustreg.study.grid import grid, label, result_name
+from robustreg.study.execute import run_grid, select_shard
+from robustreg.study.grid import grid, label, result_name, stale_baselines
 from robustreg.study.store import ResultStore, results_root
 
 __all__ = [
@@ -248,6 +248,8 @@ def run_study(
     overrides = {k: v for k, v in kwargs.items() if k in _PROFILE_FIELDS}
     if path.is_file():
         selection = files.read_json(path, "selection file", "delete it to select again")
+        if not read_only:
+            _refuse_stale_baselines(name, selection, path, kwargs.get("shard"), overrides)
     elif read_only:
         raise FileNotFoundError(
             f"{path}: no selection; compute it with "
@@ -279,6 +281,35 @@ def run_study(
         **kwargs,
     )
     return (*out, selection) if with_records else (out, selection)
+
+
+def _refuse_stale_baselines(name, selection, path, shard, overrides) -> None:
+    """Stop before training a baseline whose radius the selection chose under a budget the
+    profile no longer uses (:func:`~robustreg.study.grid.stale_baselines`); the other runs of
+    a shard go on (a regularizer's λ does not depend on the baselines' runs)."""
+    stale = stale_baselines(name, selection, **overrides)
+    picked = {(s["norm"], s["eps"]) for s in stale}
+    todo = select_shard(grid(name, selection=selection, **overrides), shard)
+    hit = [
+        c
+        for c in todo
+        if c.get("adversarial")
+        and (c["adversarial"].get("norm", "linf"), c["adversarial"]["eps"]) in picked
+        and c["epochs"] in {s["epochs"] for s in stale}
+    ]
+    if hit:
+        which = "; ".join(
+            f"{s['norm']} ε = {s['eps']:g}, chosen from first-stage runs at {s['epochs']} "
+            f"epochs, but the profile now trains {s['norm']} baselines for "
+            f"{s['profile_epochs']} epochs"
+            for s in stale
+        )
+        raise RuntimeError(
+            f"{path}: the selection is stale for its baselines ({which}). Delete the file "
+            "and rerun: the command trains what the first stage lacks at the new budget "
+            "(reading back the runs it has), selects again and goes on. Runs refused: "
+            f"{', '.join(result_name(c) for c in hit)}"
+        )
 
 
 _PROFILE_FIELDS = set(Profile.__dataclass_fields__)
