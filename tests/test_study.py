@@ -242,21 +242,28 @@ def _baseline_rows(p, top, step=0.02):
     return rows
 
 
-def test_baselines_are_selected_like_lambdas_and_trained_on_every_seed():
-    """A study that selects baselines picks, per norm, the radius where PGD training's validation
-    accuracy crosses each target, and trains it (with the norm's steps and epochs) on every seed."""
+def _converged_selection():
+    """Seed-0 validation rows of the converged profile (plain training at 0.905, each sweep and
+    the baselines' radii falling two points a step from 0.90) and their selection."""
     p = PROFILES["converged"]
-    assert p.study.select_baselines
     curves = {
         reg: [(lam, 0.90 - 0.02 * i) for i, lam in enumerate(lams)]
         for reg, lams in p.lambdas.items()
     }
     rows = [{**r, "seed": 0} for r in _val_rows(curves, 0.905)]
+    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.90)]
+    return rows, study.select_lambdas("converged", rows)
+
+
+def test_baselines_are_selected_like_lambdas_and_trained_on_every_seed():
+    """A study that selects baselines picks, per norm, the radius where PGD training's validation
+    accuracy crosses each target, and trains it (with the norm's steps and epochs) on every seed."""
+    p = PROFILES["converged"]
+    assert p.study.select_baselines
     # ℓ∞ radii 0.01, 0.03, 0.05, 0.1 at 0.90, 0.88, 0.86, 0.84: plain − 1 point (0.895) lies a
     # quarter of the way from 0.01 to 0.03, plain − 3 (0.875) a quarter from 0.03 to 0.05 (in
     # log ε; rounded to 3 significant digits: within half a unit of the last, 0.5 / 100)
-    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.90)]
-    sel = study.select_lambdas("converged", rows)
+    rows, sel = _converged_selection()
     linf = sel["baselines"]["linf"]
     assert linf["1"]["eps"] == pytest.approx(
         math.exp(math.log(0.01) + 0.25 * math.log(3)), rel=5e-3
@@ -849,13 +856,7 @@ def test_a_selection_made_before_a_baseline_budget_doubled_is_stale_and_refused(
     trains (the budget doubled after the selection) is stale: the study refuses to train it at
     the old budget, before training anything, and says to delete the selection file."""
     p = PROFILES["converged"]
-    curves = {
-        reg: [(lam, 0.90 - 0.02 * i) for i, lam in enumerate(lams)]
-        for reg, lams in p.lambdas.items()
-    }
-    rows = [{**r, "seed": 0} for r in _val_rows(curves, 0.905)]
-    rows += [{**r, "seed": 0} for r in _baseline_rows(p, 0.90)]
-    sel = study.select_lambdas("converged", rows)
+    _, sel = _converged_selection()
     assert study.grid.stale_baselines("converged", sel) == []
     assert study.grid.stale_baselines("converged", None) == []
     doubled = [
