@@ -41,7 +41,7 @@ def fresh(seed=0):
 # --- result files are never replaced by another configuration ---------------------------------
 
 
-def test_smoke_grid_into_committed_results_replaces_nothing(tmp_path):
+def test_smoke_grid_into_committed_results_replaces_nothing(tmp_path, capsys):
     """Measured: run-grid --profile smoke into a copy of results/default replaced 7 files."""
     committed = ROOT / "results" / "default"
     target = tmp_path / "results"
@@ -51,6 +51,12 @@ def test_smoke_grid_into_committed_results_replaces_nothing(tmp_path):
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     with pytest.raises(study.StaleResultError, match="plain_seed0.json.*--refresh"):
         study.run_grid("smoke", cache_dir=tmp_path / "cache", results_dir=target, **FAST)
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.suffix == ".json"} == before
+    # the command line says so in a line, without a traceback, and exits 2
+    argv = ["run-grid", "--profile", "smoke", "--results-dir", str(target), "--quiet"]
+    assert cli([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "plain_seed0.json" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.suffix == ".json"} == before
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from robustreg import autoattack, comparison, data, evaluation, models, study
+from robustreg.__main__ import main as cli
 from robustreg.study import PROFILES, cache
 
 DT = torch.float64
@@ -851,7 +852,7 @@ def test_masking_verdict_names_each_sign_against_its_criterion():
     assert "Square breaks 6" in signs[0] and "0.2" in signs[1] and "9 images" in signs[2]
 
 
-def test_a_selection_made_before_a_baseline_budget_doubled_is_stale_and_refused(tmp_path):
+def test_a_selection_made_before_a_baseline_budget_doubled_is_stale_and_refused(tmp_path, capsys):
     """A baseline's radius chosen from first-stage runs at another budget than the profile now
     trains (the budget doubled after the selection) is stale: the study refuses to train it at
     the old budget, before training anything, and says to delete the selection file."""
@@ -882,6 +883,15 @@ def test_a_selection_made_before_a_baseline_budget_doubled_is_stale_and_refused(
             adversarial=doubled,
         )
     assert not (tmp_path / "cache").exists()  # nothing trained
+    # the command line: a selection made when PGD-ℓ∞ training had half the profile's epochs
+    for entry in sel["baselines"]["linf"].values():
+        entry["adversarial"]["epochs"] = p.adversarial[0]["epochs"] // 2
+    (res / "selection.json").write_text(json.dumps(sel))
+    argv = ["run-grid", "--profile", "converged", "--results-dir", str(res), "--quiet"]
+    assert cli([*argv, "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Delete the file and rerun" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_a_baseline_trains_for_its_own_epochs_and_others_keep_their_keys():

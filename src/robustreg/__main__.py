@@ -52,7 +52,7 @@ def _run_grid(args) -> int:
     import torch
 
     from robustreg import evaluation, files, training
-    from robustreg.study import cache, execute, grid, matched
+    from robustreg.study import cache, execute, grid, matched, store
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,7 +85,13 @@ def _run_grid(args) -> int:
         if args.no_eval or not args.results_dir:
             print("a matched-strength profile needs --results-dir and evaluation", file=sys.stderr)
             return 2
-        rows, selection = matched.run_study(args.profile, results_dir=args.results_dir, **kwargs)
+        try:
+            rows, selection = matched.run_study(
+                args.profile, results_dir=args.results_dir, **kwargs
+            )
+        except (store.StaleResultError, matched.StaleSelectionError) as err:
+            print(f"error: {err}", file=sys.stderr)  # a file to delete or refresh: no traceback
+            return 2
         for reg, targets in selection["lambdas"].items():
             chosen = ", ".join(f"−{t} pts: λ = {e['lam']}" for t, e in targets.items())
             print(f"selected {reg}: {chosen}", file=sys.stderr)
@@ -107,12 +113,16 @@ def _run_grid(args) -> int:
                 **overrides,
             )
     else:
-        rows = execute.run_grid(
-            args.profile,
-            results_dir=args.results_dir,
-            evaluate_models=not args.no_eval,
-            **kwargs,
-        )
+        try:
+            rows = execute.run_grid(
+                args.profile,
+                results_dir=args.results_dir,
+                evaluate_models=not args.no_eval,
+                **kwargs,
+            )
+        except store.StaleResultError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     seconds = time.perf_counter() - t0
     if args.out:
         out = Path(args.out)

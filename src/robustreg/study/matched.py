@@ -27,6 +27,7 @@ from robustreg.study.store import ResultStore, results_root
 
 __all__ = [
     "SELECTION_FILE",
+    "StaleSelectionError",
     "lowered",
     "open_study",
     "progress",
@@ -37,6 +38,11 @@ __all__ = [
 
 #: The file of a study's results directory that keeps its selection.
 SELECTION_FILE = "selection.json"
+
+
+class StaleSelectionError(RuntimeError):
+    """A selection that chose a baseline under training settings its profile no longer uses
+    (:func:`~robustreg.study.grid.stale_baselines`), asked to train that baseline."""
 
 
 def _round_significant(value: float, digits: int = 3) -> float:
@@ -304,7 +310,7 @@ def _refuse_stale_baselines(name, selection, path, shard, overrides) -> None:
             f"{s['profile_epochs']} epochs"
             for s in stale
         )
-        raise RuntimeError(
+        raise StaleSelectionError(
             f"{path}: the selection is stale for its baselines ({which}). Delete the file "
             "and rerun: the command trains what the first stage lacks at the new budget "
             "(reading back the runs it has), selects again and goes on. Runs refused: "
