@@ -25,11 +25,11 @@ __all__ = [
     "grid",
     "label",
     "publishes_weights",
-    "stale_baselines",
     "result_name",
     "run_eval_settings",
     "selected_baselines",
     "selected_runs",
+    "stale_baselines",
 ]
 
 
