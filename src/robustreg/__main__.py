@@ -52,7 +52,7 @@ def _run_grid(args) -> int:
     import torch
 
     from robustreg import evaluation, files, training
-    from robustreg.study import cache, execute, grid, matched, store
+    from robustreg.study import cache, execute, grid, matched
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,13 +85,7 @@ def _run_grid(args) -> int:
         if args.no_eval or not args.results_dir:
             print("a matched-strength profile needs --results-dir and evaluation", file=sys.stderr)
             return 2
-        try:
-            rows, selection = matched.run_study(
-                args.profile, results_dir=args.results_dir, **kwargs
-            )
-        except (store.StaleResultError, matched.StaleSelectionError) as err:
-            print(f"error: {err}", file=sys.stderr)  # a file to delete or refresh: no traceback
-            return 2
+        rows, selection = matched.run_study(args.profile, results_dir=args.results_dir, **kwargs)
         for reg, targets in selection["lambdas"].items():
             chosen = ", ".join(f"−{t} pts: λ = {e['lam']}" for t, e in targets.items())
             print(f"selected {reg}: {chosen}", file=sys.stderr)
@@ -113,16 +107,12 @@ def _run_grid(args) -> int:
                 **overrides,
             )
     else:
-        try:
-            rows = execute.run_grid(
-                args.profile,
-                results_dir=args.results_dir,
-                evaluate_models=not args.no_eval,
-                **kwargs,
-            )
-        except store.StaleResultError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        rows = execute.run_grid(
+            args.profile,
+            results_dir=args.results_dir,
+            evaluate_models=not args.no_eval,
+            **kwargs,
+        )
     seconds = time.perf_counter() - t0
     if args.out:
         out = Path(args.out)
@@ -330,8 +320,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"note: torch is already loaded; the numeric environment {wanted} is not in effect",
                 file=sys.stderr,
             )
+    from robustreg.study import matched, store  # after the numeric environment is set
+
     try:
         return args.func(args)
+    except (store.StaleResultError, matched.StaleSelectionError) as err:
+        print(f"error: {err}", file=sys.stderr)  # a file to delete or refresh: no traceback
+        return 2
     except KeyboardInterrupt:  # what is saved was said where it happened
         return 130
 
