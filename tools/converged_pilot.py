@@ -18,8 +18,8 @@ Two measurements on Fashion-MNIST (the "fit" split, validation curves on "val"),
 - ``lenet``: the LeNet of the headline comparison: plain and PGD-ℓ∞ training at E and 2E, CURE
   λ = 10 at E, 2E and 4E, CURE λ = 1 at E, 2E, 4E, 8E, 16E and 32E, λ = 100 at E (its epochs and
   CURE's λ range on a CNN), PGD-ℓ∞ at ε = 0.02 at 2E, 4E and 8E, at ε = 0.04 at 4E, 8E and 32E
-  and at ε = 0.08 (its largest radius) at 4E, 8E, 16E and 32E, cross-Lipschitz at λ = 0.1 and 1 at E and at
-  λ = 0.1 at 2E and 8E.
+  and at ε = 0.08 (its largest radius) at 4E, 8E, 16E and 32E, cross-Lipschitz at λ = 0.1 and 1
+  at E and at λ = 0.1 at 2E and 8E.
 
 Every run goes through the training cache (:func:`robustreg.study.train_cached`: an interrupted
 pilot resumes, a finished run is loaded), and its record (configuration, history with the
