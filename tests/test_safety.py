@@ -277,6 +277,8 @@ def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_pat
     # the result says the run was trained in two pieces, and by what (here: the same machine)
     resumed = [json.loads(f.read_text()) for f in sorted(res.glob("*.json"))]
     assert [len(r.get("resumed_by", [])) for r in resumed].count(2) == 1
+    (key,) = (r["key"] for r in resumed if len(r.get("resumed_by", [])) == 2)
+    assert saved == cache.partial_path(study.store.ResultStore(res).checkpoint_dir, key)
     assert not (res / ".checkpoints").exists() and not list((tmp_path / "c2").glob("*.pt"))
     again = tmp_path / "again"  # the same grid uninterrupted: the same result files
     study.run_grid("smoke", **{**kw, "results_dir": again}, cache_dir=tmp_path / "c3")

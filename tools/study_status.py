@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         record = done.get(grid.result_name(config))
         if record is None:
             row["left"] += 1
-            partial = checkpoints / f"{cache.cache_key(config)}.partial.pt"
+            partial = cache.partial_path(checkpoints, cache.cache_key(config))
             planned_partials.add(partial.name)
             if partial.is_file():
                 try:

@@ -66,6 +66,7 @@ __all__ = [
     "default_cache_dir",
     "digits_mlp",
     "normalize_config",
+    "partial_path",
     "regularizer_options",
     "torch_dtype",
     "training_split",
@@ -171,6 +172,13 @@ def cache_key(config: Mapping[str, Any]) -> str:
     full = normalize_config(config)
     blob = json.dumps({"config": full, "version": CACHE_VERSION}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def partial_path(directory: str | os.PathLike, key: str) -> Path:
+    """``<directory>/<key>.partial.pt``: where :func:`train_cached` keeps the per-epoch resume
+    state of the run with cache key ``key`` while it trains (``directory``: its
+    ``checkpoint_dir``, else the cache)."""
+    return Path(directory) / f"{key}.partial.pt"
 
 
 def build_model(spec: Mapping[str, Any], x_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -293,7 +301,7 @@ def train_cached(
     key = cache_key(full)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     weights, meta = root / f"{key}.safetensors", root / f"{key}.json"
-    partial = Path(checkpoint_dir if checkpoint_dir is not None else root) / f"{key}.partial.pt"
+    partial = partial_path(checkpoint_dir if checkpoint_dir is not None else root, key)
     files.remove_leftovers(root)
     if partial.parent != root:
         files.remove_leftovers(partial.parent)
