@@ -16,6 +16,7 @@ For the index and every chapter of _toc.yml, served from a local HTTP server, it
   :data:`MIN_TEXT_PX` CSS pixels (9 pt) as displayed; a raster figure, whose text cannot be
   measured, must carry at least :data:`MIN_RASTER_DENSITY` image pixels per displayed pixel,
 - a test marker (`NBVAL`) or an unparsed directive or role (`{prf:`, a code fence) is visible,
+- the theme shows more than one search field (a header bar of its own beside the sidebar's),
 at a desktop width and at a phone's (:data:`WIDTHS`), with a screenshot of each. Uses Debian's
 `chromium` through Playwright (no browser download), with a fresh profile; :data:`WORKERS`
 browsers share the pages.
@@ -101,6 +102,8 @@ async () => {
     images: [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0})),
     links: [...document.querySelectorAll('a[href]')].map(a => a.href),
     pageOverflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    searchFields: [...document.querySelectorAll('.search-button-field')]
+      .filter(e => e.getBoundingClientRect().width > 0).length,
     figures: (() => {
       const article = document.querySelector('article.bd-article') || document.querySelector('main');
       return [...article.querySelectorAll('img')]
@@ -236,6 +239,8 @@ def check_page(page, base: str, html_root: Path, rel: str, width: int) -> tuple[
     problems += [f"MathJax error: {t!r}" for t in state["errors"]]
     problems += [f"raw TeX in the text (math not parsed): {t!r}" for t in state["rawTex"]]
     problems += [f"image did not load: {i['src']}" for i in state["images"] if not i["ok"]]
+    if state["searchFields"] > 1:
+        problems.append(f"{state['searchFields']} search fields shown (one is enough)")
     if state["pageOverflow"] > 0:
         problems.append(f"the page scrolls sideways by {state['pageOverflow']} px")
     problems += [
