@@ -1,6 +1,7 @@
 """The convergence check of the converged study (robustreg.study.convergence)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,27 @@ def test_train_run_writes_a_run_file_that_read_runs_reads_and_is_not_retrained(
 
     shutil.rmtree(tmp_path / "cache")
     assert convergence.train_run(config, tmp_path / "runs" / "plain_ep2.json") == first
+
+
+def test_the_pilot_says_how_far_each_of_its_runs_has_got(tmp_path, monkeypatch):
+    """``tools/converged_pilot.py --status``: a run is not started, in flight at the epoch its
+    per-epoch state (where :func:`convergence.train_run` keeps it) has reached, done with its
+    final validation accuracy, or diverged."""
+    import torch
+
+    from robustreg.study import store
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    import converged_pilot
+
+    name = "lenet_adversarial-eps0.08_ep480"
+    config = converged_pilot.runs("lenet", 15)[name]
+    assert converged_pilot.status(name, config, tmp_path) == f"{name}: not started (480 epochs)"
+    partial = store.ResultStore(tmp_path).partial_path(config)
+    partial.parent.mkdir()
+    torch.save({"epoch": 289}, partial)
+    assert converged_pilot.status(name, config, tmp_path).startswith(f"{name}: epoch 289 of 480")
+    _write(tmp_path / f"{name}.json", config, [0.5] * 479 + [0.8612])
+    assert converged_pilot.status(name, config, tmp_path) == f"{name}: done, validation 86.12 %"
+    (tmp_path / f"{name}.json").write_text(json.dumps({"config": config, "diverged": "nan"}))
+    assert converged_pilot.status(name, config, tmp_path) == f"{name}: diverged"

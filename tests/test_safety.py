@@ -279,6 +279,8 @@ def test_a_run_cut_off_resumes_from_its_results_directory_in_a_new_clone(tmp_pat
     assert [len(r.get("resumed_by", [])) for r in resumed].count(2) == 1
     (key,) = (r["key"] for r in resumed if len(r.get("resumed_by", [])) == 2)
     assert saved == cache.partial_path(study.store.ResultStore(res).checkpoint_dir, key)
+    (config,) = (r["config"] for r in resumed if r["key"] == key)
+    assert saved == study.store.ResultStore(res).partial_path(config)
     assert not (res / ".checkpoints").exists() and not list((tmp_path / "c2").glob("*.pt"))
     again = tmp_path / "again"  # the same grid uninterrupted: the same result files
     study.run_grid("smoke", **{**kw, "results_dir": again}, cache_dir=tmp_path / "c3")

@@ -27,11 +27,13 @@ validation curve, CPU seconds) is written to ``results/converged/pilot/<stage>/<
 Runs go ``--jobs`` at a time, one thread each; a diverged run is recorded as such.
 
     python tools/converged_pilot.py [--stage epochs lambdas] [--epochs 15] [--jobs 2]
+    python tools/converged_pilot.py --stage lenet --status   # done, in flight (epoch), not started
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -201,6 +203,29 @@ def run(name: str, config: dict, out: Path) -> str:
     return f"{name}: val {val[-1]:.4f} (best {max(val):.4f}), {record['cpu_seconds']:.0f} CPU-s"
 
 
+def status(name: str, config: dict, out: Path) -> str:
+    """One run's state: its final validation accuracy, the epoch its per-epoch state has reached
+    (``.checkpoints/``, by the training's cache key), or "not started"."""
+    import torch
+
+    from robustreg.study import store
+
+    path, epochs = out / f"{name}.json", config["epochs"]
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if "diverged" in record:
+            return f"{name}: diverged"
+        return f"{name}: done, validation {100 * record['history']['val_accuracy'][-1]:.2f} %"
+    partial = store.ResultStore(out).partial_path(config)
+    if not partial.is_file():
+        return f"{name}: not started ({epochs} epochs)"
+    try:
+        epoch = torch.load(partial, weights_only=True, map_location="cpu")["epoch"]
+    except Exception as err:  # finished meanwhile, or not a checkpoint
+        epoch = f"? ({type(err).__name__})"
+    return f"{name}: epoch {epoch} of {epochs} ({partial.parent.name}/{partial.name})"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", nargs="+", default=list(STAGES))
@@ -209,6 +234,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "converged" / "pilot")
     parser.add_argument(
         "--only", nargs="+", metavar="NAME", help="these runs of the stages only, in this order"
+    )
+    parser.add_argument(
+        "--status", action="store_true", help="say how far each run has got; train nothing"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -229,6 +257,10 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown runs {unknown}; valid: {', '.join(by_name)}")
         todo = [by_name[n] for n in args.only]
+    if args.status:
+        for job in todo:
+            print(status(*job))
+        return 0
     with ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run, *job) for job in todo]
         for i, fut in enumerate(as_completed(futures), 1):

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from robustreg.study import cache, grid, matched, store
+    from robustreg.study import grid, matched, store
 
     results = args.results_dir or ROOT / "results" / args.profile
     status = matched.progress(args.profile, results)
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         record = done.get(grid.result_name(config))
         if record is None:
             row["left"] += 1
-            partial = cache.partial_path(checkpoints, cache.cache_key(config))
+            partial = store.ResultStore(results).partial_path(config)
             planned_partials.add(partial.name)
             if partial.is_file():
                 try:

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from robustreg import files
-from robustreg.study import cache
+from robustreg.study import cache, store
 from robustreg.study.grid import label
 
 __all__ = ["TOLERANCE", "budget_table", "read_runs", "train_run"]
@@ -49,7 +49,7 @@ def train_run(
         _, record = cache.train_cached(
             dict(config),
             cache_dir=cache_dir,
-            checkpoint_dir=path.parent / ".checkpoints",
+            checkpoint_dir=store.ResultStore(path.parent).checkpoint_dir,
             device="cpu",
             progress=progress,
         )

@@ -200,6 +200,12 @@ class ResultStore:
         (``.checkpoints/``; hidden, so that the release asset leaves it out)."""
         return self.directory / ".checkpoints"
 
+    def partial_path(self, config: Mapping[str, Any]) -> Path:
+        """Where a run of this directory keeps its per-epoch state while it trains:
+        :func:`robustreg.study.cache.partial_path` in :attr:`checkpoint_dir`, by the run's cache
+        key (the file exists while the run is in flight, or was cut off)."""
+        return cache.partial_path(self.checkpoint_dir, cache.cache_key(config))
+
     def path(self, config: Mapping[str, Any]) -> Path:
         """The result file of a run configuration."""
         return self.directory / result_name(config)
