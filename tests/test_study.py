@@ -598,6 +598,47 @@ def test_progress_counts_the_runs_of_a_study_in_progress(tmp_path):
     assert study.matched.progress("sweep-smoke", res, **small)["done"] == 3
 
 
+def test_a_norm_added_to_autoattack_is_attacked_alone_with_the_rows_of_a_full_evaluation(
+    tmp_path, monkeypatch
+):
+    """A profile whose AutoAttack gains a norm after its runs were evaluated (the LeNet study's
+    ℓ2): the stored result gains that norm's rows, computed alone (nothing else is evaluated or
+    trained again), and then equals, row for row and in order, the result of evaluating the run
+    afresh with both norms; a radius changed at a norm already attacked is still stale."""
+    pytest.importorskip("torchattacks")
+    aa = PROFILES["sweep-smoke"].autoattack.replace(n=10, steps=2, n_queries=10)
+    small = {**_tiny_sweep(), "lambdas": {}, "study": {"targets": [1]}}
+    del small["autoattack"]
+    linf, both = aa.replace(eps={"linf": 0.1}), aa.replace(eps={"linf": 0.1, "l2": 1.0})
+    kw = dict(cache_dir=tmp_path / "c", progress=False, device="cpu")
+    res, fresh = tmp_path / "r", tmp_path / "fresh"
+    study.run_grid("sweep-smoke", results_dir=res, autoattack=linf, **kw, **small)
+    (name,) = [p.name for p in res.glob("*.json")]
+    before = json.loads((res / name).read_text())
+    assert {r["norm"] for r in before["rows"] if r["attack"] == "autoattack"} == {"linf"}
+    full_evaluations = []
+    real = study.execute.evaluate_model
+    monkeypatch.setattr(
+        study.execute,
+        "evaluate_model",
+        lambda *a, **k: full_evaluations.append(1) or real(*a, **k),
+    )
+    study.run_grid("sweep-smoke", results_dir=res, autoattack=both, **kw, **small)
+    assert not full_evaluations  # only the new norm's AutoAttack ran
+    added = json.loads((res / name).read_text())
+    assert added["autoattack_cpu_seconds"] > before["autoattack_cpu_seconds"]
+    assert [a["eps"] for a in added["autoattack_added"]] == [{"l2": 1.0}]
+    study.run_grid("sweep-smoke", results_dir=fresh, autoattack=both, **kw, **small)
+    assert full_evaluations == [1]
+    afresh = json.loads((fresh / name).read_text())
+    assert added["eval"] == afresh["eval"] and added["key"] == afresh["key"]
+    assert added["rows"] == afresh["rows"]
+    assert {r["norm"] for r in added["rows"] if r["attack"] == "autoattack"} == {"linf", "l2"}
+    other = aa.replace(eps={"linf": 0.05, "l2": 1.0})
+    with pytest.raises(study.StaleResultError, match="autoattack_eps"):
+        study.run_grid("sweep-smoke", results_dir=res, autoattack=other, **kw, **small)
+
+
 def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):
     pytest.importorskip("torchattacks")
     small = {  # the smoke profile, smaller still: two regularizers, one baseline, 40 images

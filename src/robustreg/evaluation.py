@@ -43,6 +43,7 @@ __all__ = [
     "robust_accuracy",
     "robust_flags",
     "flags_string",
+    "standard_autoattack_rows",
     "parse_flags",
     "to_frame",
     "wide",
@@ -418,25 +419,57 @@ def _evaluate_per_image(
             )
         if (norm, float(e)) not in pgd_flags:
             raise ValueError(f"AutoAttack's radius {norm} {e} must be one of the PGD radii")
-        n = len(x) if autoattack_n is None else autoattack_n
-        with _cpu_time(timings, "autoattack"):
-            out = autoattack.standard_autoattack(
-                model,
-                x[:n],
-                y[:n],
-                e,
-                norm,
-                seed=seed,
-                steps=autoattack_steps,
-                n_queries=autoattack_queries,
-            )
-        worst = out["robust"] & pgd_flags[norm, float(e)][:n]
-        for name, f in (("autoattack", out["robust"]), ("worst-case", worst)):
-            row = _row("robust_accuracy", f.double().mean(), name, norm, float(e))
-            rows.append({**row, "flags": flags_string(f)})
-        for component, count in out["broken_by"].items():
-            rows.append(_row("autoattack_broken_by", count, component, norm, float(e)))
+        rows += standard_autoattack_rows(
+            model,
+            x,
+            y,
+            e,
+            norm,
+            pgd_flags[norm, float(e)],
+            n=autoattack_n,
+            seed=seed,
+            steps=autoattack_steps,
+            n_queries=autoattack_queries,
+            timings=timings,
+        )
     rows += _radii_and_regularizer_rows(model, x, y, n_certified, regularizers)
+    return rows
+
+
+def standard_autoattack_rows(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: str,
+    pgd_robust: Tensor,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    steps: int = 100,
+    n_queries: int = 5000,
+    timings: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Standard AutoAttack (:func:`robustreg.autoattack.standard_autoattack`) at one radius on the
+    first ``n`` images (None: all), as the rows of :func:`evaluate` with ``per_image=True``:
+    ``autoattack`` (robust under AutoAttack alone) and ``worst-case`` (robust under AutoAttack and
+    under PGD, whose per-image outcome at this radius is ``pgd_robust``), each with its ``flags``,
+    then ``autoattack_broken_by`` (the images each component broke first). ``timings``: as in
+    :func:`evaluate`."""
+    n = len(x) if n is None else n
+    if timings is not None:
+        timings.setdefault("autoattack", 0.0)
+    with _cpu_time(timings, "autoattack"):
+        out = autoattack.standard_autoattack(
+            model, x[:n], y[:n], eps, norm, seed=seed, steps=steps, n_queries=n_queries
+        )
+    worst = out["robust"] & pgd_robust[:n].to(out["robust"].device)
+    rows = []
+    for name, f in (("autoattack", out["robust"]), ("worst-case", worst)):
+        row = _row("robust_accuracy", f.double().mean(), name, norm, float(eps))
+        rows.append({**row, "flags": flags_string(f)})
+    for component, count in out["broken_by"].items():
+        rows.append(_row("autoattack_broken_by", count, component, norm, float(eps)))
     return rows
 
 

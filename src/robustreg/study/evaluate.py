@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from robustreg import evaluation
 
-__all__ = ["LATER_SETTINGS", "effective_settings", "evaluate_model"]
+__all__ = ["LATER_SETTINGS", "add_autoattack", "effective_settings", "evaluate_model"]
 
 #: Evaluation settings added after results were published, left out at their defaults so that the
 #: settings recorded in earlier result files stay what they were.
@@ -79,4 +79,79 @@ def evaluate_model(
         "seconds": time.perf_counter() - t0,
         "cpu_seconds": time.process_time() - c0,
         "autoattack_cpu_seconds": timings["autoattack"],
+    }
+
+
+#: The rows of one radius's AutoAttack (:func:`robustreg.evaluation.standard_autoattack_rows`).
+_AUTOATTACK_ROWS = {"autoattack", "worst-case"}
+#: The clean accuracies, which come first (with PGD's rows) in a result's rows.
+_ACCURACY_ROWS = {"val_accuracy", "clean_accuracy", "test_accuracy"}
+
+
+def _autoattack_radius(row: Mapping[str, Any]) -> tuple[str, float] | None:
+    """(norm, ε) of an AutoAttack row, None for any other row."""
+    if row["metric"] == "autoattack_broken_by" or (
+        row["metric"] == "robust_accuracy" and row["attack"] in _AUTOATTACK_ROWS
+    ):
+        return row["norm"], float(row["eps"])
+    return None
+
+
+def add_autoattack(
+    model: nn.Module,
+    test: tuple[Tensor, Tensor],
+    settings: Mapping[str, Any],
+    rows: list[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """Complete ``rows``, a per-image evaluation of ``model`` (:func:`evaluate_model`) with
+    ``settings`` less some radii of ``settings["autoattack_eps"]``, with standard AutoAttack at
+    the missing radii, each paired with the stored PGD flags at its radius: the rows that
+    :func:`evaluate_model` with ``settings`` computes, in its order (AutoAttack's radii in the
+    order of ``autoattack_eps``, after PGD's rows and before the radii and regularizer rows),
+    without computing the others again. Returns ``{"rows", "seconds", "cpu_seconds",
+    "autoattack_cpu_seconds"}`` (the time of the added attacks)."""
+    s = dict(settings)
+    if not s.get("per_image") or s.get("autoattack_version") != "standard":
+        raise ValueError("add_autoattack completes a per-image evaluation with standard AutoAttack")
+    x, y = test
+    if s.get("n_test") is not None:
+        x, y = x[: s["n_test"]], y[: s["n_test"]]
+    blocks: dict[tuple[str, float], list] = {}
+    head, tail = [], []
+    for row in rows:
+        radius = _autoattack_radius(row)
+        if radius is not None:
+            blocks.setdefault(radius, []).append(row)
+        elif row["metric"] in _ACCURACY_ROWS or row.get("attack") == "pgd":
+            head.append(row)
+        else:  # certified radii and regularizer values
+            tail.append(row)
+    t0, c0 = time.perf_counter(), time.process_time()
+    timings: dict[str, float] = {}
+    out = list(head)
+    for norm, e in s["autoattack_eps"].items():
+        radius = (norm, float(e))
+        if radius not in blocks:
+            pgd = evaluation.find_row(rows, attack="pgd", norm=norm, eps=e)
+            blocks[radius] = evaluation.standard_autoattack_rows(
+                model,
+                x,
+                y,
+                e,
+                norm,
+                evaluation.parse_flags(pgd["flags"]),
+                n=s.get("autoattack_n"),
+                seed=s.get("seed", 0),
+                steps=s.get("autoattack_steps", LATER_SETTINGS["autoattack_steps"]),
+                n_queries=s.get("autoattack_queries", LATER_SETTINGS["autoattack_queries"]),
+                timings=timings,
+            )
+        out += blocks.pop(radius)
+    if blocks:
+        raise ValueError(f"rows hold AutoAttack at {sorted(blocks)}, which settings do not name")
+    return {
+        "rows": out + tail,
+        "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
+        "autoattack_cpu_seconds": timings.get("autoattack", 0.0),
     }

@@ -40,7 +40,7 @@ from robustreg import evaluation, files, training
 from robustreg.extras import missing, require
 from robustreg.study import cache, provenance
 from robustreg.study.config import profile as get_profile
-from robustreg.study.evaluate import evaluate_model
+from robustreg.study.evaluate import add_autoattack, evaluate_model
 from robustreg.study.grid import grid, label, publishes_weights, result_name, run_eval_settings
 from robustreg.study.store import ResultStore
 
@@ -171,6 +171,14 @@ def run_one(
                 if read_only and not partial:
                     store.check(stored, config, eval_s)  # names what differs
                 stored = None
+            elif store.missing_autoattack(stored, key, eval_s):
+                # evaluated before the profile's AutoAttack gained a norm: add that norm only
+                if read_only:
+                    if not partial:
+                        store.check(stored, config, eval_s)  # names what differs
+                    stored = None
+                else:
+                    stored = _add_autoattack(p, config, stored, store, eval_s, cache_dir, device)
             else:
                 store.check(stored, config, eval_s)
     if stored is None and read_only and partial:
@@ -244,6 +252,35 @@ def run_one(
     return [{**extra, **r} for r in stored["rows"]], stored
 
 
+def _add_autoattack(p, config, stored, store, eval_s, cache_dir, device) -> dict[str, Any]:
+    """The stored result of a run completed with AutoAttack at the radii that ``eval_s`` add
+    (:func:`robustreg.study.evaluate.add_autoattack`), written back with the radii added and the
+    machine that added them (``autoattack_added``): its network from its published weights or
+    the training cache (or trained again), after checking that it reproduces the stored
+    validation accuracy."""
+    dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
+    model = _stored_network(p, config, stored, store, cache_dir, device, dtype, published=True)
+    test = data_module.load(p.data, "test", dtype=dtype)
+    missing = store.missing_autoattack(stored, stored["key"], eval_s)
+    added = add_autoattack(model, test, eval_s, stored["rows"])
+    record = {
+        **stored,
+        # the file was completed later, and by what: the radii added and the machine
+        "autoattack_added": [
+            *stored.get("autoattack_added", []),
+            {"eps": missing, "machine": provenance.machine()},
+        ],
+        "eval": eval_s,
+        "rows": added["rows"],
+        "eval_seconds": (stored.get("eval_seconds") or 0.0) + added["seconds"],
+        "eval_cpu_seconds": (stored.get("eval_cpu_seconds") or 0.0) + added["cpu_seconds"],
+        "autoattack_cpu_seconds": (stored.get("autoattack_cpu_seconds") or 0.0)
+        + added["autoattack_cpu_seconds"],
+    }
+    store.write(record)
+    return record
+
+
 def _publish_missing_weights(p, config, selection, stored, store, cache_dir, device, dtype):
     """Add the weights of a stored run that the profile publishes but whose file has none (a
     rule that came after the run: :func:`~robustreg.study.grid.publishes_weights`), from the
@@ -254,22 +291,36 @@ def _publish_missing_weights(p, config, selection, stored, store, cache_dir, dev
         return
     if store.path(config).with_suffix(".safetensors").is_file() or not config.get("validation"):
         return
-    model, _ = cache.train_cached(
-        config,
-        cache_dir=cache_dir,
-        checkpoint_dir=store.checkpoint_dir,
-        device=device,
-        progress=False,
-    )
-    x, y = data_module.load(p.data, "val", dtype=dtype)
-    want = next(r["value"] for r in stored["rows"] if r["metric"] == "val_accuracy")
-    got = evaluation.accuracy(model, x, y)
-    if got != want:
-        raise RuntimeError(
-            f"{store.path(config)}: the model to publish scores a validation accuracy of {got}, "
-            f"the file {want}: these weights are not this run's (another numeric environment?)"
-        )
+    model = _stored_network(p, config, stored, store, cache_dir, device, dtype, published=False)
     store.write(stored, model)
+
+
+def _stored_network(p, config, stored, store, cache_dir, device, dtype, *, published):
+    """The network of a stored run: from its published weights where ``published`` and they
+    exist, else from the training cache (or trained again), after checking, for a run with a
+    validation split, that it reproduces the stored validation accuracy: a ``RuntimeError``
+    otherwise (weights of another numeric environment are not this run's)."""
+    path = store.path(config)
+    if published and path.with_suffix(".safetensors").is_file():
+        model = store.load_model(path.name).to(device or training.default_device())
+    else:
+        model, _ = cache.train_cached(
+            config,
+            cache_dir=cache_dir,
+            checkpoint_dir=store.checkpoint_dir,
+            device=device,
+            progress=False,
+        )
+    if config.get("validation"):
+        x, y = data_module.load(p.data, "val", dtype=dtype)
+        want = evaluation.find_row(stored["rows"], "val_accuracy")["value"]
+        got = evaluation.accuracy(model, x, y)
+        if got != want:
+            raise RuntimeError(
+                f"{path}: the network scores a validation accuracy of {got}, the file {want}: "
+                "it is not this run's (another numeric environment?)"
+            )
+    return model
 
 
 def _diverged_record(config, key, eval_s, err, store) -> dict[str, Any]:

@@ -250,6 +250,23 @@ class ResultStore:
         same = {k: v for k, v in settings.items() if not k.startswith("autoattack")}
         return {k: v for k, v in old.items() if not k.startswith("autoattack")} == same
 
+    @staticmethod
+    def missing_autoattack(
+        stored: Mapping[str, Any], key: str, settings: Mapping[str, Any]
+    ) -> dict[str, float]:
+        """The AutoAttack radii ``{norm: ε}`` that ``settings`` add to ``stored``, this very run
+        evaluated with AutoAttack at fewer norms (a profile whose AutoAttack gained a norm after
+        the run was evaluated; :func:`robustreg.study.evaluate.add_autoattack` computes them);
+        nothing else may differ, the radii it has included. Empty otherwise."""
+        old = dict(stored.get("eval") or {})
+        new = dict(settings)
+        old_eps, new_eps = old.pop("autoattack_eps", None), new.pop("autoattack_eps", None)
+        if stored.get("key") != key or not old_eps or not new_eps or old != new:
+            return {}
+        if any(new_eps.get(norm) != e for norm, e in old_eps.items()):
+            return {}
+        return {norm: e for norm, e in new_eps.items() if norm not in old_eps}
+
     def write(self, record: Mapping[str, Any], model: nn.Module | None = None) -> Path:
         """Write a run's record (``record["name"]`` in this directory), and first, when ``model``
         is given, its weights labelled with ``record["key"]``, whose SHA-256 the record then
