@@ -257,7 +257,7 @@ class ResultStore:
         """The AutoAttack radii ``{norm: ε}`` that ``settings`` add to ``stored``, this very run
         evaluated with AutoAttack at fewer norms (a profile whose AutoAttack gained a norm after
         the run was evaluated; :func:`robustreg.study.evaluate.add_autoattack` computes them);
-        nothing else may differ, the radii it has included. Empty otherwise."""
+        nothing else may differ, the radii it already has included. Empty otherwise."""
         old = dict(stored.get("eval") or {})
         new = dict(settings)
         old_eps, new_eps = old.pop("autoattack_eps", None), new.pop("autoattack_eps", None)
