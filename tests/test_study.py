@@ -637,6 +637,26 @@ def test_a_norm_added_to_autoattack_is_attacked_alone_with_the_rows_of_a_full_ev
     other = aa.replace(eps={"linf": 0.05, "l2": 1.0})
     with pytest.raises(study.StaleResultError, match="autoattack_eps"):
         study.run_grid("sweep-smoke", results_dir=res, autoattack=other, **kw, **small)
+    # a network that classifies one test image otherwise than the file records is not attacked
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    clean = next(r for r in before["rows"] if r["metric"] == "clean_accuracy")
+    clean["flags"] = ("1" if clean["flags"][0] == "0" else "0") + clean["flags"][1:]
+    (tampered / name).write_text(json.dumps(before))
+    with pytest.raises(RuntimeError, match="otherwise than the file records"):
+        study.run_grid("sweep-smoke", results_dir=tampered, autoattack=both, **kw, **small)
+    assert json.loads((tampered / name).read_text()) == before
+    # a diverged run has nothing to attack: its file takes the new settings, nothing is trained
+    diverged, empty = tmp_path / "diverged", tmp_path / "empty-cache"
+    diverged.mkdir()
+    record = {**before, "rows": [], "diverged": "non-finite loss at epoch 1"}
+    (diverged / name).write_text(json.dumps(record))
+    study.run_grid(
+        "sweep-smoke", results_dir=diverged, autoattack=both, **{**kw, "cache_dir": empty}, **small
+    )
+    after = json.loads((diverged / name).read_text())
+    assert after["eval"] == afresh["eval"] and after["diverged"] and after["rows"] == []
+    assert not empty.exists() or not any(empty.iterdir())
 
 
 def test_study_end_to_end_resumes_and_publishes_loadable_models(tmp_path):

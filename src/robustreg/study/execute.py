@@ -258,17 +258,35 @@ def _add_autoattack(p, config, stored, store, eval_s, cache_dir, device) -> dict
     machine that added them (``autoattack_added``): its network from its published weights or
     the training cache (or trained again), after checking that it reproduces the stored
     validation accuracy."""
+    missing = store.missing_autoattack(stored, stored["key"], eval_s)
+    if stored.get("diverged"):  # no network to attack at any radius: the settings are updated
+        record = {**stored, "eval": eval_s}
+        store.write(record)
+        return record
     dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
     model = _stored_network(p, config, stored, store, cache_dir, device, dtype, published=True)
     test = data_module.load(p.data, "test", dtype=dtype)
-    missing = store.missing_autoattack(stored, stored["key"], eval_s)
+    # the stored per-image clean outcomes too, exactly: the network the stored attacks saw
+    n = eval_s.get("n_test")
+    clean = evaluation.find_row(stored["rows"], "clean_accuracy")["flags"]
+    got = evaluation.predict(model, test[0][:n]).to(test[1].device) == test[1][:n]
+    if evaluation.flags_string(got) != clean:
+        raise RuntimeError(
+            f"{store.path(config)}: the network classifies the test images otherwise than the "
+            "file records: it is not this run's (another numeric environment?); AutoAttack is "
+            "not added"
+        )
     added = add_autoattack(model, test, eval_s, stored["rows"])
     record = {
         **stored,
-        # the file was completed later, and by what: the radii added and the machine
+        # the file was completed later, and by what: the radii added, the machine and device
         "autoattack_added": [
             *stored.get("autoattack_added", []),
-            {"eps": missing, "machine": provenance.machine()},
+            {
+                "eps": missing,
+                "machine": provenance.machine(),
+                "device": str(next(model.parameters()).device),
+            },
         ],
         "eval": eval_s,
         "rows": added["rows"],

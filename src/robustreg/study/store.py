@@ -260,6 +260,8 @@ class ResultStore:
         nothing else may differ, the radii it already has included. Empty otherwise."""
         old = dict(stored.get("eval") or {})
         new = dict(settings)
+        if not new.get("per_image") or new.get("autoattack_version") != "standard":
+            return {}  # only the per-image, standard AutoAttack pairs with the stored PGD flags
         old_eps, new_eps = old.pop("autoattack_eps", None), new.pop("autoattack_eps", None)
         if stored.get("key") != key or not old_eps or not new_eps or old != new:
             return {}
