@@ -616,6 +616,10 @@ def test_a_norm_added_to_autoattack_is_attacked_alone_with_the_rows_of_a_full_ev
     (name,) = [p.name for p in res.glob("*.json")]
     before = json.loads((res / name).read_text())
     assert {r["norm"] for r in before["rows"] if r["attack"] == "autoattack"} == {"linf"}
+    with pytest.raises(study.StaleResultError, match="gained .'l2': 1.0.; add it with"):
+        study.run_grid(
+            "sweep-smoke", results_dir=res, autoattack=both, read_only=True, **kw, **small
+        )
     full_evaluations = []
     real = study.execute.evaluate_model
     monkeypatch.setattr(

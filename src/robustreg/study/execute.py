@@ -42,7 +42,7 @@ from robustreg.study import cache, provenance
 from robustreg.study.config import profile as get_profile
 from robustreg.study.evaluate import add_autoattack, evaluate_model
 from robustreg.study.grid import grid, label, publishes_weights, result_name, run_eval_settings
-from robustreg.study.store import ResultStore
+from robustreg.study.store import ResultStore, StaleResultError
 
 try:  # the experiment stack: pip install "robustreg[experiments]"
     import joblib
@@ -171,11 +171,16 @@ def run_one(
                 if read_only and not partial:
                     store.check(stored, config, eval_s)  # names what differs
                 stored = None
-            elif store.missing_autoattack(stored, key, eval_s):
+            elif missing := store.missing_autoattack(stored, key, eval_s):
                 # evaluated before the profile's AutoAttack gained a norm: add that norm only
                 if read_only:
                     if not partial:
-                        store.check(stored, config, eval_s)  # names what differs
+                        raise StaleResultError(
+                            f"{store.path(config)}: evaluated before the profile's AutoAttack "
+                            f"gained {missing}; add it with `python -m robustreg run-grid "
+                            f"--profile {profile} --results-dir {results}` (it attacks at those "
+                            "radii only; --refresh would evaluate the run again in full)"
+                        )
                     stored = None
                 else:
                     stored = _add_autoattack(p, config, stored, store, eval_s, cache_dir, device)
