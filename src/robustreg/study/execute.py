@@ -183,7 +183,9 @@ def run_one(
                         )
                     stored = None
                 else:
-                    stored = _add_autoattack(p, config, stored, store, eval_s, cache_dir, device)
+                    stored = _add_autoattack(
+                        p, config, stored, store, eval_s, missing, cache_dir, device, dtype
+                    )
             else:
                 store.check(stored, config, eval_s)
     if stored is None and read_only and partial:
@@ -257,18 +259,18 @@ def run_one(
     return [{**extra, **r} for r in stored["rows"]], stored
 
 
-def _add_autoattack(p, config, stored, store, eval_s, cache_dir, device) -> dict[str, Any]:
-    """The stored result of a run completed with AutoAttack at the radii that ``eval_s`` add
-    (:func:`robustreg.study.evaluate.add_autoattack`), written back with the radii added and the
-    machine that added them (``autoattack_added``): its network from its published weights or
-    the training cache (or trained again), after checking that it reproduces the stored
-    validation accuracy."""
-    missing = store.missing_autoattack(stored, stored["key"], eval_s)
+def _add_autoattack(
+    p, config, stored, store, eval_s, missing, cache_dir, device, dtype
+) -> dict[str, Any]:
+    """The stored result of a run completed with AutoAttack at the radii ``missing`` that
+    ``eval_s`` add (:func:`robustreg.study.evaluate.add_autoattack`), written back with the
+    radii added, the machine and the device (``autoattack_added``): its network from its
+    published weights or the training cache (or trained again), after checking that it
+    reproduces the stored validation accuracy and per-image clean outcomes."""
     if stored.get("diverged"):  # no network to attack at any radius: the settings are updated
         record = {**stored, "eval": eval_s}
         store.write(record)
         return record
-    dtype = cache.torch_dtype(cache.normalize_config(config)["dtype"])
     model = _stored_network(p, config, stored, store, cache_dir, device, dtype, published=True)
     test = data_module.load(p.data, "test", dtype=dtype)
     # the stored per-image clean outcomes too, exactly: the network the stored attacks saw
