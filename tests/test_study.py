@@ -1113,3 +1113,6 @@ def test_baseline_labels_give_their_sweep_norm_and_radius():
         if method.startswith("adversarial"):
             adv = config["adversarial"]
             assert grid.baseline_radius(method) == (adv.get("norm", "linf"), float(adv["eps"]))
+            assert grid.strength(method) == float(adv["eps"])  # a radius, at either norm
+        else:  # a regularizer's weight; plain training's 0
+            assert grid.strength(method, config.get("lam", 0.0)) == config.get("lam", 0.0)

@@ -229,6 +229,15 @@ def baseline_radius(method: str) -> tuple[str, float]:
         raise ValueError(f"{method!r}: the radius {eps!r} is not a number") from None
 
 
+def strength(method: str, lam: float = 0.0) -> float:
+    """How strongly a configuration trains against perturbation, on its method's own scale:
+    the radius ε of PGD training (:func:`baseline_radius`), else the weight λ (0 for plain
+    training)."""
+    if family(method).startswith("adversarial"):
+        return baseline_radius(method)[1]
+    return float(lam)
+
+
 def result_name(config: Mapping[str, Any]) -> str:
     """File name of a run in a results directory: ``plain_seed0.json``,
     ``curvature_lam1_seed2.json``, ``adversarial_seed1.json`` (ℓ∞), ``adversarial-l2_seed1.json``,
